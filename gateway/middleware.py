@@ -1,0 +1,64 @@
+"""Plain ASGI middleware (no BaseHTTPMiddleware: it would buffer and break context)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import error_body
+
+__all__ = ["REQUEST_ID_HEADER", "RequestIdMiddleware"]
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_ID = re.compile(rb"^[\x21-\x7e]{1,128}$")  # printable ASCII, bounded: safe to log and echo
+
+
+class RequestIdMiddleware:
+    """Gives every response an `x-request-id` (the client's, when it sent a sane one), and turns
+    any unhandled exception into a 500 in OpenAI's error shape instead of a traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                rid = value if _VALID_ID.match(value) else b""
+                break
+        if not rid:
+            rid = uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = rid.decode()
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in request %s", rid.decode())
+            if started:
+                raise
+            await send_with_id({
+                "type": "http.response.start",
+                "status": 500,
+                "headers": [(b"content-type", b"application/json")],
+            })
+            await send({
+                "type": "http.response.body",
+                "body": error_body("The server had an error processing your request.",
+                                   "server_error"),
+            })

@@ -1,0 +1,84 @@
+"""Wire models of the OpenAI-compatible endpoints.
+
+They validate what the gateway must understand (model, stream, the shape of messages and the
+types and ranges of common parameters) and allow every other field: the gateway forwards the
+client's original bytes, so any parameter vLLM supports passes through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "EmbeddingRequest",
+    "OpenAIRequest",
+]
+
+_Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+_Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+_Stop = str | Annotated[list[str], Field(max_length=16)] | None
+_TokenIds = list[Annotated[int, Field(ge=0)]]
+
+
+class OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str = Field(min_length=1)
+    stream: bool | None = False
+    user: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    include_usage: bool | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class _Sampling(OpenAIRequest):
+    n: Annotated[int, Field(ge=1, le=128)] | None = 1
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: _Probability | None = None
+    presence_penalty: _Penalty | None = None
+    frequency_penalty: _Penalty | None = None
+    seed: int | None = None
+    stop: _Stop = None
+    logit_bias: dict[str, float] | None = None
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | _TokenIds | list[_TokenIds] = Field(...)
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool | None = False
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    suffix: str | None = None
+
+
+class EmbeddingRequest(OpenAIRequest):
+    input: str | list[str] | _TokenIds | list[_TokenIds] = Field(...)
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None

@@ -1,0 +1,258 @@
+"""Forwarding OpenAI requests to vLLM replicas: pick, send, retry connection failures on
+another replica, and relay the answer (streams chunk by chunk, never buffered)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import anyio
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from gateway.errors import (
+    APIError,
+    BadRequestError,
+    ModelNotFoundError,
+    NoHealthyBackendError,
+    RequestTooLargeError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    error_body,
+)
+from gateway.protocol import OpenAIRequest
+from gateway.routing import Replica, Router
+from gateway.routing.policy import RouteRequest
+from llmops.catalog import Catalog, CatalogEntry
+from llmops.settings import Settings
+
+__all__ = ["POOL_HEADER", "Endpoint", "Proxy", "read_body"]
+
+log = logging.getLogger(__name__)
+
+POOL_HEADER = "x-llmops-pool"
+_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+# Replica failures that happen before vLLM produced any response: safe to try elsewhere.
+_RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
+              aiohttp.ClientOSError)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+    schema: type[OpenAIRequest]
+    kind: str  # the model kind this endpoint serves
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(f"Request body of {declared} bytes exceeds the limit of "
+                                   f"{limit} bytes.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestTooLargeError(f"Request body exceeds the limit of {limit} bytes.")
+    return bytes(body)
+
+
+def parse_request(schema: type[BaseModel], body: bytes) -> OpenAIRequest:
+    try:
+        parsed = schema.model_validate_json(body)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            raise BadRequestError(
+                "We could not parse the JSON body of your request. Expected a JSON object."
+            ) from None
+        if err["type"] == "model_type" and not err["loc"]:
+            raise BadRequestError("The request body must be a JSON object.") from None
+        param = _param(err["loc"])
+        raise BadRequestError(f"Invalid value for '{param}': {err['msg']}.", param=param) from None
+    assert isinstance(parsed, OpenAIRequest)
+    return parsed
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    # Drop pydantic's union-branch labels such as 'str' or 'list[str]' from the location.
+    parts = [p for p in loc if isinstance(p, int) or not any(c in p for c in "[]") and
+             p not in {"str", "int", "float", "bool"}]
+    out = str(parts[0]) if parts else ""
+    for p in parts[1:]:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        routers: dict[str, Router],
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.routers = routers
+        self.session = session
+        cfg = settings.routing
+        self.max_attempts = cfg.max_attempts
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
+        )
+
+    async def forward(self, request: Request, endpoint: Endpoint) -> Response:
+        body = await read_body(request, self.settings.max_body_bytes)
+        parsed = parse_request(endpoint.schema, body)
+        entry = self.catalog.resolve(parsed.model)
+        if entry is None:
+            raise ModelNotFoundError(parsed.model)
+        if entry.base.kind != endpoint.kind:
+            raise BadRequestError(
+                f"The model `{parsed.model}` is a {entry.base.kind} model and cannot be used "
+                f"with {endpoint.path}.", param="model", code="model_not_supported")
+        if entry.upstream_name != parsed.model:
+            body = orjson.dumps({**orjson.loads(body), "model": entry.upstream_name})
+
+        headers = {"content-type": "application/json"}
+        if request_id := request.scope.get("state", {}).get("request_id"):
+            headers["x-request-id"] = request_id
+        replica, resp = await self._dispatch(entry, endpoint.path, body, headers)
+        served = {POOL_HEADER: replica.device}
+
+        if parsed.stream and resp.status == 200:
+            return RelayResponse(
+                _relay(resp, replica),
+                media_type="text/event-stream",
+                headers={**_SSE_HEADERS, **served},
+            )
+        try:
+            data = await resp.read()
+        except TimeoutError:
+            replica.release(ok=False)
+            raise UpstreamTimeoutError("The model backend did not answer in time.") from None
+        except aiohttp.ClientError:
+            replica.release(ok=False)
+            raise UpstreamError("The model backend closed the connection.") from None
+        finally:
+            resp.release()
+        replica.release(ok=resp.status < 500)
+        if resp.status >= 400:
+            return _upstream_error(resp.status, data, served, parsed.model)
+        return Response(data, status_code=resp.status, media_type="application/json",
+                        headers=served)
+
+    async def _dispatch(
+        self, entry: CatalogEntry, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[Replica, aiohttp.ClientResponse]:
+        router = self.routers[entry.base.name]
+        tried: set[int] = set()
+        for _ in range(self.max_attempts):
+            replica = router.choose(RouteRequest(entry.adapter, frozenset(tried)))
+            if replica is None:
+                break
+            replica.acquire()
+            try:
+                resp = await self.session.post(
+                    replica.url + path, data=body, headers=headers, timeout=self.timeout
+                )
+            except _RETRYABLE as exc:
+                replica.release(ok=False)
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    replica.circuit.trip()  # nothing listens there: stop sending at once
+                log.warning("replica %s failed (%s); trying another", replica.url,
+                            type(exc).__name__)
+                tried.add(id(replica))
+                continue
+            except TimeoutError:
+                replica.release(ok=False)
+                raise UpstreamTimeoutError("The model backend did not answer in time.") from None
+            except BaseException:
+                replica.release(ok=True)  # cancelled by the client, not the replica's fault
+                raise
+            return replica, resp
+        raise NoHealthyBackendError(
+            f"No healthy backend is available for model `{entry.name}`. Try again later."
+        )
+
+
+class RelayResponse(StreamingResponse):
+    """A stream that also listens for the client leaving, so a disconnect cancels the upstream
+    call even while vLLM is silent (queued or prefilling), and that always closes its source."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:
+                        pass  # the client went away while we wrote
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def _relay(resp: aiohttp.ClientResponse, replica: Replica) -> AsyncIterator[bytes]:
+    """Yield vLLM's SSE bytes as they arrive. A backend failure mid-stream becomes an error
+    event and `[DONE]`; a client disconnect closes the upstream connection, which makes vLLM
+    abort the generation."""
+    failed = False
+    finished = False
+    try:
+        async for chunk in resp.content.iter_any():
+            yield chunk
+        finished = True
+    except TimeoutError:
+        failed = True
+        yield _error_event("The model backend stopped sending in time.", "timeout_error",
+                           "upstream_timeout")
+    except aiohttp.ClientError:
+        failed = True
+        yield _error_event("The model backend failed while streaming.", "upstream_error",
+                           "bad_gateway")
+    finally:
+        if finished:
+            resp.release()
+        else:
+            resp.close()  # drop the connection so vLLM sees the disconnect
+        replica.release(ok=not failed)
+
+
+def _error_event(message: str, type_: str, code: str) -> bytes:
+    return b"data: " + error_body(message, type_, code=code) + b"\n\ndata: [DONE]\n\n"
+
+
+def _upstream_error(status: int, data: bytes, headers: dict[str, str], model: str) -> Response:
+    """vLLM's error answers, always in OpenAI's envelope; 5xx become 502."""
+    try:
+        payload = orjson.loads(data)
+        err = payload.get("error", payload) if isinstance(payload, dict) else {}
+        message = str(err.get("message") or "")
+        param, code = err.get("param"), err.get("code")
+    except orjson.JSONDecodeError:
+        message, param, code = "", None, None
+    if status >= 500:
+        exc: APIError = UpstreamError(
+            f"The model backend failed: {message[:500]}" if message else
+            "The model backend failed.")
+        return exc.to_response(headers)
+    if status == 404:
+        return ModelNotFoundError(model).to_response(headers)
+    body = error_body(message or "The request was rejected by the model backend.",
+                      "invalid_request_error", param=param if isinstance(param, str) else None,
+                      code=code if isinstance(code, (str, int)) else None)
+    return Response(body, status_code=status if status < 500 else 502,
+                    media_type="application/json", headers=headers)

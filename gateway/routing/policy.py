@@ -1,0 +1,147 @@
+"""Routing policy: pools in priority order; within a pool, filters then weighted scorers then
+a picker. Each filter and scorer is small and testable alone; the scorer set and weights come
+from configuration through the `SCORERS` registry."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.routing.replica import Pool, Replica
+from llmops.settings import RoutingConfig
+
+__all__ = [
+    "SCORERS",
+    "Filter",
+    "RouteRequest",
+    "Router",
+    "Scorer",
+    "WeightedScorer",
+    "build_scorers",
+]
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    adapter: str | None = None  # a LoRA adapter the replica must have loaded
+    exclude: frozenset[int] = frozenset()  # ids of replicas already tried for this request
+
+
+class Filter(Protocol):
+    def __call__(self, request: RouteRequest, replicas: Iterable[Replica]) -> list[Replica]: ...
+
+
+class Scorer(Protocol):
+    """Scores a replica in [0, 1]; higher is better."""
+
+    def __call__(self, replica: Replica) -> float: ...
+
+
+def available(request: RouteRequest, replicas: Iterable[Replica]) -> list[Replica]:
+    """Healthy, circuit admitting, and not already tried for this request."""
+    return [r for r in replicas if r.available and id(r) not in request.exclude]
+
+
+def adapter_loaded(request: RouteRequest, replicas: Iterable[Replica]) -> list[Replica]:
+    if request.adapter is None:
+        return list(replicas)
+    return [r for r in replicas if request.adapter in r.adapters]
+
+
+def with_capacity(_: RouteRequest, replicas: Iterable[Replica]) -> list[Replica]:
+    return [r for r in replicas if r.has_capacity]
+
+
+def outstanding_score(replica: Replica) -> float:
+    return 1.0 - min(replica.outstanding / replica.max_concurrency, 1.0)
+
+
+def queue_score(replica: Replica) -> float:
+    return 1.0 - min(replica.waiting / max(replica.max_waiting, 1), 1.0)
+
+
+def kv_cache_score(replica: Replica) -> float:
+    return 1.0 - min(max(replica.kv_cache_usage, 0.0), 1.0)
+
+
+SCORERS: dict[str, Callable[[Replica], float]] = {
+    "outstanding": outstanding_score,
+    "queue": queue_score,
+    "kv_cache": kv_cache_score,
+}
+
+
+@dataclass(frozen=True)
+class WeightedScorer:
+    name: str
+    scorer: Scorer
+    weight: float
+
+
+def build_scorers(config: RoutingConfig) -> list[WeightedScorer]:
+    weights = {
+        "outstanding": config.weight_outstanding,
+        "queue": config.weight_queue,
+        "kv_cache": config.weight_kv_cache,
+    }
+    return [WeightedScorer(n, SCORERS[n], w) for n, w in weights.items() if w > 0]
+
+
+def pick(
+    replicas: Sequence[Replica],
+    scorers: Sequence[WeightedScorer],
+    rng: random.Random,
+) -> Replica:
+    """The replica with the highest weighted score; ties broken at random so equal replicas
+    share load instead of the first one taking everything."""
+    best: list[Replica] = []
+    best_score = float("-inf")
+    for replica in replicas:
+        score = sum(s.weight * s.scorer(replica) for s in scorers)
+        if score > best_score + 1e-9:
+            best, best_score = [replica], score
+        elif abs(score - best_score) <= 1e-9:
+            best.append(replica)
+    return best[0] if len(best) == 1 else rng.choice(best)
+
+
+class Router:
+    """Chooses a replica for one model among its pools."""
+
+    def __init__(
+        self,
+        pools: Sequence[Pool],
+        scorers: Sequence[WeightedScorer],
+        *,
+        filters: Sequence[Filter] = (available, adapter_loaded),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.pools = sorted(pools, key=lambda p: -p.priority)
+        self.scorers = list(scorers)
+        self.filters = list(filters)
+        self.rng = rng or random.Random()
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return [r for pool in self.pools for r in pool.replicas]
+
+    def choose(self, request: RouteRequest) -> Replica | None:
+        """The highest-priority pool with a fit replica that has capacity wins. When every fit
+        replica is full, the request queues at the highest-priority pool that has one."""
+        overflow: list[Replica] | None = None
+        for pool in self.pools:
+            fit: list[Replica] = pool.replicas
+            for f in self.filters:
+                fit = f(request, fit)
+            if not fit:
+                continue
+            roomy = with_capacity(request, fit)
+            if roomy:
+                return pick(roomy, self.scorers, self.rng)
+            if overflow is None:
+                overflow = fit
+        if overflow is not None:
+            return pick(overflow, self.scorers, self.rng)
+        return None

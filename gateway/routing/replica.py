@@ -1,0 +1,68 @@
+"""Live state of one vLLM replica and of a pool of them, as the router sees it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.routing.circuit import Circuit
+from llmops.settings import PoolConfig, RoutingConfig
+
+__all__ = ["Pool", "Replica"]
+
+
+@dataclass(eq=False)
+class Replica:
+    url: str
+    device: str
+    max_concurrency: int
+    max_waiting: int
+    circuit: Circuit
+    healthy: bool = True  # last active /health verdict
+    probe_failures: int = 0
+    outstanding: int = 0  # requests this gateway process has in flight here
+    waiting: float = 0.0  # vllm:num_requests_waiting, scraped
+    kv_cache_usage: float = 0.0  # vllm:kv_cache_usage_perc (0..1), scraped
+    adapters: frozenset[str] = field(default_factory=frozenset)  # LoRA names loaded here
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and self.circuit.admits()
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.outstanding < self.max_concurrency and self.waiting < max(self.max_waiting, 1)
+
+    def acquire(self) -> None:
+        self.outstanding += 1
+        self.circuit.on_dispatch()
+
+    def release(self, *, ok: bool) -> None:
+        self.outstanding -= 1
+        if ok:
+            self.circuit.record_success()
+        else:
+            self.circuit.record_failure()
+
+
+@dataclass(eq=False)
+class Pool:
+    device: str
+    priority: int
+    replicas: list[Replica]
+
+    @classmethod
+    def from_config(cls, config: PoolConfig, routing: RoutingConfig) -> Pool:
+        return cls(
+            device=config.device,
+            priority=config.priority,
+            replicas=[
+                Replica(
+                    url=url,
+                    device=config.device,
+                    max_concurrency=config.max_concurrency,
+                    max_waiting=config.max_waiting,
+                    circuit=Circuit(routing.failure_threshold, routing.cooldown_s),
+                )
+                for url in config.urls
+            ],
+        )

@@ -1,0 +1,234 @@
+"""The one-command local stack: two vLLM-CPU engines (chat with runtime LoRA, embeddings with
+the pooling runner) and the gateway, as background processes with pid files and logs under a
+state folder. Starting is idempotent (a healthy service is left alone) and stopping is clean
+(SIGTERM to the service's process group, SIGKILL after a grace period)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = [
+    "CHAT_MODEL",
+    "EMBEDDING_MODEL",
+    "Service",
+    "StackLayout",
+    "gateway_service",
+    "local_config",
+    "vllm_service",
+]
+
+CHAT_MODEL = "smollm2-135m-instruct"
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    argv: list[str]
+    port: int
+    health_path: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.health_path}"
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            with urllib.request.urlopen(self.health_url, timeout=timeout) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def spawn(self, log_path: Path) -> subprocess.Popen[bytes]:
+        """Start in its own session, so a terminal's Ctrl-C reaches only the supervisor and
+        the whole process tree (vLLM forks engine processes) can be signalled as a group."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            return subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env}, start_new_session=True,
+            )
+
+
+def vllm_service(
+    name: str,
+    model_dir: Path,
+    served_name: str,
+    port: int,
+    *,
+    embedding: bool = False,
+    kv_cache_bytes: int = 1 << 30,
+    max_model_len: int = 2048,
+    extra_args: Iterable[str] = (),
+) -> Service:
+    """A vLLM OpenAI server on the CPU backend (`python -m`: the `vllm` script does not work
+    with the vllm-cpu distribution). The KV cache gets an explicit size: the CPU backend's
+    --gpu-memory-utilization is a share of the NUMA node's RAM and refuses to start when other
+    processes already use it."""
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", served_name,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--kv-cache-memory-bytes", str(kv_cache_bytes),
+        "--max-model-len", str(max_model_len),
+        "--disable-uvicorn-access-log",
+    ]
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "DO_NOT_TRACK": "1"}
+    if embedding:
+        argv += ["--runner", "pooling"]
+    else:
+        # Runtime LoRA: fine-tuned adapters are loaded into running engines.
+        argv += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2"]
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    return Service(name, [*argv, *extra_args], port, "/health", env)
+
+
+def gateway_service(port: int, config: Path, key_file: Path) -> Service:
+    env = {"LLMOPS_CONFIG": str(config), "LLMOPS_API_KEY_FILE": str(key_file),
+           "LLMOPS_PORT": str(port), "LLMOPS_HOST": "127.0.0.1"}
+    return Service("gateway", [sys.executable, "-m", "gateway"], port, "/readyz", env)
+
+
+def local_config(chat_port: int, embedding_port: int) -> dict[str, object]:
+    """The gateway configuration of the local stack: one CPU pool per model."""
+    def pool(port: int) -> list[dict[str, object]]:
+        return [{"device": "cpu", "urls": [f"http://127.0.0.1:{port}"], "priority": 0}]
+
+    return {
+        "models": [
+            {"name": CHAT_MODEL, "kind": "chat", "pools": pool(chat_port)},
+            {"name": EMBEDDING_MODEL, "kind": "embedding", "pools": pool(embedding_port)},
+        ]
+    }
+
+
+@dataclass(frozen=True)
+class StackLayout:
+    """Where the local stack keeps its state: config, key, pid files and logs."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def key_file(self) -> Path:
+        return self.root / "api_key"
+
+    def pid_file(self, name: str) -> Path:
+        return self.root / "run" / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+    def api_key(self) -> str:
+        """The local stack's key: made once, kept in a file only its owner can read."""
+        if not self.key_file.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write("sk-llmops-" + secrets.token_urlsafe(32) + "\n")
+        return self.key_file.read_text().strip()
+
+    def write_config(self, config: dict[str, object]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def running_pid(self, service: Service) -> int | None:
+        """The pid of a live process we started for `service`, if any (guards pid reuse by
+        checking the command line)."""
+        path = self.pid_file(service.name)
+        try:
+            pid = int(path.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        return pid if cmdline[: len(service.argv)] == [a.encode() for a in service.argv] \
+            else None
+
+    def start(self, service: Service) -> bool:
+        """Start `service` unless it already runs; True when it was started now."""
+        if self.running_pid(service) is not None:
+            return False
+        proc = service.spawn(self.log_file(service.name))
+        self.pid_file(service.name).parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file(service.name).write_text(str(proc.pid))
+        return True
+
+    def stop(self, name: str, grace_s: float = 20.0) -> bool:
+        path = self.pid_file(name)
+        try:
+            pid = int(path.read_text())
+        except (OSError, ValueError):
+            return False
+        stopped = stop_process_group(pid, grace_s)
+        path.unlink(missing_ok=True)
+        return stopped
+
+    def wait_healthy(
+        self,
+        services: Iterable[Service],
+        timeout_s: float,
+        on_wait: Callable[[list[str]], None] = lambda _: None,
+    ) -> None:
+        """Block until every service answers its health check; fail fast if one exits."""
+        pending = list(services)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            for s in pending:
+                if self.running_pid(s) is None:
+                    raise RuntimeError(
+                        f"{s.name} exited during start-up; its log ends with:\n"
+                        + tail(self.log_file(s.name))
+                    )
+            pending = [s for s in pending if not s.healthy()]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(s.name for s in pending)
+                raise TimeoutError(f"{names} not healthy after {timeout_s:.0f} s")
+            on_wait([s.name for s in pending])
+            time.sleep(1.0)
+
+
+def stop_process_group(pid: int, grace_s: float = 20.0) -> bool:
+    """SIGTERM the process group led by `pid`, then SIGKILL what is left after `grace_s`."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

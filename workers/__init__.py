@@ -1,0 +1,1 @@
+"""Celery workers: the app, its queues and task entry points (fine-tuning and ingestion)."""
