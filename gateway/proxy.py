@@ -3,6 +3,7 @@ another replica, and relay the answer (streams chunk by chunk, never buffered)."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -80,13 +81,18 @@ def parse_request(schema: type[BaseModel], body: bytes) -> OpenAIRequest:
     return parsed
 
 
+_UNION_BRANCHES = {"str", "int", "float", "bool"}
+
+
 def _param(loc: tuple[int | str, ...]) -> str:
-    # Drop pydantic's union-branch labels such as 'str' or 'list[str]' from the location.
-    parts = [p for p in loc if isinstance(p, int) or not any(c in p for c in "[]") and
-             p not in {"str", "int", "float", "bool"}]
-    out = str(parts[0]) if parts else ""
-    for p in parts[1:]:
-        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    """`messages[0].role` from pydantic's ('messages', 0, 'role'), leaving out the labels it
+    adds for union branches ('str', 'list[str]', ...)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in _UNION_BRANCHES and "[" not in part:
+            out += f".{part}" if out else part
     return out
 
 
@@ -192,10 +198,8 @@ class RelayResponse(StreamingResponse):
             async with anyio.create_task_group() as tg:
 
                 async def stream() -> None:
-                    try:
+                    with contextlib.suppress(OSError):  # the client left while we wrote
                         await self.stream_response(send)
-                    except OSError:
-                        pass  # the client went away while we wrote
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(stream)

@@ -35,7 +35,7 @@ def _services(args: argparse.Namespace, dirs: dict[str, Path]) -> list:  # type:
     return [
         vllm_service("vllm-chat", dirs["chat"], CHAT_MODEL, args.chat_port),
         vllm_service("vllm-embedding", dirs["embedding"], EMBEDDING_MODEL, args.embedding_port,
-                     embedding=True, kv_cache_bytes=256 << 20, max_model_len=512),
+                     embedding=True, kv_cache_bytes=256 << 20, max_model_len=None),
         gateway_service(args.port, layout.config, layout.key_file),
     ]
 
@@ -127,6 +127,7 @@ def cmd_gateway(_: argparse.Namespace) -> int:
 
 def _print_usage(port: int, key: str) -> None:
     base = f"http://127.0.0.1:{port}/v1"
+    question = '[{"role": "user", "content": "What is the capital of France?"}]'
     print(f"""
 llmops is up.
   base URL: {base}
@@ -135,11 +136,12 @@ llmops is up.
 
   curl {base}/chat/completions \\
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
-    -d '{{"model": "{CHAT_MODEL}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+    -d '{{"model": "{CHAT_MODEL}", "messages": {question}}}'
 
-  python -c 'from openai import OpenAI; c = OpenAI(base_url="{base}", api_key="{key}"); \\
-print(c.chat.completions.create(model="{CHAT_MODEL}", \\
-messages=[{{"role": "user", "content": "What is the capital of France?"}}]).choices[0].message.content)'""")
+  python -c 'from openai import OpenAI
+c = OpenAI(base_url="{base}", api_key="{key}")
+r = c.chat.completions.create(model="{CHAT_MODEL}", messages={question})
+print(r.choices[0].message.content)'""")
 
 
 def main(argv: list[str] | None = None) -> int:

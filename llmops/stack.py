@@ -72,7 +72,7 @@ def vllm_service(
     *,
     embedding: bool = False,
     kv_cache_bytes: int = 1 << 30,
-    max_model_len: int = 2048,
+    max_model_len: int | None = 2048,
     extra_args: Iterable[str] = (),
 ) -> Service:
     """A vLLM OpenAI server on the CPU backend (`python -m`: the `vllm` script does not work
@@ -84,11 +84,12 @@ def vllm_service(
         "--model", str(model_dir), "--served-model-name", served_name,
         "--host", "127.0.0.1", "--port", str(port),
         "--kv-cache-memory-bytes", str(kv_cache_bytes),
-        "--max-model-len", str(max_model_len),
         "--disable-uvicorn-access-log",
     ]
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
            "DO_NOT_TRACK": "1"}
+    if max_model_len is not None:
+        argv += ["--max-model-len", str(max_model_len)]
     if embedding:
         argv += ["--runner", "pooling"]
     else:
@@ -117,11 +118,13 @@ def local_config(chat_port: int, embedding_port: int) -> dict[str, object]:
     }
 
 
-@dataclass(frozen=True)
 class StackLayout:
-    """Where the local stack keeps its state: config, key, pid files and logs."""
+    """Where the local stack keeps its state (config, key, pid files and logs), and the
+    processes it started."""
 
-    root: Path
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
     def config(self) -> Path:
@@ -167,6 +170,7 @@ class StackLayout:
         if self.running_pid(service) is not None:
             return False
         proc = service.spawn(self.log_file(service.name))
+        self._children[service.name] = proc  # detached children outlive us; attached are reaped
         self.pid_file(service.name).parent.mkdir(parents=True, exist_ok=True)
         self.pid_file(service.name).write_text(str(proc.pid))
         return True
@@ -178,6 +182,8 @@ class StackLayout:
         except (OSError, ValueError):
             return False
         stopped = stop_process_group(pid, grace_s)
+        if (child := self._children.pop(name, None)) is not None:
+            child.poll()
         path.unlink(missing_ok=True)
         return stopped
 
@@ -193,6 +199,8 @@ class StackLayout:
         while pending:
             for s in pending:
                 if self.running_pid(s) is None:
+                    if (child := self._children.pop(s.name, None)) is not None:
+                        child.wait()  # reap it
                     raise RuntimeError(
                         f"{s.name} exited during start-up; its log ends with:\n"
                         + tail(self.log_file(s.name))

@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import aiohttp
 import orjson
 
-from gateway.routing.replica import Replica
 from gateway.routing.policy import Router
+from gateway.routing.replica import Replica
 from llmops.catalog import Catalog
 from llmops.settings import RoutingConfig
 

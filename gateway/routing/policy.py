@@ -33,10 +33,8 @@ class Filter(Protocol):
     def __call__(self, request: RouteRequest, replicas: Iterable[Replica]) -> list[Replica]: ...
 
 
-class Scorer(Protocol):
-    """Scores a replica in [0, 1]; higher is better."""
-
-    def __call__(self, replica: Replica) -> float: ...
+# Scores a replica in [0, 1]; higher is better.
+Scorer = Callable[[Replica], float]
 
 
 def available(request: RouteRequest, replicas: Iterable[Replica]) -> list[Replica]:
@@ -66,7 +64,7 @@ def kv_cache_score(replica: Replica) -> float:
     return 1.0 - min(max(replica.kv_cache_usage, 0.0), 1.0)
 
 
-SCORERS: dict[str, Callable[[Replica], float]] = {
+SCORERS: dict[str, Scorer] = {
     "outstanding": outstanding_score,
     "queue": queue_score,
     "kv_cache": kv_cache_score,

@@ -3,6 +3,7 @@ once per session), and gateways started as real uvicorn processes with a given m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -53,10 +54,8 @@ class Running:
 
     def kill(self) -> None:
         """SIGKILL the whole process tree: a crash, not a shutdown."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=30)
 
     def stop(self) -> None:
@@ -104,7 +103,7 @@ def engines(logs: Path) -> Iterator[Engines]:
     chat = start(vllm_service("vllm-chat", dirs["chat"], CHAT_MODEL, free_port()), logs)
     embedding = start(vllm_service("vllm-embedding", dirs["embedding"], EMBEDDING_MODEL,
                                    free_port(), embedding=True, kv_cache_bytes=256 << 20,
-                                   max_model_len=512), logs)
+                                   max_model_len=None), logs)
     try:
         wait_healthy([chat, embedding], timeout_s=420)
         yield Engines(chat, embedding, dirs)
