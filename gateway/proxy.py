@@ -3,10 +3,12 @@ another replica, and relay the answer (streams chunk by chunk, never buffered)."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import anyio
@@ -130,15 +132,18 @@ class Proxy:
         headers = {"content-type": "application/json"}
         if request_id := request.scope.get("state", {}).get("request_id"):
             headers["x-request-id"] = request_id
-        replica, resp = await self._dispatch(entry, endpoint.path, body, headers)
-        served = {POOL_HEADER: replica.device}
+        return await _unless_disconnected(
+            request, self._call(entry, endpoint.path, body, headers, bool(parsed.stream),
+                                parsed.model))
 
-        if parsed.stream and resp.status == 200:
-            return RelayResponse(
-                _relay(resp, replica),
-                media_type="text/event-stream",
-                headers={**_SSE_HEADERS, **served},
-            )
+    async def _call(
+        self, entry: CatalogEntry, path: str, body: bytes, headers: dict[str, str],
+        stream: bool, model: str,
+    ) -> Response:
+        replica, resp = await self._dispatch(entry, path, body, headers)
+        served = {POOL_HEADER: replica.device}
+        if stream and resp.status == 200:
+            return RelayResponse(resp, replica, headers={**_SSE_HEADERS, **served})
         try:
             data = await resp.read()
         except TimeoutError:
@@ -147,11 +152,15 @@ class Proxy:
         except aiohttp.ClientError:
             replica.release(ok=False)
             raise UpstreamError("The model backend closed the connection.") from None
+        except BaseException:  # cancelled: the client left
+            resp.close()
+            replica.release(ok=True)
+            raise
         finally:
             resp.release()
         replica.release(ok=resp.status < 500)
         if resp.status >= 400:
-            return _upstream_error(resp.status, data, served, parsed.model)
+            return _upstream_error(resp.status, data, served, model)
         return Response(data, status_code=resp.status, media_type="application/json",
                         headers=served)
 
@@ -189,9 +198,58 @@ class Proxy:
         )
 
 
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Response]
+                               ) -> Response:
+    """Run `work` until it answers or the client disconnects; a departed client cancels it,
+    which closes the upstream connection so vLLM stops generating for nobody."""
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((task, listener), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # we are cancelled ourselves (shutdown)
+        task.cancel()
+        raise
+    finally:
+        listener.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class RelayResponse(StreamingResponse):
-    """A stream that also listens for the client leaving, so a disconnect cancels the upstream
-    call even while vLLM is silent (queued or prefilling), and that always closes its source."""
+    """Relays vLLM's SSE bytes as they arrive. It listens for the client leaving while it
+    streams, so a disconnect closes the upstream connection even while vLLM is silent, and it
+    settles the replica whatever happens. A backend failure mid-stream becomes an error event
+    followed by `data: [DONE]`."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, replica: Replica,
+                 headers: dict[str, str]) -> None:
+        self.resp = resp
+        self.replica = replica
+        self.finished = False
+        self.failed = False
+        super().__init__(self._chunks(), media_type="text/event-stream", headers=headers)
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.resp.content.iter_any():
+                yield chunk
+            self.finished = True
+        except TimeoutError:
+            self.failed = True
+            yield _error_event("The model backend stopped sending in time.", "timeout_error",
+                               "upstream_timeout")
+        except aiohttp.ClientError:
+            self.failed = True
+            yield _error_event("The model backend failed while streaming.", "upstream_error",
+                               "bad_gateway")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -207,32 +265,11 @@ class RelayResponse(StreamingResponse):
                 tg.cancel_scope.cancel()
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
-
-
-async def _relay(resp: aiohttp.ClientResponse, replica: Replica) -> AsyncIterator[bytes]:
-    """Yield vLLM's SSE bytes as they arrive. A backend failure mid-stream becomes an error
-    event and `[DONE]`; a client disconnect closes the upstream connection, which makes vLLM
-    abort the generation."""
-    failed = False
-    finished = False
-    try:
-        async for chunk in resp.content.iter_any():
-            yield chunk
-        finished = True
-    except TimeoutError:
-        failed = True
-        yield _error_event("The model backend stopped sending in time.", "timeout_error",
-                           "upstream_timeout")
-    except aiohttp.ClientError:
-        failed = True
-        yield _error_event("The model backend failed while streaming.", "upstream_error",
-                           "bad_gateway")
-    finally:
-        if finished:
-            resp.release()
-        else:
-            resp.close()  # drop the connection so vLLM sees the disconnect
-        replica.release(ok=not failed)
+            if self.finished:
+                self.resp.release()  # back to the pool for the next request
+            else:
+                self.resp.close()  # drop the connection: vLLM sees the disconnect and aborts
+            self.replica.release(ok=not self.failed)
 
 
 def _error_event(message: str, type_: str, code: str) -> bytes:

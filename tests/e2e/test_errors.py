@@ -133,7 +133,14 @@ def _vllm_metric(engine_url: str, name: str) -> float:
     return total
 
 
-def test_client_disconnect_cancels_the_upstream_request(http: httpx.Client,
+def _wait_idle(engine_url: str) -> None:
+    deadline = time.monotonic() + 15
+    while _vllm_metric(engine_url, "vllm:num_requests_running{") != 0:
+        assert time.monotonic() < deadline, "upstream generation kept running"
+        time.sleep(0.25)
+
+
+def test_client_disconnect_cancels_a_stream_upstream(http: httpx.Client,
                                                         engines: Engines) -> None:
     generated = "vllm:generation_tokens_total{"
     tokens_before = _vllm_metric(engines.chat.url, generated)
@@ -145,9 +152,17 @@ def test_client_disconnect_cancels_the_upstream_request(http: httpx.Client,
         assert next(lines).startswith("data: ")
         assert _vllm_metric(engines.chat.url, "vllm:num_requests_running{") == 1
     # The client is gone: vLLM must abort the generation, not finish it.
-    deadline = time.monotonic() + 15
-    while _vllm_metric(engines.chat.url, "vllm:num_requests_running{") != 0:
-        assert time.monotonic() < deadline, "upstream generation kept running"
-        time.sleep(0.25)
+    _wait_idle(engines.chat.url)
     # Stopped early: far fewer than the 1500 tokens a finished generation would have made.
+    assert _vllm_metric(engines.chat.url, generated) - tokens_before < 500
+
+
+def test_client_disconnect_cancels_a_plain_request_upstream(gateway: Gateway,
+                                                            engines: Engines) -> None:
+    generated = "vllm:generation_tokens_total{"
+    tokens_before = _vllm_metric(engines.chat.url, generated)
+    body = {"model": CHAT_MODEL, "messages": HELLO, "max_tokens": 1500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 3 s and hangs up
+        httpx.post(f"{gateway.url}{CHAT}", json=body, headers=gateway.headers, timeout=3)
+    _wait_idle(engines.chat.url)
     assert _vllm_metric(engines.chat.url, generated) - tokens_before < 500

@@ -144,3 +144,17 @@ async def test_async_embeddings(aclient: AsyncOpenAI) -> None:
     resp = await aclient.embeddings.create(model=EMBEDDING_MODEL, input="hello")
     assert len(resp.data[0].embedding) == 384
     await aclient.close()
+
+
+def test_chat_named_tool_choice(client: OpenAI) -> None:
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city.",
+        "parameters": {"type": "object", "required": ["city"],
+                       "properties": {"city": {"type": "string", "maxLength": 20}}}}}]
+    resp = client.chat.completions.create(
+        model=CHAT_MODEL, temperature=0, max_tokens=40, tools=tools,  # type: ignore[arg-type]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+    calls = resp.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    assert "city" in json.loads(calls[0].function.arguments)  # type: ignore[union-attr]
