@@ -74,7 +74,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         while True:
             for s in services:
-                if layout.running_pid(s) is None:
+                if not layout.alive(s):
                     print(f"{s.name} exited; its log ends with:\n{tail(layout.log_file(s.name))}",
                           file=sys.stderr)
                     _stop_all(layout, services)
@@ -106,7 +106,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     ok = True
     for s in _services(args, dirs):
         state = "healthy" if s.healthy() else (
-            "starting" if layout.running_pid(s) else "stopped")
+            "starting" if layout.alive(s) else "stopped")
         ok &= state == "healthy"
         print(f"{s.name:16} {state:9} {s.health_url}")
     return 0 if ok else 1

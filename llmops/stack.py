@@ -93,8 +93,11 @@ def vllm_service(
     if embedding:
         argv += ["--runner", "pooling"]
     else:
-        # Runtime LoRA: fine-tuned adapters are loaded into running engines.
-        argv += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2"]
+        # Runtime LoRA: fine-tuned adapters are loaded into running engines. Tool calls use
+        # the Hermes format (<tool_call> tags), which ChatML-style templates such as SmolLM2's
+        # follow; named tool_choice is enforced by structured output either way.
+        argv += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
+                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return Service(name, [*argv, *extra_args], port, "/health", env)
 
@@ -165,9 +168,16 @@ class StackLayout:
         return pid if cmdline[: len(service.argv)] == [a.encode() for a in service.argv] \
             else None
 
+    def alive(self, service: Service) -> bool:
+        """Whether `service` runs: our own child's exit status when we started it (exact, and
+        reaps it), else its pid file and /proc."""
+        if (child := self._children.get(service.name)) is not None:
+            return child.poll() is None
+        return self.running_pid(service) is not None
+
     def start(self, service: Service) -> bool:
         """Start `service` unless it already runs; True when it was started now."""
-        if self.running_pid(service) is not None:
+        if self.alive(service):
             return False
         proc = service.spawn(self.log_file(service.name))
         self._children[service.name] = proc  # detached children outlive us; attached are reaped
@@ -198,9 +208,7 @@ class StackLayout:
         deadline = time.monotonic() + timeout_s
         while pending:
             for s in pending:
-                if self.running_pid(s) is None:
-                    if (child := self._children.pop(s.name, None)) is not None:
-                        child.wait()  # reap it
+                if not self.alive(s):
                     raise RuntimeError(
                         f"{s.name} exited during start-up; its log ends with:\n"
                         + tail(self.log_file(s.name))

@@ -1,0 +1,144 @@
+"""What the gateway adds to a request, measured against a fake upstream (bench/fake_upstream.py)
+so that only the gateway's own cost shows. The upstream, the gateway (pinned to one core) and
+this client run side by side; each round measures direct and proxied requests interleaved.
+
+    .venv/bin/python -m bench.gateway_overhead [--requests 2000] [--rounds 3]
+
+Prints added latency p50/p99 at one connection (non-streaming), added time to first byte of a
+stream, and requests/s through the gateway at several concurrencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from llmops.stack import Service, stop_process_group
+from tests.e2e.conftest import free_port
+
+KEY = "sk-bench"
+BODY = b'{"model":"fake","messages":[{"role":"user","content":"What is the capital of France?"}]}'
+STREAM_BODY = BODY[:-1] + b',"stream":true}'
+
+
+def start(service: Service, core: str | None) -> subprocess.Popen[bytes]:
+    argv = ["taskset", "-c", core, *service.argv] if core else service.argv
+    proc = subprocess.Popen(argv, env={**os.environ, **service.env}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not service.healthy():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"{service.name} did not start")
+        time.sleep(0.1)
+    return proc
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def latencies(session: aiohttp.ClientSession, url: str, body: bytes, n: int,
+                    first_byte: bool = False) -> list[float]:
+    out = []
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    for _ in range(n):
+        t0 = time.perf_counter()
+        async with session.post(url, data=body, headers=headers) as resp:
+            if first_byte:
+                await resp.content.readany()
+                out.append(time.perf_counter() - t0)
+                await resp.read()
+            else:
+                await resp.read()
+                out.append(time.perf_counter() - t0)
+            assert resp.status == 200, resp.status
+    return out
+
+
+async def rate(url: str, concurrency: int, seconds: float) -> float:
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    done = 0
+    stop = time.perf_counter() + seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                async with s.post(url, data=BODY, headers=headers) as resp:
+                    await resp.read()
+                    done += resp.status == 200
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return done / (time.perf_counter() - t0)
+
+
+async def measure(direct: str, proxied: str, args: argparse.Namespace) -> None:
+    rows: dict[str, list[float]] = {k: [] for k in
+                                    ("direct_p50", "direct_p99", "added_p50", "added_p99",
+                                     "ttfb_direct", "ttfb_added")}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+        await latencies(s, proxied, BODY, 200)  # warm up connections and caches
+        await latencies(s, direct, BODY, 200)
+        for _ in range(args.rounds):
+            d = await latencies(s, direct, BODY, args.requests)
+            p = await latencies(s, proxied, BODY, args.requests)
+            rows["direct_p50"].append(pct(d, 0.5))
+            rows["direct_p99"].append(pct(d, 0.99))
+            rows["added_p50"].append(pct(p, 0.5) - pct(d, 0.5))
+            rows["added_p99"].append(pct(p, 0.99) - pct(d, 0.99))
+            ds = await latencies(s, direct, STREAM_BODY, args.requests // 10, first_byte=True)
+            ps = await latencies(s, proxied, STREAM_BODY, args.requests // 10, first_byte=True)
+            rows["ttfb_direct"].append(pct(ds, 0.5))
+            rows["ttfb_added"].append(pct(ps, 0.5) - pct(ds, 0.5))
+    med = {k: statistics.median(v) * 1000 for k, v in rows.items()}
+    print(f"one connection, {args.requests} requests x {args.rounds} rounds (medians of rounds)")
+    print(f"  fake upstream alone      p50 {med['direct_p50']:.3f} ms   p99 "
+          f"{med['direct_p99']:.3f} ms")
+    print(f"  added by the gateway     p50 {med['added_p50']:.3f} ms   p99 "
+          f"{med['added_p99']:.3f} ms")
+    print(f"  stream first byte: upstream {med['ttfb_direct']:.3f} ms, added by the gateway "
+          f"{med['ttfb_added']:.3f} ms (p50)")
+    for c in (1, 16, 64):
+        print(f"  requests/s through the gateway at {c:>2} connections: "
+              f"{await rate(proxied, c, args.seconds):,.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+
+    up_port, gw_port = free_port(), free_port()
+    upstream = Service("fake-upstream", [sys.executable, "-m", "bench.fake_upstream",
+                                         str(up_port)], up_port, "/health")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "gateway.yaml"
+        config.write_text(yaml.safe_dump({"models": [{"name": "fake", "kind": "chat", "pools": [
+            {"device": "cpu", "urls": [f"http://127.0.0.1:{up_port}"]}]}],
+            "api_key": KEY, "port": gw_port, "log_level": "warning"}))
+        gateway = Service("gateway", [sys.executable, "-m", "gateway"], gw_port, "/readyz",
+                          {"LLMOPS_CONFIG": str(config)})
+        procs = [start(upstream, "1"), start(gateway, "0")]
+        try:
+            asyncio.run(measure(f"http://127.0.0.1:{up_port}/v1/chat/completions",
+                                f"http://127.0.0.1:{gw_port}/v1/chat/completions", args))
+        finally:
+            for proc in procs:
+                stop_process_group(proc.pid, grace_s=5)
+
+
+if __name__ == "__main__":
+    main()
