@@ -17,7 +17,8 @@ class KeyVerifier:
     def __init__(self, digest: bytes | None) -> None:
         self._digest = digest  # None: authentication switched off by configuration
 
-    def __call__(self, request: Request) -> None:
+    async def __call__(self, request: Request) -> None:
+        # async: FastAPI would run a plain function in a thread pool, a hop per request
         if self._digest is None:
             return
         header = request.headers.get("authorization", "")

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
-import anyio
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -132,9 +130,10 @@ class Proxy:
         headers = {"content-type": "application/json"}
         if request_id := request.scope.get("state", {}).get("request_id"):
             headers["x-request-id"] = request_id
-        return await _unless_disconnected(
-            request, self._call(entry, endpoint.path, body, headers, bool(parsed.stream),
-                                parsed.model))
+        async with ClientWatch(request.receive):
+            return await self._call(entry, endpoint.path, body, headers, bool(parsed.stream),
+                                    parsed.model)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     async def _call(
         self, entry: CatalogEntry, path: str, body: bytes, headers: dict[str, str],
@@ -198,29 +197,35 @@ class Proxy:
         )
 
 
-async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Response]
-                               ) -> Response:
-    """Run `work` until it answers or the client disconnects; a departed client cancels it,
-    which closes the upstream connection so vLLM stops generating for nobody."""
-    task = asyncio.ensure_future(work)
-    listener = asyncio.ensure_future(_disconnected(request.receive))
-    try:
-        await asyncio.wait((task, listener), return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # we are cancelled ourselves (shutdown)
-        task.cancel()
-        raise
-    finally:
-        listener.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+class ClientWatch:
+    """Cancels the current task when the client disconnects, and swallows that cancellation
+    on the way out: a client that leaves stops the upstream call (aiohttp closes the
+    connection, so vLLM aborts the generation) instead of letting vLLM generate for nobody."""
 
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.client_left = False
+        self._task = asyncio.current_task()
+        self._listener: asyncio.Task[None] | None = None
 
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    async def __aenter__(self) -> ClientWatch:
+        self._listener = asyncio.get_running_loop().create_task(self._listen())
+        return self
+
+    async def _listen(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.client_left = True
+        assert self._task is not None
+        self._task.cancel()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        assert self._listener is not None and self._task is not None
+        self._listener.cancel()
+        if self.client_left and exc_type is asyncio.CancelledError:
+            self._task.uncancel()
+            return True
+        return False
 
 
 class RelayResponse(StreamingResponse):
@@ -253,16 +258,9 @@ class RelayResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async with anyio.create_task_group() as tg:
-
-                async def stream() -> None:
-                    with contextlib.suppress(OSError):  # the client left while we wrote
-                        await self.stream_response(send)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                await self.listen_for_disconnect(receive)
-                tg.cancel_scope.cancel()
+            async with ClientWatch(receive):
+                with contextlib.suppress(OSError):  # the client left while we wrote
+                    await self.stream_response(send)
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
             if self.finished:
