@@ -23,8 +23,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from llmops.stack import Service, stop_process_group
-from tests.e2e.conftest import free_port
+from llmops.stack import Service, free_port, stop_process_group
 
 KEY = "sk-bench"
 BODY = b'{"model":"fake","messages":[{"role":"user","content":"What is the capital of France?"}]}'

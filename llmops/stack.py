@@ -9,6 +9,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ __all__ = [
     "EMBEDDING_MODEL",
     "Service",
     "StackLayout",
+    "free_port",
     "gateway_service",
     "local_config",
     "vllm_service",
@@ -221,6 +223,13 @@ class StackLayout:
                 raise TimeoutError(f"{names} not healthy after {timeout_s:.0f} s")
             on_wait([s.name for s in pending])
             time.sleep(1.0)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def stop_process_group(pid: int, grace_s: float = 20.0) -> bool:

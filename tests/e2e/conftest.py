@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from llmops.stack import (
     CHAT_MODEL,
     EMBEDDING_MODEL,
     Service,
+    free_port,
     gateway_service,
     stop_process_group,
     tail,
@@ -34,12 +34,6 @@ API_KEY = "sk-test-e2e-0123456789abcdef"
 # Fast health probing and short circuit cool-downs keep failover tests quick.
 FAST_ROUTING = {"health_interval_s": 0.5, "metrics_interval_s": 0.5, "models_interval_s": 1.0,
                 "cooldown_s": 2.0, "health_timeout_s": 2.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -13,13 +13,12 @@ import openai
 import pytest
 from openai import OpenAI
 
-from llmops.stack import CHAT_MODEL, vllm_service
+from llmops.stack import CHAT_MODEL, free_port, vllm_service
 from tests.e2e.conftest import (
     API_KEY,
     Engines,
     GatewayFactory,
     Running,
-    free_port,
     model,
     pool,
     start,

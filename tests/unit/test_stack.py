@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmops.stack import Service, StackLayout
-from tests.e2e.conftest import free_port
+from llmops.stack import Service, StackLayout, free_port
 
 
 def http_server(port: int) -> Service:
