@@ -5,7 +5,8 @@ this client run side by side; each round measures direct and proxied requests in
     .venv/bin/python -m bench.gateway_overhead [--requests 2000] [--rounds 3]
 
 Prints added latency p50/p99 at one connection (non-streaming), added time to first byte of a
-stream, and requests/s through the gateway at several concurrencies.
+stream, and requests/s through the gateway at several concurrencies. The gateway runs with its
+auth, accounting and ledger on (the bootstrap admin key, a SQLite store, the local Redis).
 """
 
 from __future__ import annotations
@@ -125,9 +126,12 @@ def main() -> None:
                                          str(up_port)], up_port, "/health")
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gateway.yaml"
-        config.write_text(yaml.safe_dump({"models": [{"name": "fake", "kind": "chat", "pools": [
-            {"device": "cpu", "urls": [f"http://127.0.0.1:{up_port}"]}]}],
-            "api_key": KEY, "port": gw_port, "log_level": "warning"}))
+        config.write_text(yaml.safe_dump({
+            "models": [{"name": "fake", "kind": "chat", "pools": [
+                {"device": "cpu", "urls": [f"http://127.0.0.1:{up_port}"]}]}],
+            "admin_key": KEY, "port": gw_port, "log_level": "warning",
+            "database_url": f"sqlite:///{tmp}/bench.db", "redis_prefix": f"bench-{up_port}",
+            "ledger": {"spool_path": f"{tmp}/spool"}}))
         gateway = Service("gateway", [sys.executable, "-m", "gateway"], gw_port, "/readyz",
                           {"LLMOPS_CONFIG": str(config)})
         procs = [start(upstream, "1"), start(gateway, "0")]

@@ -3,8 +3,10 @@ layers, health endpoints, and the lifespan that owns the pooled upstream client.
 
 from __future__ import annotations
 
+import asyncio
 import gc
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,20 +15,31 @@ import orjson
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
+from redis.asyncio import Redis
+from sqlalchemy import select
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.auth import KeyVerifier
+from gateway.accounting import Accountant, PriceBook
+from gateway.admin import admin_router
+from gateway.auth import Authenticator
 from gateway.errors import install_error_handlers
-from gateway.middleware import RequestIdMiddleware
+from gateway.limits import Limiter
+from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.proxy import Endpoint, Proxy
 from gateway.routing import Pool, Router, build_scorers
 from gateway.routing.health import HealthMonitor
 from llmops.catalog import Catalog
+from llmops.ledger import LedgerPublisher, LedgerWriter
+from llmops.pricing import Price
 from llmops.settings import Settings
+from llmops.store import Database, ModelPrice, upgrade
+from llmops.tenancy import Principal, Tenancy
 
 __all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
 
 CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "chat")
 COMPLETIONS = Endpoint("/v1/completions", CompletionRequest, "chat")
@@ -40,6 +53,22 @@ class _JSON(Response):
         return orjson.dumps(content)
 
 
+async def _every(period: float, job: Callable[[], Awaitable[object]]) -> None:
+    while True:
+        try:
+            await job()
+        except Exception as exc:  # a chore must outlive a failing round
+            log.warning("background chore failed: %s", exc)
+        await asyncio.sleep(period)
+
+
+async def _load_prices(db: Database, prices: PriceBook) -> None:
+    async with db.session() as session:
+        rows = await session.scalars(select(ModelPrice))
+        prices.prices = {r.model: Price(float(r.input_per_mtok), float(r.output_per_mtok))
+                         for r in rows}
+
+
 def _body(schema: type[Any]) -> dict[str, Any]:
     ref = {"$ref": f"#/components/schemas/{schema.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
@@ -47,6 +76,15 @@ def _body(schema: type[Any]) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    db = Database(settings.database_url)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
+                           socket_connect_timeout=settings.redis_timeout_s)
+    tenants = Tenancy(db)
+    auth = Authenticator(tenants, settings.admin_key_hash(), settings.key_cache_ttl_s)
+    prices = PriceBook()
+    publisher = LedgerPublisher(redis, settings.redis_prefix, settings.ledger.spool_path)
+    accountant = Accountant(Limiter(redis, db, settings.redis_prefix, settings.limits),
+                            publisher, prices)
     catalog = Catalog(settings.models)
     scorers = build_scorers(settings.routing)
     routers = {
@@ -59,11 +97,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         connector = aiohttp.TCPConnector(
             limit=settings.routing.max_connections, ttl_dns_cache=300, keepalive_timeout=30
         )
+        if settings.auto_migrate:
+            await asyncio.to_thread(upgrade, settings.database_url)
+        # The writer blocks on the stream for block_ms: its reads need a longer timeout.
+        writer_redis = Redis.from_url(settings.redis_url,
+                                      socket_timeout=settings.ledger.block_ms / 1000 + 5,
+                                      socket_connect_timeout=settings.redis_timeout_s)
+        chores = [_every(10.0, lambda: _load_prices(db, prices)),
+                  _every(5.0, publisher.drain_spool)]
+        if settings.ledger.writer:
+            writer = LedgerWriter(writer_redis, db, settings.redis_prefix, settings.ledger)
+            chores.append(writer.run())
+        tasks = [asyncio.create_task(c) for c in chores]
         async with aiohttp.ClientSession(
             connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
         ) as session:
             monitor = HealthMonitor(session, routers, catalog, settings.routing)
-            app.state.proxy = Proxy(settings, catalog, routers, session)
+            app.state.proxy = Proxy(settings, catalog, routers, session, accountant)
             app.state.monitor = monitor
             await monitor.start()
             # Long-lived start-up objects leave the collector's view: fewer, shorter pauses.
@@ -73,6 +123,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 yield
             finally:
                 await monitor.stop()
+                await accountant.drain()  # every finished request's record is published
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await writer_redis.aclose()
+                await redis.aclose()
+                await db.close()
 
     app = FastAPI(
         title="llmops gateway",
@@ -85,14 +142,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.routers = routers
     install_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries a request id
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(KeyVerifier(settings.api_key_digest()))])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
 
     @v1.get("/models", tags=["models"])
-    async def list_models() -> Response:
+    async def list_models(request: Request) -> Response:
+        who: Principal = request.state.principal
         data = []
         for e in catalog.entries():
+            if not who.may_use(e.name):
+                continue
             item: dict[str, Any] = {"id": e.name, "object": "model", "created": e.created,
                                     "owned_by": e.base.owned_by}
             if e.adapter is not None:
@@ -113,6 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await request.app.state.proxy.forward(request, EMBEDDINGS)  # type: ignore[no-any-return]
 
     app.include_router(v1)
+    app.include_router(admin_router(db, tenants, auth, prices))
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> Response:

@@ -1,32 +1,76 @@
-"""API key check for `/v1/*`: the gateway keeps only the key's SHA-256 and compares digests
-in constant time."""
+"""Who is calling: API keys resolved to principals, with a short-lived cache so that the
+database is not asked on every request. Keys are compared by SHA-256 digest in constant time;
+the bootstrap admin key from the settings is known only by its digest."""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
+import time
+from datetime import UTC
 
 from starlette.requests import Request
 
-from gateway.errors import AuthenticationError
+from gateway.errors import AuthenticationError, PermissionDeniedError
+from llmops.store import utcnow
+from llmops.tenancy import ADMIN_TENANT, Limits, Principal, Tenancy, hash_key
 
-__all__ = ["KeyVerifier"]
+__all__ = ["Authenticator", "require_admin"]
+
+_CACHE_MAX = 10_000
+
+BOOTSTRAP_ADMIN = Principal("key_bootstrap_admin", ADMIN_TENANT, "admin", None, Limits(),
+                            Limits())
 
 
-class KeyVerifier:
-    def __init__(self, digest: bytes | None) -> None:
-        self._digest = digest  # None: authentication switched off by configuration
+class Authenticator:
+    """FastAPI dependency: sets `request.state.principal` or answers 401."""
 
-    async def __call__(self, request: Request) -> None:
-        # async: FastAPI would run a plain function in a thread pool, a hop per request
-        if self._digest is None:
-            return
+    def __init__(self, tenancy: Tenancy, admin_key_hash: str | None, ttl_s: float) -> None:
+        self.tenancy = tenancy
+        self.admin_key_hash = admin_key_hash
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+    async def __call__(self, request: Request) -> Principal:
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
             raise AuthenticationError(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
-            )
-        presented = hashlib.sha256(key.strip().encode()).digest()
-        if not hmac.compare_digest(presented, self._digest):
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+        principal = await self.resolve(key)
+        if principal is None:
             raise AuthenticationError("Incorrect API key provided.")
+        request.state.principal = principal
+        return principal
+
+    async def resolve(self, key: str) -> Principal | None:
+        digest = hash_key(key)
+        if self.admin_key_hash is not None and hmac.compare_digest(digest,
+                                                                   self.admin_key_hash):
+            return BOOTSTRAP_ADMIN
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            principal = cached[1]
+        else:
+            principal = await self.tenancy.principal(key)
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()  # bounded: a flood of made-up keys cannot grow it
+            self._cache[digest] = (now + self.ttl_s, principal)
+        if principal is not None and principal.expires_at is not None:
+            expires = principal.expires_at
+            if (expires if expires.tzinfo else expires.replace(tzinfo=UTC)) <= utcnow():
+                return None  # expired while cached
+        return principal
+
+    def forget(self) -> None:
+        """Drop cached lookups (after an admin changed keys in this process)."""
+        self._cache.clear()
+
+
+async def require_admin(request: Request) -> Principal:
+    principal: Principal = request.state.principal
+    if not principal.is_admin:
+        raise PermissionDeniedError("This endpoint needs an admin key.")
+    return principal

@@ -15,9 +15,14 @@ __all__ = [
     "APIError",
     "AuthenticationError",
     "BadRequestError",
+    "ConflictError",
     "ModelNotFoundError",
     "NoHealthyBackendError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
     "RequestTooLargeError",
+    "ServiceUnavailableError",
     "UpstreamError",
     "UpstreamTimeoutError",
     "error_body",
@@ -32,18 +37,27 @@ class APIError(Exception):
     code: str | None = None
 
     def __init__(
-        self, message: str, *, param: str | None = None, code: str | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers
         if code is not None:
             self.code = code
+        if type_ is not None:
+            self.type = type_
 
     def to_response(self, headers: dict[str, str] | None = None) -> Response:
         return error_response(
             self.status, self.message, self.type, param=self.param, code=self.code,
-            headers=headers,
+            headers={**(self.headers or {}), **(headers or {})} or None,
         )
 
 
@@ -56,6 +70,30 @@ class AuthenticationError(APIError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class PermissionDeniedError(APIError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class NotFoundError(APIError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ConflictError(APIError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class RateLimitError(APIError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
 
 
 class ModelNotFoundError(APIError):
@@ -79,6 +117,12 @@ class UpstreamError(APIError):
     status = 502
     type = "upstream_error"
     code = "bad_gateway"
+
+
+class ServiceUnavailableError(APIError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
 
 
 class NoHealthyBackendError(APIError):

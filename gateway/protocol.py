@@ -24,18 +24,19 @@ _Stop = str | Annotated[list[str], Field(max_length=16)] | None
 _TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    include_usage: bool | None = None
+
+
 class OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1)
     stream: bool | None = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    include_usage: bool | None = None
 
 
 class ChatMessage(BaseModel):
@@ -56,7 +57,6 @@ class _Sampling(OpenAIRequest):
     seed: int | None = None
     stop: _Stop = None
     logit_bias: dict[str, float] | None = None
-    stream_options: StreamOptions | None = None
 
 
 class ChatCompletionRequest(_Sampling):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -16,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from gateway.accounting import Account, Accountant, SseUsageTap
 from gateway.errors import (
     APIError,
     BadRequestError,
@@ -51,11 +53,8 @@ class Endpoint:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than `limit` bytes without reading them all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLargeError(f"Request body of {declared} bytes exceeds the limit of "
-                                   f"{limit} bytes.")
+    """The request body, refusing more than `limit` bytes without reading them all (a declared
+    length over the limit was refused already by `BodyLimitMiddleware`)."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -103,8 +102,10 @@ class Proxy:
         catalog: Catalog,
         routers: dict[str, Router],
         session: aiohttp.ClientSession,
+        accountant: Accountant,
     ) -> None:
         self.settings = settings
+        self.accountant = accountant
         self.catalog = catalog
         self.routers = routers
         self.session = session
@@ -115,34 +116,67 @@ class Proxy:
         )
 
     async def forward(self, request: Request, endpoint: Endpoint) -> Response:
+        """Serve one OpenAI request; whatever happens, its account is closed exactly once."""
+        account = self.accountant.open(request.state.principal, request.state.request_id,
+                                       endpoint.path)
+        try:
+            response = await self._forward(request, endpoint, account)
+        except APIError as exc:
+            account.close(exc.status)
+            raise
+        except BaseException:
+            account.close(500)
+            raise
+        if not isinstance(response, RelayResponse):  # a stream closes it when it ends
+            account.close(response.status_code)
+        return response
+
+    async def _forward(self, request: Request, endpoint: Endpoint, account: Account
+                       ) -> Response:
         body = await read_body(request, self.settings.max_body_bytes)
         parsed = parse_request(endpoint.schema, body)
+        account.model = parsed.model
         entry = self.catalog.resolve(parsed.model)
-        if entry is None:
-            raise ModelNotFoundError(parsed.model)
+        if entry is None or not account.who.may_use(entry.name):
+            raise ModelNotFoundError(parsed.model)  # the same answer: no information leak
         if entry.base.kind != endpoint.kind:
             raise BadRequestError(
                 f"The model `{parsed.model}` is a {entry.base.kind} model and cannot be used "
                 f"with {endpoint.path}.", param="model", code="model_not_supported")
+        admission = await self.accountant.admit(account, entry, parsed, len(body))
+        tap = None
+        changes: dict[str, object] = {}
         if entry.upstream_name != parsed.model:
-            body = orjson.dumps({**orjson.loads(body), "model": entry.upstream_name})
+            changes["model"] = entry.upstream_name
+        if parsed.stream:
+            # Always ask vLLM for usage, continuously, so that every stream is counted even
+            # when it is cut short; the tap shows the client only what it asked for.
+            asked = parsed.stream_options.model_dump() if parsed.stream_options else {}
+            tap = SseUsageTap(account, client_usage=bool(asked.get("include_usage")),
+                              client_continuous=bool(asked.get("continuous_usage_stats")))
+            if not (tap.client_usage and tap.client_continuous):
+                changes["stream_options"] = {**asked, "include_usage": True,
+                                             "continuous_usage_stats": True}
+        if changes:
+            body = orjson.dumps({**orjson.loads(body), **changes})
 
-        headers = {"content-type": "application/json"}
-        if request_id := request.scope.get("state", {}).get("request_id"):
-            headers["x-request-id"] = request_id
-        async with ClientWatch(request.receive):
-            return await self._call(entry, endpoint.path, body, headers, bool(parsed.stream),
-                                    parsed.model)
-        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        headers = {"content-type": "application/json", "x-request-id": account.request_id}
+        response = await _unless_disconnected(
+            request, self._call(entry, endpoint.path, body, headers, account, tap))
+        if response is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        response.headers.update(admission.headers)
+        return response
 
     async def _call(
         self, entry: CatalogEntry, path: str, body: bytes, headers: dict[str, str],
-        stream: bool, model: str,
+        account: Account, tap: SseUsageTap | None,
     ) -> Response:
         replica, resp = await self._dispatch(entry, path, body, headers)
+        account.pool, account.device = replica.config, replica.device
         served = {POOL_HEADER: replica.device}
-        if stream and resp.status == 200:
-            return RelayResponse(resp, replica, headers={**_SSE_HEADERS, **served})
+        if tap is not None and resp.status == 200:
+            return RelayResponse(resp, replica, {**_SSE_HEADERS, **served}, tap)
         try:
             data = await resp.read()
         except TimeoutError:
@@ -159,7 +193,9 @@ class Proxy:
             resp.release()
         replica.release(ok=resp.status < 500)
         if resp.status >= 400:
-            return _upstream_error(resp.status, data, served, model)
+            return _upstream_error(resp.status, data, served, account.model)
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+            account.usage_from(orjson.loads(data).get("usage"))
         return Response(data, status_code=resp.status, media_type="application/json",
                         headers=served)
 
@@ -197,77 +233,85 @@ class Proxy:
         )
 
 
-class ClientWatch:
-    """Cancels the current task when the client disconnects, and swallows that cancellation
-    on the way out: a client that leaves stops the upstream call (aiohttp closes the
-    connection, so vLLM aborts the generation) instead of letting vLLM generate for nobody."""
+async def _on_disconnect(receive: Receive, callback: Callable[[], object]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    callback()
 
-    def __init__(self, receive: Receive) -> None:
-        self.receive = receive
-        self.client_left = False
-        self._task = asyncio.current_task()
-        self._listener: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> ClientWatch:
-        self._listener = asyncio.get_running_loop().create_task(self._listen())
-        return self
-
-    async def _listen(self) -> None:
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
-        self.client_left = True
-        assert self._task is not None
-        self._task.cancel()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
-        assert self._listener is not None and self._task is not None
-        self._listener.cancel()
-        if self.client_left and exc_type is asyncio.CancelledError:
-            self._task.uncancel()
-            return True
-        return False
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Response]
+                               ) -> Response | None:
+    """Run `work` unless the client disconnects first, in which case it is cancelled (which
+    closes the upstream connection, so vLLM stops generating for nobody) and None returned."""
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(work)
+    listener = loop.create_task(_on_disconnect(request.receive, task.cancel))
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if listener.done() and not listener.cancelled():
+            return None
+        task.cancel()  # we are cancelled ourselves (shutdown)
+        raise
+    finally:
+        listener.cancel()
 
 
 class RelayResponse(StreamingResponse):
-    """Relays vLLM's SSE bytes as they arrive. It listens for the client leaving while it
-    streams, so a disconnect closes the upstream connection even while vLLM is silent, and it
-    settles the replica whatever happens. A backend failure mid-stream becomes an error event
-    followed by `data: [DONE]`."""
+    """Relays vLLM's SSE events as they arrive, through a usage tap. A client disconnect closes
+    the upstream connection at once, even while vLLM is silent; a backend failure mid-stream
+    becomes an error event followed by `data: [DONE]`. The replica and the account are settled
+    whatever happens."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, replica: Replica,
-                 headers: dict[str, str]) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, replica: Replica, headers: dict[str, str],
+                 tap: SseUsageTap) -> None:
         self.resp = resp
         self.replica = replica
-        self.finished = False
-        self.failed = False
+        self.tap = tap
+        self.finished = self.failed = self.client_left = False
         super().__init__(self._chunks(), media_type="text/event-stream", headers=headers)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
+        account = self.tap.account
         try:
             async for chunk in self.resp.content.iter_any():
-                yield chunk
+                if out := self.tap.feed(chunk):
+                    account.first_byte()
+                    yield out
+            if rest := self.tap.tail():
+                yield rest
             self.finished = True
-        except TimeoutError:
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if self.client_left:
+                return
             self.failed = True
-            yield _error_event("The model backend stopped sending in time.", "timeout_error",
-                               "upstream_timeout")
-        except aiohttp.ClientError:
-            self.failed = True
-            yield _error_event("The model backend failed while streaming.", "upstream_error",
-                               "bad_gateway")
+            if isinstance(exc, TimeoutError):
+                yield _error_event("The model backend stopped sending in time.",
+                                   "timeout_error", "upstream_timeout")
+            else:
+                yield _error_event("The model backend failed while streaming.",
+                                   "upstream_error", "bad_gateway")
+
+    def _on_client_left(self) -> None:
+        self.client_left = True
+        self.resp.close()  # vLLM sees the connection drop and aborts the generation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        listener = asyncio.get_running_loop().create_task(
+            _on_disconnect(receive, self._on_client_left))
         try:
-            async with ClientWatch(receive):
-                with contextlib.suppress(OSError):  # the client left while we wrote
-                    await self.stream_response(send)
+            with contextlib.suppress(OSError):  # the client left while we wrote
+                await self.stream_response(send)
         finally:
+            listener.cancel()
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
             if self.finished:
-                self.resp.release()  # back to the pool for the next request
+                self.resp.release()  # the connection goes back to the pool
             else:
-                self.resp.close()  # drop the connection: vLLM sees the disconnect and aborts
+                self.resp.close()
             self.replica.release(ok=not self.failed)
+            status = 200 if self.finished else 502 if self.failed else 499
+            self.tap.account.close(status)
 
 
 def _error_event(message: str, type_: str, code: str) -> bytes:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from llmops.ledger import usage_report
 from llmops.offline_models import prepare_models
+from llmops.settings import Settings
 from llmops.stack import (
     CHAT_MODEL,
     EMBEDDING_MODEL,
@@ -18,6 +23,8 @@ from llmops.stack import (
     tail,
     vllm_service,
 )
+from llmops.store import Database, upgrade
+from llmops.tenancy import ConflictError, Limits, NotFoundError, Tenancy
 
 __all__ = ["main"]
 
@@ -36,15 +43,15 @@ def _services(args: argparse.Namespace, dirs: dict[str, Path]) -> list:  # type:
         vllm_service("vllm-chat", dirs["chat"], CHAT_MODEL, args.chat_port),
         vllm_service("vllm-embedding", dirs["embedding"], EMBEDDING_MODEL, args.embedding_port,
                      embedding=True, kv_cache_bytes=256 << 20, max_model_len=None),
-        gateway_service(args.port, layout.config, layout.key_file),
+        gateway_service(args.port, layout.config),
     ]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     layout = _layout(args)
     dirs = prepare_models(models_home())
-    key = layout.api_key()
-    layout.write_config(local_config(args.chat_port, args.embedding_port))
+    key = layout.admin_key()
+    layout.write_config(local_config(layout.root, args.chat_port, args.embedding_port))
     services = _services(args, dirs)
     for s in services:
         print(f"{'starting' if layout.start(s) else 'already running'}: {s.name}"
@@ -125,14 +132,117 @@ def cmd_gateway(_: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings for store commands: LLMOPS_CONFIG if set, else the local stack's config."""
+    local = Path(args.state_dir) / "config.yaml"
+    if "LLMOPS_CONFIG" not in os.environ and local.exists():
+        os.environ["LLMOPS_CONFIG"] = str(local)
+    return Settings()
+
+
+def _store(fn: Callable[[argparse.Namespace, Database], Awaitable[int]]
+           ) -> Callable[[argparse.Namespace], int]:
+    """Run an async store command against the configured database (migrated first)."""
+    def run(args: argparse.Namespace) -> int:
+        settings = _settings(args)
+        upgrade(settings.database_url)
+
+        async def main() -> int:
+            db = Database(settings.database_url)
+            try:
+                return await fn(args, db)
+            except (NotFoundError, ConflictError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                await db.close()
+
+        return asyncio.run(main())
+    return run
+
+
+async def _tenant_id(tenants: Tenancy, ref: str) -> str:
+    for t in await tenants.list_tenants():
+        if ref in (t.id, t.name):
+            return t.id
+    raise NotFoundError(f"no tenant {ref!r}")
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(args.rpm, args.tpm, args.budget, args.period)
+
+
+async def cmd_tenants_create(args: argparse.Namespace, db: Database) -> int:
+    t = await Tenancy(db).create_tenant(args.name, limits=_limits(args))
+    print(f"{t.id}  {t.name}")
+    return 0
+
+
+async def cmd_tenants_list(args: argparse.Namespace, db: Database) -> int:
+    for t in await Tenancy(db).list_tenants():
+        state = "disabled" if t.disabled_at else "active"
+        print(f"{t.id}  {t.name:24} {state:8} rpm={t.rpm_limit} tpm={t.tpm_limit} "
+              f"budget={t.budget_usd}/{t.budget_period}")
+    return 0
+
+
+async def cmd_keys_create(args: argparse.Namespace, db: Database) -> int:
+    tenants = Tenancy(db)
+    expires = (datetime.now(UTC) + timedelta(days=args.expires_in_days)
+               if args.expires_in_days else None)
+    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    key, plain = await tenants.create_key(
+        await _tenant_id(tenants, args.tenant), name=args.name, role=args.role, models=models,
+        limits=_limits(args), expires_at=expires)
+    print(f"created {key.id} ({key.role}) for tenant {key.tenant_id}")
+    print(f"key (shown once, store it now): {plain}")
+    return 0
+
+
+async def cmd_keys_list(args: argparse.Namespace, db: Database) -> int:
+    tenants = Tenancy(db)
+    tenant = await _tenant_id(tenants, args.tenant) if args.tenant else None
+    for k in await tenants.list_keys(tenant):
+        state = "revoked" if k.revoked_at else "active"
+        print(f"{k.id}  {k.prefix}...  {k.tenant_id}  {k.role:6} {state:7} "
+              f"models={k.models or '*'} rpm={k.rpm_limit} tpm={k.tpm_limit} "
+              f"budget={k.budget_usd}/{k.budget_period} expires={k.expires_at}")
+    return 0
+
+
+async def cmd_keys_revoke(args: argparse.Namespace, db: Database) -> int:
+    key = await Tenancy(db).revoke_key(args.key_id)
+    print(f"revoked {key.id}")
+    return 0
+
+
+async def cmd_usage(args: argparse.Namespace, db: Database) -> int:
+    tenant = await _tenant_id(Tenancy(db), args.tenant) if args.tenant else None
+    groups = tuple(g.strip() for g in args.group_by.split(","))
+    rows = await usage_report(db, group_by=groups, period=args.period, tenant_id=tenant,
+                              key_id=args.key, model=args.model)
+    header = [*groups, *(["period"] if args.period else []), "requests", "prompt_tokens",
+              "completion_tokens", "cost_usd", "device_seconds"]
+    print("  ".join(header))
+    for row in rows:
+        print("  ".join(f"{row[h]:.6f}" if isinstance(row[h], float) else str(row[h])
+                        for h in header))
+    return 0
+
+
+async def cmd_db_upgrade(_: argparse.Namespace, __: Database) -> int:
+    print("database schema is up to date")
+    return 0
+
+
 def _print_usage(port: int, key: str) -> None:
     base = f"http://127.0.0.1:{port}/v1"
     question = '[{"role": "user", "content": "What is the capital of France?"}]'
     print(f"""
 llmops is up.
-  base URL: {base}
-  API key:  {key}
-  models:   {CHAT_MODEL} (chat, LoRA-ready), {EMBEDDING_MODEL} (embeddings)
+  base URL:  {base}
+  admin key: {key}   (make member keys: llmops keys create --tenant NAME)
+  models:    {CHAT_MODEL} (chat, LoRA-ready), {EMBEDDING_MODEL} (embeddings)
 
   curl {base}/chat/completions \\
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
@@ -169,6 +279,46 @@ def main(argv: list[str] | None = None) -> int:
     models.set_defaults(func=cmd_models)
     gw = sub.add_parser("gateway", help="serve the gateway (settings from LLMOPS_* / YAML)")
     gw.set_defaults(func=cmd_gateway)
+
+    def limit_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--rpm", type=int, help="requests per minute")
+        p.add_argument("--tpm", type=int, help="tokens per minute")
+        p.add_argument("--budget", type=float, help="USD per period")
+        p.add_argument("--period", choices=("day", "month"), default="month")
+
+    db = sub.add_parser("db", help="the SQL store").add_subparsers(dest="db", required=True)
+    db.add_parser("upgrade", help="apply migrations").set_defaults(func=_store(cmd_db_upgrade))
+    tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(
+        dest="tenants", required=True)
+    t_create = tenants.add_parser("create", help="create a tenant")
+    t_create.add_argument("name")
+    limit_args(t_create)
+    t_create.set_defaults(func=_store(cmd_tenants_create))
+    tenants.add_parser("list", help="list tenants").set_defaults(
+        func=_store(cmd_tenants_list))
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys", required=True)
+    k_create = keys.add_parser("create", help="create a key (printed once)")
+    k_create.add_argument("--tenant", required=True, help="tenant id or name")
+    k_create.add_argument("--name", default="")
+    k_create.add_argument("--role", choices=("member", "admin"), default="member")
+    k_create.add_argument("--models", help="comma-separated allowed models (globs allowed)")
+    k_create.add_argument("--expires-in-days", type=float)
+    limit_args(k_create)
+    k_create.set_defaults(func=_store(cmd_keys_create))
+    k_list = keys.add_parser("list", help="list keys")
+    k_list.add_argument("--tenant", help="tenant id or name")
+    k_list.set_defaults(func=_store(cmd_keys_list))
+    k_revoke = keys.add_parser("revoke", help="revoke a key")
+    k_revoke.add_argument("key_id")
+    k_revoke.set_defaults(func=_store(cmd_keys_revoke))
+    usage = sub.add_parser("usage", help="usage and spend from the ledger")
+    usage.add_argument("--tenant", help="tenant id or name")
+    usage.add_argument("--key", help="key id")
+    usage.add_argument("--model")
+    usage.add_argument("--group-by", default="tenant_id,model")
+    usage.add_argument("--period", choices=("day", "month"))
+    usage.set_defaults(func=_store(cmd_usage))
 
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -22,7 +21,14 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-__all__ = ["ModelConfig", "PoolConfig", "RoutingConfig", "Settings", "load_settings"]
+__all__ = [
+    "LedgerConfig",
+    "LimitsConfig",
+    "ModelConfig",
+    "PoolConfig",
+    "RoutingConfig",
+    "Settings",
+]
 
 
 class _Strict(BaseModel):
@@ -41,6 +47,15 @@ class PoolConfig(_Strict):
     max_waiting: int = Field(
         16, ge=0, description="vLLM's own queue length at which a replica counts as full."
     )
+    cost_per_hour_usd: float = Field(
+        0.0, ge=0, description="What one replica costs per hour (device and host)."
+    )
+    decode_tokens_per_s: float = Field(
+        100.0, gt=0, description="Measured generation throughput of one replica."
+    )
+    prefill_tokens_per_s: float = Field(
+        2000.0, gt=0, description="Measured prompt-processing throughput of one replica."
+    )
 
     @field_validator("urls")
     @classmethod
@@ -57,6 +72,9 @@ class ModelConfig(_Strict):
     served_name: str | None = Field(None, description="vLLM's --served-model-name; default: name.")
     pools: list[PoolConfig] = Field(min_length=1)
     owned_by: str = "llmops"
+    context_length: int = Field(
+        4096, ge=1, description="The engine's max model length; bounds token reservations."
+    )
 
     @property
     def upstream_name(self) -> str:
@@ -85,6 +103,27 @@ class RoutingConfig(_Strict):
     weight_kv_cache: float = Field(0.5, ge=0)
 
 
+class LimitsConfig(_Strict):
+    fail_open: bool = Field(
+        True, description="Serve without rpm/tpm limits while Redis is unreachable."
+    )
+    budgets_fail_open: bool = Field(
+        False, description="Serve keys that have budgets while Redis is unreachable."
+    )
+
+
+class LedgerConfig(_Strict):
+    writer: bool = Field(True, description="Run a ledger writer in this gateway process.")
+    batch_size: int = Field(500, ge=1, description="Usage records per database insert.")
+    block_ms: int = Field(1000, ge=1, description="How long the writer waits for records.")
+    claim_idle_s: float = Field(
+        30.0, gt=0, description="Records read but not written for this long are re-taken."
+    )
+    spool_path: Path = Field(
+        Path("llmops-usage.spool"), description="Where records wait while Redis is down."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMOPS_", env_nested_delimiter="__", extra="forbid"
@@ -95,11 +134,18 @@ class Settings(BaseSettings):
     models: list[ModelConfig] = Field(default_factory=list)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body.")
-    api_key: SecretStr | None = Field(None, description="The key clients must send.")
-    api_key_file: Path | None = Field(None, description="A file holding that key.")
-    allow_unauthenticated: bool = Field(
-        False, description="Serve /v1 without a key (local experiments only)."
+    admin_key: SecretStr | None = Field(None, description="The bootstrap admin key.")
+    admin_key_file: Path | None = Field(None, description="A file holding that key.")
+    database_url: str = Field("sqlite:///llmops.db", description="sqlite:/// or postgresql://")
+    auto_migrate: bool = Field(True, description="Apply database migrations at start-up.")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field("llmops", description="Prefix of every Redis key we write.")
+    redis_timeout_s: float = Field(0.5, gt=0)
+    key_cache_ttl_s: float = Field(
+        5.0, ge=0, description="How long a gateway trusts a key it looked up (revocation lag)."
     )
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     log_level: str = "info"
 
     @classmethod
@@ -122,27 +168,15 @@ class Settings(BaseSettings):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"models: duplicate model names {dupes}")
-        if self.api_key is None and self.api_key_file is None and not self.allow_unauthenticated:
-            raise ValueError(
-                "no API key configured: set LLMOPS_API_KEY or LLMOPS_API_KEY_FILE "
-                "(or LLMOPS_ALLOW_UNAUTHENTICATED=true for a local experiment)"
-            )
         return self
 
-    def api_key_digest(self) -> bytes | None:
-        """SHA-256 of the configured key; the plain key is not kept by the gateway."""
-        if self.api_key is not None:
-            key = self.api_key.get_secret_value()
-        elif self.api_key_file is not None:
-            key = self.api_key_file.read_text().strip()
+    def admin_key_hash(self) -> str | None:
+        """SHA-256 (hex) of the bootstrap admin key; the plain key is not kept."""
+        if self.admin_key is not None:
+            key = self.admin_key.get_secret_value()
+        elif self.admin_key_file is not None:
+            key = self.admin_key_file.read_text().strip()
         else:
             return None
-        return hashlib.sha256(key.encode()).digest()
+        return hashlib.sha256(key.encode()).hexdigest()
 
-
-def load_settings(**overrides: Any) -> Settings:
-    return Settings(**overrides)
-
-
-def dump_yaml(data: dict[str, Any], path: Path) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))

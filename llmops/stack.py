@@ -104,22 +104,27 @@ def vllm_service(
     return Service(name, [*argv, *extra_args], port, "/health", env)
 
 
-def gateway_service(port: int, config: Path, key_file: Path) -> Service:
-    env = {"LLMOPS_CONFIG": str(config), "LLMOPS_API_KEY_FILE": str(key_file),
-           "LLMOPS_PORT": str(port), "LLMOPS_HOST": "127.0.0.1"}
+def gateway_service(port: int, config: Path) -> Service:
+    env = {"LLMOPS_CONFIG": str(config), "LLMOPS_PORT": str(port), "LLMOPS_HOST": "127.0.0.1"}
     return Service("gateway", [sys.executable, "-m", "gateway"], port, "/readyz", env)
 
 
-def local_config(chat_port: int, embedding_port: int) -> dict[str, object]:
-    """The gateway configuration of the local stack: one CPU pool per model."""
+def local_config(state: Path, chat_port: int, embedding_port: int) -> dict[str, object]:
+    """The gateway configuration of the local stack: one CPU pool per model, the store and
+    the usage spool in the state folder, Redis on its default local port."""
     def pool(port: int) -> list[dict[str, object]]:
         return [{"device": "cpu", "urls": [f"http://127.0.0.1:{port}"], "priority": 0}]
 
     return {
+        "admin_key_file": str(state / "admin_key"),
+        "database_url": f"sqlite:///{state / 'llmops.db'}",
+        "ledger": {"spool_path": str(state / "usage.spool")},
         "models": [
-            {"name": CHAT_MODEL, "kind": "chat", "pools": pool(chat_port)},
-            {"name": EMBEDDING_MODEL, "kind": "embedding", "pools": pool(embedding_port)},
-        ]
+            {"name": CHAT_MODEL, "kind": "chat", "context_length": 2048,
+             "pools": pool(chat_port)},
+            {"name": EMBEDDING_MODEL, "kind": "embedding", "context_length": 256,
+             "pools": pool(embedding_port)},
+        ],
     }
 
 
@@ -137,7 +142,7 @@ class StackLayout:
 
     @property
     def key_file(self) -> Path:
-        return self.root / "api_key"
+        return self.root / "admin_key"
 
     def pid_file(self, name: str) -> Path:
         return self.root / "run" / f"{name}.pid"
@@ -145,8 +150,8 @@ class StackLayout:
     def log_file(self, name: str) -> Path:
         return self.root / "logs" / f"{name}.log"
 
-    def api_key(self) -> str:
-        """The local stack's key: made once, kept in a file only its owner can read."""
+    def admin_key(self) -> str:
+        """The local stack's bootstrap admin key: made once, in a file only its owner reads."""
         if not self.key_file.exists():
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

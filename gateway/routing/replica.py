@@ -23,6 +23,7 @@ class Replica:
     waiting: float = 0.0  # vllm:num_requests_waiting, scraped
     kv_cache_usage: float = 0.0  # vllm:kv_cache_usage_perc (0..1), scraped
     adapters: frozenset[str] = field(default_factory=frozenset)  # LoRA names loaded here
+    config: PoolConfig | None = None  # the pool it belongs to (costs and throughput)
 
     @property
     def available(self) -> bool:
@@ -62,6 +63,7 @@ class Pool:
                     max_concurrency=config.max_concurrency,
                     max_waiting=config.max_waiting,
                     circuit=Circuit(routing.failure_threshold, routing.cooldown_s),
+                    config=config,
                 )
                 for url in config.urls
             ],

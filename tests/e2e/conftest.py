@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,16 @@ def engines(logs: Path) -> Iterator[Engines]:
 @dataclass
 class Gateway:
     running: Running
+    config: Path
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(yaml.safe_load(self.config.read_text()))
+
+    def restart(self, logs: Path) -> None:
+        """Start the same gateway again (after it was killed)."""
+        self.running = start(self.running.service, logs)
+        wait_healthy([self.running], timeout_s=60)
 
     @property
     def url(self) -> str:
@@ -126,8 +137,8 @@ class Gateway:
 GatewayFactory = Callable[..., Gateway]
 
 
-def model(name: str, kind: str, *pools: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "kind": kind, "pools": list(pools)}
+def model(name: str, kind: str, *pools: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"name": name, "kind": kind, "pools": list(pools), **extra}
 
 
 def pool(device: str, *urls: str, priority: int = 0, **extra: Any) -> dict[str, Any]:
@@ -138,35 +149,48 @@ def pool(device: str, *urls: str, priority: int = 0, **extra: Any) -> dict[str, 
 def gateway_factory(tmp_path_factory: pytest.TempPathFactory, logs: Path
                     ) -> Iterator[GatewayFactory]:
     folder = tmp_path_factory.mktemp("gateways")
-    key_file = folder / "api_key"
+    key_file = folder / "admin_key"
     key_file.write_text(API_KEY)
     key_file.chmod(0o600)
     started: list[Running] = []
 
     def make(models: list[dict[str, Any]], **settings: Any) -> Gateway:
+        """A gateway process; by default with its own SQLite store and Redis key prefix."""
         port = free_port()
         config = folder / f"gateway-{port}.yaml"
-        config.write_text(yaml.safe_dump({"models": models,
-                                          "routing": {**FAST_ROUTING,
-                                                      **settings.pop("routing", {})},
-                                          **settings}))
-        service = gateway_service(port, config, key_file)
+        config.write_text(yaml.safe_dump({
+            "models": models,
+            "admin_key_file": str(key_file),
+            "database_url": f"sqlite:///{folder / f'store-{port}.db'}",
+            "redis_prefix": f"llmops-test-{uuid.uuid4().hex[:12]}",
+            "key_cache_ttl_s": 0.5,
+            "ledger": {"spool_path": str(folder / f"spool-{port}"), "claim_idle_s": 1.0,
+                       "block_ms": 200, **settings.pop("ledger", {})},
+            "routing": {**FAST_ROUTING, **settings.pop("routing", {})},
+            **settings,
+        }))
+        service = gateway_service(port, config)
         running = start(Service(service.name, service.argv, port, "/healthz", service.env), logs)
         started.append(running)
         wait_healthy([running], timeout_s=60)
-        return Gateway(running)
+        return Gateway(running, config)
 
     yield make
     for r in started:
         r.stop()
 
 
+def standard_models(engines: Engines) -> list[dict[str, Any]]:
+    return [
+        model(CHAT_MODEL, "chat", pool("cpu", engines.chat.url), context_length=2048),
+        model(EMBEDDING_MODEL, "embedding", pool("cpu", engines.embedding.url),
+              context_length=256),
+    ]
+
+
 @pytest.fixture(scope="session")
 def gateway(engines: Engines, gateway_factory: GatewayFactory) -> Gateway:
-    gw = gateway_factory([
-        model(CHAT_MODEL, "chat", pool("cpu", engines.chat.url)),
-        model(EMBEDDING_MODEL, "embedding", pool("cpu", engines.embedding.url)),
-    ], max_body_bytes=64 * 1024)
+    gw = gateway_factory(standard_models(engines), max_body_bytes=64 * 1024)
     # Ready means the gateway saw every engine healthy.
     deadline = time.monotonic() + 30
     while httpx.get(f"{gw.url}/readyz").status_code != 200:

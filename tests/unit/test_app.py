@@ -9,7 +9,7 @@ from gateway.app import create_app
 from llmops.settings import Settings
 
 SETTINGS = Settings(
-    api_key="sk-unit",
+    admin_key="sk-unit",
     models=[{"name": "m", "kind": "chat", "pools": [{"device": "cpu", "urls": ["http://x:1"]}]}],
 )
 
@@ -20,7 +20,8 @@ async def test_openapi_document_describes_the_api() -> None:
                                  base_url="http://gw") as client:
         doc = (await client.get("/openapi.json")).json()
     assert {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-            "/healthz", "/readyz"} <= set(doc["paths"])
+            "/healthz", "/readyz", "/admin/tenants", "/admin/keys", "/admin/usage"
+            } <= set(doc["paths"])
     body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]
     ref = body["content"]["application/json"]["schema"]["$ref"]
     chat = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]

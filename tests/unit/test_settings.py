@@ -20,7 +20,6 @@ CHAT = {"name": "chat", "kind": "chat",
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LLMOPS_CONFIG", raising=False)
-    monkeypatch.setenv("LLMOPS_API_KEY", "sk-unit")
 
 
 def test_yaml_file_declares_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,18 +65,17 @@ def test_duplicate_model_names_are_refused() -> None:
         Settings(models=[CHAT, CHAT])
 
 
-def test_a_key_is_required_unless_explicitly_waived(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LLMOPS_API_KEY")
-    with pytest.raises(ValidationError, match="no API key configured"):
-        Settings()
-    assert Settings(allow_unauthenticated=True).api_key_digest() is None
-
-
-def test_key_file_is_read_and_only_its_digest_kept(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LLMOPS_API_KEY")
+def test_admin_key_file_is_read_and_only_its_digest_kept(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text("sk-from-file\n")
-    s = Settings(api_key_file=key_file)
-    assert s.api_key_digest() == hashlib.sha256(b"sk-from-file").digest()
-    assert "sk-unit" not in repr(Settings(api_key="sk-unit"))  # never printed
+    s = Settings(admin_key_file=key_file)
+    assert s.admin_key_hash() == hashlib.sha256(b"sk-from-file").hexdigest()
+    assert "sk-unit" not in repr(Settings(admin_key="sk-unit"))  # never printed
+
+
+def test_database_and_redis_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMOPS_DATABASE_URL", "postgresql://u@db/llmops")
+    monkeypatch.setenv("LLMOPS_LIMITS__BUDGETS_FAIL_OPEN", "true")
+    s = Settings()
+    assert s.database_url == "postgresql://u@db/llmops"
+    assert s.limits.fail_open and s.limits.budgets_fail_open

@@ -41,9 +41,9 @@ def test_a_service_that_dies_during_start_up_is_reported(tmp_path: Path) -> None
         layout.wait_healthy([broken], timeout_s=30)
 
 
-def test_api_key_is_made_once_and_private(tmp_path: Path) -> None:
+def test_admin_key_is_made_once_and_private(tmp_path: Path) -> None:
     layout = StackLayout(tmp_path / "state")
-    key = layout.api_key()
+    key = layout.admin_key()
     assert key.startswith("sk-llmops-") and len(key) > 40
-    assert layout.api_key() == key
+    assert layout.admin_key() == key
     assert layout.key_file.stat().st_mode & 0o077 == 0

@@ -1,0 +1,201 @@
+"""Per-request accounting: reserve limits and budget before the call, then settle them and
+publish exactly one usage record when the request ends, however it ends.
+
+Settling and publishing run in background tasks so that the response never waits on Redis.
+Token estimates before the call are upper bounds (so budgets cannot be overshot): the prompt is
+counted as its request body's byte length (a token is at least one byte, and the JSON around
+each message outweighs the chat template's special tokens), capped at the model's context
+length; the completion as `max_completion_tokens` / `max_tokens` (else the context length)
+times the number of choices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import orjson
+
+from gateway.limits import Admission, Limiter
+from gateway.protocol import OpenAIRequest
+from llmops.catalog import CatalogEntry
+from llmops.ledger import LedgerPublisher, UsageEvent
+from llmops.pricing import Price, request_cost
+from llmops.settings import PoolConfig
+from llmops.tenancy import Principal
+
+__all__ = ["Account", "Accountant", "PriceBook", "SseUsageTap"]
+
+log = logging.getLogger(__name__)
+
+
+class PriceBook:
+    """Model prices set by admins, cached in the gateway (refreshed by the app)."""
+
+    def __init__(self) -> None:
+        self.prices: dict[str, Price] = {}
+
+    def price(self, entry: CatalogEntry) -> Price | None:
+        return self.prices.get(entry.name) or self.prices.get(entry.base.name)
+
+
+@dataclass
+class Account:
+    accountant: Accountant
+    who: Principal
+    request_id: str
+    endpoint: str
+    model: str
+    started: float = field(default_factory=time.perf_counter)
+    created_at: float = field(default_factory=time.time)
+    entry: CatalogEntry | None = None
+    admission: Admission | None = None
+    pool: PoolConfig | None = None
+    device: str | None = None
+    ttft_ms: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    closed: bool = False
+
+    def first_byte(self) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = (time.perf_counter() - self.started) * 1000
+
+    def usage_from(self, usage: object) -> None:
+        if isinstance(usage, dict):
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+    def close(self, status: int) -> None:
+        """End the request: settle its reservation and publish its record (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.accountant.finish(self, status)
+
+
+class Accountant:
+    def __init__(self, limiter: Limiter, publisher: LedgerPublisher, prices: PriceBook) -> None:
+        self.limiter = limiter
+        self.publisher = publisher
+        self.prices = prices
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def open(self, who: Principal, request_id: str, endpoint: str) -> Account:
+        return Account(self, who, request_id, endpoint, model="")
+
+    async def admit(self, account: Account, entry: CatalogEntry, parsed: OpenAIRequest,
+                    body_size: int) -> Admission:
+        account.entry = entry
+        prompt, completion = estimate_tokens(entry, parsed, body_size)
+        cost = max(request_cost(self.prices.price(entry), pool, prompt, completion)[0]
+                   for pool in entry.base.pools)  # the dearest pool it may land on
+        account.admission = await self.limiter.admit(account.who, prompt + completion, cost)
+        # Durable before the model is called: a gateway killed now still leaves a record.
+        await self.publisher.publish(self._event(account, status=0, final=False))
+        return account.admission
+
+    def _event(self, account: Account, status: int, final: bool) -> UsageEvent:
+        price = self.prices.price(account.entry) if account.entry else None
+        cost, seconds = request_cost(price, account.pool, account.prompt_tokens,
+                                     account.completion_tokens)
+        return UsageEvent(
+            request_id=account.request_id, tenant_id=account.who.tenant_id,
+            key_id=account.who.key_id, endpoint=account.endpoint, model=account.model[:256],
+            adapter=account.entry.adapter if account.entry else None, status=status,
+            prompt_tokens=account.prompt_tokens, completion_tokens=account.completion_tokens,
+            latency_ms=(time.perf_counter() - account.started) * 1000,
+            ttft_ms=account.ttft_ms, pool=account.device, cost_usd=cost,
+            device_seconds=seconds, created_at=account.created_at, final=final)
+
+    def finish(self, account: Account, status: int) -> None:
+        event = self._event(account, status, final=True)
+        task = asyncio.get_running_loop().create_task(
+            self._settle(account.admission, event))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle(self, admission: Admission | None, event: UsageEvent) -> None:
+        try:
+            if admission is not None:
+                await self.limiter.settle(
+                    admission, event.prompt_tokens + event.completion_tokens, event.cost_usd)
+        finally:
+            await self.publisher.publish(event)
+
+    async def drain(self) -> None:
+        """Wait for every record still being published (shutdown)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+
+def estimate_tokens(entry: CatalogEntry, parsed: OpenAIRequest, body_size: int
+                    ) -> tuple[int, int]:
+    """Upper bounds of (prompt tokens, completion tokens) for one request."""
+    context = entry.base.context_length
+    if entry.base.kind == "embedding":
+        return min(body_size, context * max(1, _input_count(parsed))), 0
+    limit = (getattr(parsed, "max_completion_tokens", None)
+             or getattr(parsed, "max_tokens", None) or context)
+    best_of = getattr(parsed, "best_of", None) or (parsed.model_extra or {}).get("best_of")
+    choices = max(getattr(parsed, "n", None) or 1, best_of if isinstance(best_of, int) else 1)
+    return min(body_size, context), min(limit, context) * choices
+
+
+def _input_count(parsed: OpenAIRequest) -> int:
+    value = getattr(parsed, "input", None)
+    return len(value) if isinstance(value, list) and value and not isinstance(value[0], int) \
+        else 1
+
+
+class SseUsageTap:
+    """Reads vLLM's usage out of an SSE stream and shows the client only what it asked for.
+
+    The gateway always asks vLLM for `include_usage` and `continuous_usage_stats`, so even a
+    stream cut short has counted tokens. A client that did not ask for usage gets no usage
+    chunk; one that did not ask for continuous stats gets usage only in the last chunk."""
+
+    def __init__(self, account: Account, *, client_usage: bool, client_continuous: bool) -> None:
+        self.account = account
+        self.client_usage = client_usage
+        self.client_continuous = client_continuous
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._partial + chunk if self._partial else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._partial = data
+            return b""
+        complete, self._partial = data[: end + 2], data[end + 2:]
+        if b'"usage"' not in complete:
+            return complete
+        out = []
+        for event in complete.split(b"\n\n")[:-1]:
+            if event.startswith(b"data: {") and b'"usage"' in event:
+                event = self._rewrite(event)
+                if not event:
+                    continue
+            out.append(event + b"\n\n")
+        return b"".join(out)
+
+    def _rewrite(self, event: bytes) -> bytes:
+        try:
+            obj = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            return event
+        usage = obj.get("usage")
+        if usage:
+            self.account.usage_from(usage)
+        if self.client_continuous:
+            return event
+        if obj.get("choices") == [] and usage:  # the final usage chunk
+            return event if self.client_usage else b""
+        obj.pop("usage", None)
+        return b"data: " + orjson.dumps(obj)
+
+    def tail(self) -> bytes:
+        rest, self._partial = self._partial, b""
+        return rest

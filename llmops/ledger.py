@@ -1,0 +1,256 @@
+"""The usage ledger: one record per request, durable without a database round trip on the
+request path.
+
+A request that passes admission publishes a `start` event before it reaches a model (status
+0: not finished), and every request publishes an `end` event when it ends, which replaces the
+start. A gateway killed mid-request therefore still leaves exactly one record, with status 0.
+
+Gateways append each record to a Redis stream (`<prefix>:usage`); while Redis is unreachable
+they append to a local spool file and re-publish it later. A writer (a task in each gateway
+process, in a consumer group) reads the stream in batches, inserts into `usage_records` with
+`ON CONFLICT (request_id) DO NOTHING`, and only then acknowledges. A crash between insert and
+acknowledgement makes another writer re-take the batch after `claim_idle_s`; the request id
+makes the second insert a no-op. So a gateway restart or a database outage loses nothing and
+counts nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+
+from llmops.settings import LedgerConfig
+from llmops.store import Database, UsageRecord
+
+__all__ = ["LedgerPublisher", "LedgerWriter", "UsageEvent", "spend_since", "usage_report"]
+
+log = logging.getLogger(__name__)
+GROUP = "ledger-writers"
+
+
+@dataclass
+class UsageEvent:
+    request_id: str
+    tenant_id: str
+    key_id: str
+    endpoint: str
+    model: str
+    status: int
+    adapter: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    pool: str | None = None
+    cost_usd: float = 0.0
+    device_seconds: float = 0.0
+    created_at: float = field(default_factory=lambda: datetime.now(UTC).timestamp())
+    final: bool = True  # False for the start event
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: bytes) -> UsageEvent:
+        return cls(**orjson.loads(data))
+
+    def row(self) -> dict[str, Any]:
+        row = asdict(self)
+        del row["final"]
+        row["created_at"] = datetime.fromtimestamp(self.created_at, UTC)
+        row["cost_usd"] = Decimal(repr(self.cost_usd))
+        return row
+
+
+def stream_name(prefix: str) -> str:
+    return f"{prefix}:usage"
+
+
+class LedgerPublisher:
+    def __init__(self, redis: Redis, prefix: str, spool: Path) -> None:
+        self.redis = redis
+        self.stream = stream_name(prefix)
+        self.spool = spool
+        self._spool_lock = asyncio.Lock()
+
+    async def publish(self, event: UsageEvent) -> None:
+        data = event.to_json()
+        try:
+            await self.redis.xadd(self.stream, {"r": data})
+        except (RedisError, OSError):
+            log.warning("Redis unreachable: usage record %s spooled to %s", event.request_id,
+                        self.spool)
+            async with self._spool_lock:
+                _append_line(self.spool, data)
+
+    async def drain_spool(self) -> int:
+        """Re-publish spooled records; returns how many went out."""
+        async with self._spool_lock:
+            if not self.spool.exists():
+                return 0
+            lines = [ln for ln in self.spool.read_bytes().splitlines() if ln.strip()]
+            sent = 0
+            try:
+                for line in lines:
+                    await self.redis.xadd(self.stream, {"r": line})
+                    sent += 1
+            except (RedisError, OSError):
+                pass
+            rest = lines[sent:]
+            if rest:
+                tmp = self.spool.with_suffix(".tmp")
+                tmp.write_bytes(b"\n".join(rest) + b"\n")
+                os.replace(tmp, self.spool)
+            else:
+                self.spool.unlink()
+            return sent
+
+
+def _append_line(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, data + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LedgerWriter:
+    def __init__(self, redis: Redis, db: Database, prefix: str, config: LedgerConfig) -> None:
+        self.redis = redis  # its socket timeout must exceed config.block_ms
+        self.db = db
+        self.stream = stream_name(prefix)
+        self.config = config
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}"
+
+    async def run(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                await self.step()
+                backoff = 0.5
+            except (RedisError, OSError, SQLAlchemyError) as exc:
+                log.warning("ledger writer: %s; retrying in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def step(self) -> int:
+        """Move one batch from the stream to the database; returns its size."""
+        await self._ensure_group()
+        batch = await self._claim_stale() or await self._read_new()
+        if batch:
+            await self._insert([UsageEvent.from_json(data) for _, data in batch])
+            ids = [msg_id for msg_id, _ in batch]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self.stream, GROUP, *ids)
+                pipe.xdel(self.stream, *ids)  # acknowledged records leave the stream
+                await pipe.execute()
+        return len(batch)
+
+    async def flush(self) -> None:
+        """Write everything published so far (tests and shutdown)."""
+        while await self.step():
+            pass
+
+    async def _ensure_group(self) -> None:
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+            await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+
+    async def _claim_stale(self) -> list[tuple[bytes, bytes]]:
+        idle_ms = int(self.config.claim_idle_s * 1000)
+        result: Any = await self.redis.xautoclaim(self.stream, GROUP, self.consumer, idle_ms,
+                                                  start_id="0-0", count=self.config.batch_size)
+        return [(mid, fields[b"r"]) for mid, fields in result[1] if fields]
+
+    async def _read_new(self) -> list[tuple[bytes, bytes]]:
+        result: Any = await self.redis.xreadgroup(GROUP, self.consumer, {self.stream: ">"},
+                                             count=self.config.batch_size,
+                                             block=self.config.block_ms)
+        return [(mid, fields[b"r"]) for _, messages in result or [] for mid, fields in messages]
+
+    async def _insert(self, events: list[UsageEvent]) -> None:
+        """Start events only create a record; end events create or complete it. Both are
+        idempotent, and a start arriving late never overwrites an end."""
+        dialect = postgresql if self.db.engine.dialect.name == "postgresql" else sqlite
+        starts = [e.row() for e in events if not e.final]
+        ends = list({e.request_id: e.row() for e in events if e.final}.values())
+        async with self.db.session() as session:
+            if starts:
+                statement: Any = dialect.insert(UsageRecord).on_conflict_do_nothing(
+                    index_elements=["request_id"])
+                await session.execute(statement, starts)
+            if ends:
+                statement = dialect.insert(UsageRecord)
+                statement = statement.on_conflict_do_update(
+                    index_elements=["request_id"],
+                    set_={c: statement.excluded[c] for c in ends[0] if c != "request_id"})
+                await session.execute(statement, ends)
+            await session.commit()
+
+
+def _bucket(db: Database, period: str) -> Any:
+    column = UsageRecord.created_at
+    if db.engine.dialect.name == "postgresql":
+        fmt = "YYYY-MM-DD" if period == "day" else "YYYY-MM"
+        return func.to_char(func.timezone("UTC", column), fmt)
+    return func.strftime("%Y-%m-%d" if period == "day" else "%Y-%m", column)
+
+
+async def usage_report(
+    db: Database,
+    *,
+    group_by: tuple[str, ...] = ("tenant_id",),
+    period: str | None = None,
+    tenant_id: str | None = None,
+    key_id: str | None = None,
+    model: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Requests, tokens, cost and device seconds, summed per group (and per day or month)."""
+    columns: list[Any] = [getattr(UsageRecord, g).label(g) for g in group_by]
+    if period is not None:
+        columns.append(_bucket(db, period).label("period"))
+    query = select(
+        *columns,
+        func.count().label("requests"),
+        func.coalesce(func.sum(UsageRecord.prompt_tokens), 0).label("prompt_tokens"),
+        func.coalesce(func.sum(UsageRecord.completion_tokens), 0).label("completion_tokens"),
+        func.coalesce(func.sum(UsageRecord.cost_usd), 0).label("cost_usd"),
+        func.coalesce(func.sum(UsageRecord.device_seconds), 0).label("device_seconds"),
+    ).group_by(*columns).order_by(*columns)
+    for column, value in (("tenant_id", tenant_id), ("key_id", key_id), ("model", model)):
+        if value is not None:
+            query = query.where(getattr(UsageRecord, column) == value)
+    if start is not None:
+        query = query.where(UsageRecord.created_at >= start)
+    if end is not None:
+        query = query.where(UsageRecord.created_at < end)
+    async with db.session() as session:
+        rows = (await session.execute(query)).mappings().all()
+    return [{**row, "cost_usd": float(row["cost_usd"]),
+             "device_seconds": float(row["device_seconds"])} for row in rows]
+
+
+async def spend_since(db: Database, column: str, value: str, start: datetime) -> float:
+    """What a key or tenant has spent since `start`, from the ledger."""
+    query = select(func.coalesce(func.sum(UsageRecord.cost_usd), 0)).where(
+        getattr(UsageRecord, column) == value, UsageRecord.created_at >= start)
+    async with db.session() as session:
+        return float(await session.scalar(query) or 0)

@@ -1,0 +1,46 @@
+"""What a request costs.
+
+Two sources, in this order: a price set for the model (USD per million prompt and completion
+tokens, set through the admin API, as for a hosted model), or the price of the device time it
+used on a self-hosted pool. Device time is derived from measured throughput:
+
+    device_seconds = prompt_tokens / prefill_tokens_per_s + completion_tokens / decode_tokens_per_s
+    cost_usd       = device_seconds * cost_per_hour_usd / 3600
+
+with `cost_per_hour_usd`, `prefill_tokens_per_s` and `decode_tokens_per_s` configured per pool
+(measure them with the benchmarks). Device seconds are reported per tenant either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmops.settings import PoolConfig
+
+__all__ = ["Price", "device_seconds", "request_cost"]
+
+
+@dataclass(frozen=True)
+class Price:
+    input_per_mtok: float
+    output_per_mtok: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_mtok
+                + completion_tokens * self.output_per_mtok) / 1e6
+
+
+def device_seconds(pool: PoolConfig, prompt_tokens: int, completion_tokens: int) -> float:
+    return (prompt_tokens / pool.prefill_tokens_per_s
+            + completion_tokens / pool.decode_tokens_per_s)
+
+
+def request_cost(price: Price | None, pool: PoolConfig | None, prompt_tokens: int,
+                 completion_tokens: int) -> tuple[float, float]:
+    """(cost in USD, device seconds) of one request."""
+    seconds = device_seconds(pool, prompt_tokens, completion_tokens) if pool else 0.0
+    if price is not None:
+        return price.cost(prompt_tokens, completion_tokens), seconds
+    if pool is not None:
+        return seconds * pool.cost_per_hour_usd / 3600.0, seconds
+    return 0.0, seconds

@@ -1,0 +1,7 @@
+"""The SQL store: tables, connection and migrations."""
+
+from llmops.store.db import Database, upgrade
+from llmops.store.models import ApiKey, Base, ModelPrice, Tenant, UsageRecord, utcnow
+
+__all__ = ["ApiKey", "Base", "Database", "ModelPrice", "Tenant", "UsageRecord", "upgrade",
+           "utcnow"]

@@ -1,0 +1,218 @@
+"""Tenants and API keys: creation, lookup, update and revocation.
+
+A key is `sk-llmops-` followed by 43 random URL-safe characters (256 bits). Only its SHA-256 is
+stored, with a short visible prefix to recognise it in listings; the plain key is returned
+once, at creation. High-entropy keys make a slow password hash unnecessary.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from llmops.store import ApiKey, Database, Tenant, utcnow
+
+__all__ = [
+    "ADMIN_TENANT",
+    "KEY_PREFIX",
+    "ConflictError",
+    "Limits",
+    "NotFoundError",
+    "Principal",
+    "Tenancy",
+    "hash_key",
+]
+
+KEY_PREFIX = "sk-llmops-"
+ADMIN_TENANT = "ten_admin"  # the bootstrap admin key's tenant
+
+
+class NotFoundError(LookupError):
+    pass
+
+
+class ConflictError(ValueError):
+    pass
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _new_id(kind: str) -> str:
+    return f"{kind}_{secrets.token_hex(12)}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    rpm: int | None = None
+    tpm: int | None = None
+    budget_usd: float | None = None
+    budget_period: str = "month"
+
+    @classmethod
+    def of(cls, row: Tenant | ApiKey) -> Limits:
+        budget = float(row.budget_usd) if row.budget_usd is not None else None
+        return cls(row.rpm_limit, row.tpm_limit, budget, row.budget_period)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is: a key, its tenant and the limits of both."""
+
+    key_id: str
+    tenant_id: str
+    role: str
+    models: tuple[str, ...] | None  # allowed model names or glob patterns; None: all
+    key_limits: Limits
+    tenant_limits: Limits
+    expires_at: datetime | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def may_use(self, model: str) -> bool:
+        if self.models is None:
+            return True
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+
+class Tenancy:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # Tenants
+
+    async def create_tenant(self, name: str, *, limits: Limits = Limits(),
+                            metadata: dict[str, Any] | None = None) -> Tenant:
+        tenant = Tenant(id=_new_id("ten"), name=name, metadata_=metadata or {})
+        _apply_limits(tenant, limits)
+        async with self.db.session() as session:
+            session.add(tenant)
+            try:
+                await session.commit()
+            except IntegrityError:
+                raise ConflictError(f"a tenant named {name!r} already exists") from None
+        return tenant
+
+    async def list_tenants(self) -> list[Tenant]:
+        async with self.db.session() as session:
+            return list(await session.scalars(select(Tenant).order_by(Tenant.created_at)))
+
+    async def get_tenant(self, tenant_id: str) -> Tenant:
+        async with self.db.session() as session:
+            tenant = await session.get(Tenant, tenant_id)
+        if tenant is None:
+            raise NotFoundError(f"no tenant {tenant_id!r}")
+        return tenant
+
+    async def update_tenant(self, tenant_id: str, **fields: Any) -> Tenant:
+        async with self.db.session() as session:
+            tenant = await session.get(Tenant, tenant_id)
+            if tenant is None:
+                raise NotFoundError(f"no tenant {tenant_id!r}")
+            for name, value in fields.items():
+                setattr(tenant, name, value)
+            try:
+                await session.commit()
+            except IntegrityError:
+                raise ConflictError("a tenant with that name already exists") from None
+        return tenant
+
+    async def disable_tenant(self, tenant_id: str) -> Tenant:
+        """Every key of a disabled tenant stops working; its ledger stays."""
+        return await self.update_tenant(tenant_id, disabled_at=utcnow())
+
+    # Keys
+
+    async def create_key(
+        self,
+        tenant_id: str,
+        *,
+        name: str = "",
+        role: str = "member",
+        models: list[str] | None = None,
+        limits: Limits = Limits(),
+        expires_at: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[ApiKey, str]:
+        """The new key's row and its plain value, which is never shown again."""
+        await self.get_tenant(tenant_id)
+        plain = KEY_PREFIX + secrets.token_urlsafe(32)
+        key = ApiKey(id=_new_id("key"), tenant_id=tenant_id, name=name, role=role,
+                     prefix=plain[: len(KEY_PREFIX) + 6], hash=hash_key(plain), models=models,
+                     expires_at=expires_at, metadata_=metadata or {})
+        _apply_limits(key, limits)
+        async with self.db.session() as session:
+            session.add(key)
+            await session.commit()
+        return key, plain
+
+    async def list_keys(self, tenant_id: str | None = None) -> list[ApiKey]:
+        query = select(ApiKey).order_by(ApiKey.created_at)
+        if tenant_id is not None:
+            query = query.where(ApiKey.tenant_id == tenant_id)
+        async with self.db.session() as session:
+            return list(await session.scalars(query))
+
+    async def get_key(self, key_id: str) -> ApiKey:
+        async with self.db.session() as session:
+            key = await session.get(ApiKey, key_id)
+        if key is None:
+            raise NotFoundError(f"no key {key_id!r}")
+        return key
+
+    async def update_key(self, key_id: str, **fields: Any) -> ApiKey:
+        async with self.db.session() as session:
+            key = await session.get(ApiKey, key_id)
+            if key is None:
+                raise NotFoundError(f"no key {key_id!r}")
+            for name, value in fields.items():
+                setattr(key, name, value)
+            await session.commit()
+        return key
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        return await self.update_key(key_id, revoked_at=utcnow())
+
+    async def principal(self, plain: str) -> Principal | None:
+        """The principal of a presented key, or None when it is unknown, revoked, expired or
+        its tenant is disabled."""
+        digest = hash_key(plain)
+        async with self.db.session() as session:
+            row = (await session.execute(
+                select(ApiKey, Tenant).join(Tenant, ApiKey.tenant_id == Tenant.id)
+                .where(ApiKey.hash == digest))).first()
+        if row is None:
+            return None
+        key, tenant = row
+        if not hmac.compare_digest(key.hash, digest):
+            return None
+        if key.revoked_at is not None or tenant.disabled_at is not None:
+            return None
+        if key.expires_at is not None and _aware(key.expires_at) <= utcnow():
+            return None
+        return Principal(key.id, tenant.id, key.role,
+                         tuple(key.models) if key.models is not None else None,
+                         Limits.of(key), Limits.of(tenant), key.expires_at)
+
+
+def _apply_limits(row: Tenant | ApiKey, limits: Limits) -> None:
+    row.rpm_limit, row.tpm_limit = limits.rpm, limits.tpm
+    row.budget_usd = Decimal(str(limits.budget_usd)) if limits.budget_usd is not None else None
+    row.budget_period = limits.budget_period
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every stored time is UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
