@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -230,6 +230,9 @@ async def usage_report(
     query = select(
         *columns,
         func.count().label("requests"),
+        # Started but not (yet) finished: in flight, or cut off by a gateway that died.
+        func.coalesce(func.sum(case((UsageRecord.status == 0, 1), else_=0)), 0
+                      ).label("unfinished"),
         func.coalesce(func.sum(UsageRecord.prompt_tokens), 0).label("prompt_tokens"),
         func.coalesce(func.sum(UsageRecord.completion_tokens), 0).label("completion_tokens"),
         func.coalesce(func.sum(UsageRecord.cost_usd), 0).label("cost_usd"),

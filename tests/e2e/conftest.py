@@ -152,7 +152,7 @@ def gateway_factory(tmp_path_factory: pytest.TempPathFactory, logs: Path
     key_file = folder / "admin_key"
     key_file.write_text(API_KEY)
     key_file.chmod(0o600)
-    started: list[Running] = []
+    started: list[Gateway] = []
 
     def make(models: list[dict[str, Any]], **settings: Any) -> Gateway:
         """A gateway process; by default with its own SQLite store and Redis key prefix."""
@@ -171,13 +171,13 @@ def gateway_factory(tmp_path_factory: pytest.TempPathFactory, logs: Path
         }))
         service = gateway_service(port, config)
         running = start(Service(service.name, service.argv, port, "/healthz", service.env), logs)
-        started.append(running)
         wait_healthy([running], timeout_s=60)
-        return Gateway(running, config)
+        started.append(Gateway(running, config))
+        return started[-1]
 
     yield make
-    for r in started:
-        r.stop()
+    for gw in started:
+        gw.running.stop()  # the latest process, if the test restarted it
 
 
 def standard_models(engines: Engines) -> list[dict[str, Any]]:

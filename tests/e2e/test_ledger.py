@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,20 +162,21 @@ def test_gateway_killed_mid_run_loses_and_doubles_nothing(
 
     # Two long streams in flight, past admission (their first event arrived) ...
     http = httpx.Client(timeout=120)
-    streams = []
+    streams: list[tuple[httpx.Response, Iterator[str]]] = []
     for _ in range(2):
         resp = http.send(http.build_request(
             "POST", f"{ledger_gateway.base_url}/chat/completions",
             headers=client.headers("killed"),
             json={**body, "max_tokens": 400, "ignore_eos": True, "stream": True}),
             stream=True)
-        assert next(resp.iter_lines()).startswith("data: ")
-        streams.append(resp)
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
+        streams.append((resp, lines))
     # ... when the gateway is killed outright.
     ledger_gateway.running.kill()
-    for resp in streams:
+    for resp, lines in streams:
         with pytest.raises(httpx.HTTPError):
-            for _ in resp.iter_lines():
+            for _ in lines:
                 pass
         resp.close()
     http.close()

@@ -32,9 +32,9 @@ def pair(engines: Engines, gateway_factory: GatewayFactory, postgres_url: str
 
 
 def new_key(gateway: Gateway, **limits: Any) -> dict[str, Any]:
-    admin = httpx.Client(base_url=gateway.url, headers=gateway.headers)
-    tenant = admin.post("/admin/tenants", json={"name": f"t-{uuid.uuid4().hex[:8]}"}).json()
-    key = admin.post("/admin/keys", json={"tenant_id": tenant["id"], **limits})
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers) as admin:
+        tenant = admin.post("/admin/tenants", json={"name": f"t-{uuid.uuid4().hex[:8]}"}).json()
+        key = admin.post("/admin/keys", json={"tenant_id": tenant["id"], **limits})
     assert key.status_code == 201, key.text
     return dict(key.json())
 
@@ -94,13 +94,13 @@ async def test_budget_is_never_overshot(pair: tuple[Gateway, Gateway]) -> None:
     sent += 1
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "insufficient_quota"
-    admin = httpx.Client(base_url=pair[0].url, headers=pair[0].headers)
-    for _ in range(100):  # the ledger (refusals included) catches up in a few writer rounds
-        rows = admin.get("/admin/usage", params={"key_id": created["id"],
-                                                 "group_by": "key_id"}).json()["data"]
-        if rows and rows[0]["requests"] == sent:
-            break
-        await asyncio.sleep(0.2)
+    async with httpx.AsyncClient(base_url=pair[0].url, headers=pair[0].headers) as admin:
+        for _ in range(100):  # the ledger (refusals too) catches up in a few writer rounds
+            rows = (await admin.get("/admin/usage", params={
+                "key_id": created["id"], "group_by": "key_id"})).json()["data"]
+            if rows and rows[0]["requests"] == sent and rows[0]["unfinished"] == 0:
+                break
+            await asyncio.sleep(0.2)
     assert rows[0]["requests"] == sent
     spent = rows[0]["cost_usd"]
     assert spent <= budget  # reservations are upper bounds: no overshoot at all

@@ -124,7 +124,8 @@ def wait_for_usage(admin: httpx.Client, requests: int, **params: str) -> list[di
     deadline = time.monotonic() + 20
     while True:
         rows: list[dict[str, Any]] = admin.get("/admin/usage", params=params).json()["data"]
-        if sum(r["requests"] for r in rows) >= requests or time.monotonic() > deadline:
+        done = sum(r["requests"] - r["unfinished"] for r in rows)
+        if done >= requests or time.monotonic() > deadline:
             return rows
         time.sleep(0.2)
 

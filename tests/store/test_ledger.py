@@ -105,6 +105,7 @@ async def test_usage_report_groups_and_periods(
     by_tenant = await usage_report(db, group_by=("tenant_id",))
     assert [(r["tenant_id"], r["requests"]) for r in by_tenant] == [("ten_0", 3), ("ten_1", 3)]
     assert sum(r["completion_tokens"] for r in by_tenant) == 15
+    assert sum(r["unfinished"] for r in by_tenant) == 0
     assert abs(sum(r["cost_usd"] for r in by_tenant) - 0.015) < 1e-9
     daily = await usage_report(db, group_by=("model",), period="day")
     assert [r["requests"] for r in daily] == [2, 4]
