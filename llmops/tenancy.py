@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -34,6 +34,10 @@ __all__ = [
 
 KEY_PREFIX = "sk-llmops-"
 ADMIN_TENANT = "ten_admin"  # the bootstrap admin key's tenant
+
+
+_Row = TypeVar("_Row", Tenant, ApiKey)
+_NOUNS: dict[type[Any], str] = {Tenant: "tenant", ApiKey: "key"}
 
 
 class NotFoundError(LookupError):
@@ -110,24 +114,10 @@ class Tenancy:
             return list(await session.scalars(select(Tenant).order_by(Tenant.created_at)))
 
     async def get_tenant(self, tenant_id: str) -> Tenant:
-        async with self.db.session() as session:
-            tenant = await session.get(Tenant, tenant_id)
-        if tenant is None:
-            raise NotFoundError(f"no tenant {tenant_id!r}")
-        return tenant
+        return await self._get(Tenant, tenant_id)
 
     async def update_tenant(self, tenant_id: str, **fields: Any) -> Tenant:
-        async with self.db.session() as session:
-            tenant = await session.get(Tenant, tenant_id)
-            if tenant is None:
-                raise NotFoundError(f"no tenant {tenant_id!r}")
-            for name, value in fields.items():
-                setattr(tenant, name, value)
-            try:
-                await session.commit()
-            except IntegrityError:
-                raise ConflictError("a tenant with that name already exists") from None
-        return tenant
+        return await self._update(Tenant, tenant_id, fields)
 
     async def disable_tenant(self, tenant_id: str) -> Tenant:
         """Every key of a disabled tenant stops working; its ledger stays."""
@@ -166,24 +156,33 @@ class Tenancy:
             return list(await session.scalars(query))
 
     async def get_key(self, key_id: str) -> ApiKey:
-        async with self.db.session() as session:
-            key = await session.get(ApiKey, key_id)
-        if key is None:
-            raise NotFoundError(f"no key {key_id!r}")
-        return key
+        return await self._get(ApiKey, key_id)
 
     async def update_key(self, key_id: str, **fields: Any) -> ApiKey:
-        async with self.db.session() as session:
-            key = await session.get(ApiKey, key_id)
-            if key is None:
-                raise NotFoundError(f"no key {key_id!r}")
-            for name, value in fields.items():
-                setattr(key, name, value)
-            await session.commit()
-        return key
+        return await self._update(ApiKey, key_id, fields)
 
     async def revoke_key(self, key_id: str) -> ApiKey:
         return await self.update_key(key_id, revoked_at=utcnow())
+
+    async def _get(self, table: type[_Row], row_id: str) -> _Row:
+        async with self.db.session() as session:
+            row = await session.get(table, row_id)
+        if row is None:
+            raise NotFoundError(f"no {_NOUNS[table]} {row_id!r}")
+        return row
+
+    async def _update(self, table: type[_Row], row_id: str, fields: dict[str, Any]) -> _Row:
+        async with self.db.session() as session:
+            row = await session.get(table, row_id)
+            if row is None:
+                raise NotFoundError(f"no {_NOUNS[table]} {row_id!r}")
+            for name, value in fields.items():
+                setattr(row, name, value)
+            try:
+                await session.commit()
+            except IntegrityError:
+                raise ConflictError(f"another {_NOUNS[table]} has that name") from None
+        return row
 
     async def principal(self, plain: str) -> Principal | None:
         """The principal of a presented key, or None when it is unknown, revoked, expired or
