@@ -119,6 +119,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--writer", choices=("separate", "in-process"), default="separate",
+                        help="run the ledger writer as its own process (on the other core) "
+                             "or inside the gateway")
     args = parser.parse_args()
 
     up_port, gw_port = free_port(), free_port()
@@ -131,10 +134,15 @@ def main() -> None:
                 {"device": "cpu", "urls": [f"http://127.0.0.1:{up_port}"]}]}],
             "admin_key": KEY, "port": gw_port, "log_level": "warning",
             "database_url": f"sqlite:///{tmp}/bench.db", "redis_prefix": f"bench-{up_port}",
-            "ledger": {"spool_path": f"{tmp}/spool"}}))
+            "ledger": {"spool_path": f"{tmp}/spool", "writer": args.writer == "in-process"}}))
         gateway = Service("gateway", [sys.executable, "-m", "gateway"], gw_port, "/readyz",
                           {"LLMOPS_CONFIG": str(config)})
         procs = [start(upstream, "1"), start(gateway, "0")]
+        if args.writer == "separate":
+            procs.append(subprocess.Popen(
+                ["taskset", "-c", "1", sys.executable, "-m", "llmops.cli", "ledger-writer"],
+                env={**os.environ, "LLMOPS_CONFIG": str(config)}, start_new_session=True))
+        print(f"ledger writer: {args.writer}")
         try:
             asyncio.run(measure(f"http://127.0.0.1:{up_port}/v1/chat/completions",
                                 f"http://127.0.0.1:{gw_port}/v1/chat/completions", args))

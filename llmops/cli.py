@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -11,7 +12,9 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from llmops.ledger import usage_report
+from redis.asyncio import Redis
+
+from llmops.ledger import LedgerWriter, usage_report
 from llmops.offline_models import prepare_models
 from llmops.settings import Settings
 from llmops.stack import (
@@ -230,6 +233,29 @@ async def cmd_usage(args: argparse.Namespace, db: Database) -> int:
     return 0
 
 
+def cmd_ledger_writer(args: argparse.Namespace) -> int:
+    """Move usage records from Redis to the database until stopped. Gateways run a writer
+    each by default; at high request rates give the work to this process instead
+    (`ledger.writer: false` on the gateways) so that it stays off their cores."""
+    settings = _settings(args)
+    upgrade(settings.database_url)
+
+    async def main() -> None:
+        db = Database(settings.database_url)
+        redis = Redis.from_url(settings.redis_url,
+                               socket_timeout=settings.ledger.block_ms / 1000 + 5,
+                               socket_connect_timeout=settings.redis_timeout_s)
+        try:
+            await LedgerWriter(redis, db, settings.redis_prefix, settings.ledger).run()
+        finally:
+            await redis.aclose()
+            await db.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+    return 0
+
+
 async def cmd_db_upgrade(_: argparse.Namespace, __: Database) -> int:
     print("database schema is up to date")
     return 0
@@ -312,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     k_revoke = keys.add_parser("revoke", help="revoke a key")
     k_revoke.add_argument("key_id")
     k_revoke.set_defaults(func=_store(cmd_keys_revoke))
+    sub.add_parser("ledger-writer", help="write usage records from Redis to the database"
+                   ).set_defaults(func=cmd_ledger_writer)
     usage = sub.add_parser("usage", help="usage and spend from the ledger")
     usage.add_argument("--tenant", help="tenant id or name")
     usage.add_argument("--key", help="key id")

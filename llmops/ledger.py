@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -63,14 +63,14 @@ class UsageEvent:
     final: bool = True  # False for the start event
 
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # orjson serialises dataclasses natively, fast
 
     @classmethod
     def from_json(cls, data: bytes) -> UsageEvent:
         return cls(**orjson.loads(data))
 
     def row(self) -> dict[str, Any]:
-        row = asdict(self)
+        row = dict(vars(self))
         del row["final"]
         row["created_at"] = datetime.fromtimestamp(self.created_at, UTC)
         row["cost_usd"] = Decimal(repr(self.cost_usd))
@@ -188,20 +188,20 @@ class LedgerWriter:
         """Start events only create a record; end events create or complete it. Both are
         idempotent, and a start arriving late never overwrites an end."""
         dialect = postgresql if self.db.engine.dialect.name == "postgresql" else sqlite
+        table = UsageRecord.__table__  # Core inserts: no ORM bookkeeping per row
         starts = [e.row() for e in events if not e.final]
         ends = list({e.request_id: e.row() for e in events if e.final}.values())
-        async with self.db.session() as session:
+        async with self.db.engine.begin() as conn:
             if starts:
-                statement: Any = dialect.insert(UsageRecord).on_conflict_do_nothing(
+                statement: Any = dialect.insert(table).on_conflict_do_nothing(
                     index_elements=["request_id"])
-                await session.execute(statement, starts)
+                await conn.execute(statement, starts)
             if ends:
-                statement = dialect.insert(UsageRecord)
+                statement = dialect.insert(table)
                 statement = statement.on_conflict_do_update(
                     index_elements=["request_id"],
                     set_={c: statement.excluded[c] for c in ends[0] if c != "request_id"})
-                await session.execute(statement, ends)
-            await session.commit()
+                await conn.execute(statement, ends)
 
 
 def _bucket(db: Database, period: str) -> Any:
