@@ -62,8 +62,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
     def waiting(names: list[str]) -> None:
-        print(f"\r  waiting for {', '.join(names)} ({time.monotonic() - started:.0f} s)   ",
-              end="", flush=True)
+        elapsed = time.monotonic() - started
+        if sys.stdout.isatty():
+            print(f"\r  waiting for {', '.join(names)} ({elapsed:.0f} s)   ", end="", flush=True)
+        elif int(elapsed) % 15 == 0:
+            print(f"  waiting for {', '.join(names)} ({elapsed:.0f} s)", flush=True)
 
     try:
         layout.wait_healthy(services, args.timeout, waiting)
@@ -84,12 +87,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         while True:
             for s in services:
-                if not layout.alive(s):
-                    print(f"{s.name} exited; its log ends with:\n{tail(layout.log_file(s.name))}",
-                          file=sys.stderr)
-                    _stop_all(layout, services)
-                    return 1
-            time.sleep(2.0)
+                if layout.alive(s):
+                    continue
+                if not layout.pid_file(s.name).exists():  # `llmops down` stopped it
+                    print("the stack was stopped (llmops down)")
+                    return 0
+                print(f"{s.name} exited; its log ends with:\n{tail(layout.log_file(s.name))}",
+                      file=sys.stderr)
+                _stop_all(layout, services)
+                return 1
+            time.sleep(1.0)
     except KeyboardInterrupt:
         print("\nstopping the stack")
         _stop_all(layout, services)
@@ -272,11 +279,11 @@ llmops is up.
 
   curl {base}/chat/completions \\
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
-    -d '{{"model": "{CHAT_MODEL}", "messages": {question}}}'
+    -d '{{"model": "{CHAT_MODEL}", "messages": {question}, "temperature": 0}}'
 
   python -c 'from openai import OpenAI
 c = OpenAI(base_url="{base}", api_key="{key}")
-r = c.chat.completions.create(model="{CHAT_MODEL}", messages={question})
+r = c.chat.completions.create(model="{CHAT_MODEL}", messages={question}, temperature=0)
 print(r.choices[0].message.content)'""")
 
 
