@@ -198,10 +198,10 @@ class StackLayout:
             pid = int(path.read_text())
         except (OSError, ValueError):
             return False
+        path.unlink(missing_ok=True)  # first: a watching `llmops up` sees a deliberate stop
         stopped = stop_process_group(pid, grace_s)
         if (child := self._children.pop(name, None)) is not None:
             child.poll()
-        path.unlink(missing_ok=True)
         return stopped
 
     def wait_healthy(
