@@ -24,6 +24,7 @@ from gateway.accounting import Accountant, PriceBook
 from gateway.admin import admin_router
 from gateway.auth import Authenticator
 from gateway.errors import install_error_handlers
+from gateway.files import files_router
 from gateway.limits import Limiter
 from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -31,6 +32,7 @@ from gateway.proxy import Endpoint, Proxy
 from gateway.routing import Pool, Router, build_scorers
 from gateway.routing.health import HealthMonitor
 from llmops.catalog import Catalog
+from llmops.files import Files
 from llmops.ledger import LedgerPublisher, LedgerWriter
 from llmops.pricing import Price
 from llmops.settings import Settings
@@ -85,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     publisher = LedgerPublisher(redis, settings.redis_prefix, settings.ledger.spool_path)
     accountant = Accountant(Limiter(redis, db, settings.redis_prefix, settings.limits),
                             publisher, prices)
+    files = Files(db, settings.files.root, settings.files.max_bytes)
     catalog = Catalog(settings.models)
     scorers = build_scorers(settings.routing)
     routers = {
@@ -142,7 +145,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.routers = routers
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       upload_bytes=settings.files.max_bytes + 64 * 1024)  # + form overhead
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries a request id
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
@@ -174,6 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await request.app.state.proxy.forward(request, EMBEDDINGS)  # type: ignore[no-any-return]
 
     app.include_router(v1)
+    app.include_router(files_router(files, auth))
     app.include_router(admin_router(db, tenants, auth, prices))
 
     @app.get("/healthz", tags=["health"])

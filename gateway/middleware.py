@@ -66,20 +66,23 @@ class RequestIdMiddleware:
 
 class BodyLimitMiddleware:
     """Refuses a request whose declared body exceeds the limit before anything reads it (413
-    in OpenAI's shape). Bodies without a length are counted by the proxy as they arrive."""
+    in OpenAI's shape); file uploads have a limit of their own. Bodies without a length are
+    counted as they arrive by the proxy and the file store."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            limit = self.upload_bytes if scope["path"] == "/v1/files" else self.max_bytes
             for name, value in scope["headers"]:
                 if name == b"content-length":
-                    if value.isdigit() and int(value) > self.max_bytes:
+                    if value.isdigit() and int(value) > limit:
                         body = error_body(
                             f"Request body of {int(value)} bytes exceeds the limit of "
-                            f"{self.max_bytes} bytes.", "invalid_request_error",
+                            f"{limit} bytes.", "invalid_request_error",
                             code="request_too_large")
                         await send({"type": "http.response.start", "status": 413,
                                     "headers": [(b"content-type", b"application/json")]})

@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 __all__ = [
+    "FilesConfig",
     "LedgerConfig",
     "LimitsConfig",
     "ModelConfig",
@@ -124,6 +125,11 @@ class LedgerConfig(_Strict):
     )
 
 
+class FilesConfig(_Strict):
+    root: Path = Field(Path("llmops-files"), description="Folder that holds uploaded files.")
+    max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest file upload.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMOPS_", env_nested_delimiter="__", extra="forbid"
@@ -146,6 +152,7 @@ class Settings(BaseSettings):
     )
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    files: FilesConfig = Field(default_factory=FilesConfig)
     log_level: str = "info"
 
     @classmethod

@@ -110,8 +110,8 @@ def gateway_service(port: int, config: Path) -> Service:
 
 
 def local_config(state: Path, chat_port: int, embedding_port: int) -> dict[str, object]:
-    """The gateway configuration of the local stack: one CPU pool per model, the store and
-    the usage spool in the state folder, Redis on its default local port."""
+    """The gateway configuration of the local stack: one CPU pool per model; the store, the
+    usage spool and uploaded files in the state folder; Redis on its default local port."""
     def pool(port: int) -> list[dict[str, object]]:
         return [{"device": "cpu", "urls": [f"http://127.0.0.1:{port}"], "priority": 0}]
 
@@ -119,6 +119,7 @@ def local_config(state: Path, chat_port: int, embedding_port: int) -> dict[str, 
         "admin_key_file": str(state / "admin_key"),
         "database_url": f"sqlite:///{state / 'llmops.db'}",
         "ledger": {"spool_path": str(state / "usage.spool")},
+        "files": {"root": str(state / "files")},
         "models": [
             {"name": CHAT_MODEL, "kind": "chat", "context_length": 2048,
              "pools": pool(chat_port)},

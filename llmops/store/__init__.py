@@ -1,7 +1,15 @@
 """The SQL store: tables, connection and migrations."""
 
 from llmops.store.db import Database, upgrade
-from llmops.store.models import ApiKey, Base, ModelPrice, Tenant, UsageRecord, utcnow
+from llmops.store.models import (
+    ApiKey,
+    Base,
+    ModelPrice,
+    StoredFile,
+    Tenant,
+    UsageRecord,
+    utcnow,
+)
 
-__all__ = ["ApiKey", "Base", "Database", "ModelPrice", "Tenant", "UsageRecord", "upgrade",
-           "utcnow"]
+__all__ = ["ApiKey", "Base", "Database", "ModelPrice", "StoredFile", "Tenant", "UsageRecord",
+           "upgrade", "utcnow"]

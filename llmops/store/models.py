@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Numeric, String
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Numeric, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["ApiKey", "Base", "ModelPrice", "Tenant", "UsageRecord", "utcnow"]
+__all__ = ["ApiKey", "Base", "ModelPrice", "StoredFile", "Tenant", "UsageRecord", "utcnow"]
 
 Money = Numeric(20, 10)
 
@@ -95,3 +95,18 @@ class UsageRecord(Base):
     pool: Mapped[str | None] = mapped_column(String(8), default=None)
     cost_usd: Mapped[Decimal] = mapped_column(default=Decimal(0))
     device_seconds: Mapped[float] = mapped_column(default=0.0)
+
+
+class StoredFile(Base):
+    """An uploaded file (Files API). The bytes live in the file store under `id`."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_tenant_time", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -164,6 +164,7 @@ def gateway_factory(tmp_path_factory: pytest.TempPathFactory, logs: Path
             "database_url": f"sqlite:///{folder / f'store-{port}.db'}",
             "redis_prefix": f"llmops-test-{uuid.uuid4().hex[:12]}",
             "key_cache_ttl_s": 0.5,
+            "files": {"root": str(folder / f"files-{port}"), "max_bytes": 1024 * 1024},
             "ledger": {"spool_path": str(folder / f"spool-{port}"), "claim_idle_s": 1.0,
                        "block_ms": 200, **settings.pop("ledger", {})},
             "routing": {**FAST_ROUTING, **settings.pop("routing", {})},

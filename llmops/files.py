@@ -1,0 +1,98 @@
+"""Uploaded files (OpenAI's Files API) owned by tenants: rows in the SQL store, bytes in a
+local folder. An upload is written to a temporary file, counted and hashed as it arrives,
+synced, and renamed into place only when complete, so a failed or oversized upload leaves
+nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from sqlalchemy import select
+
+from llmops.store import Database, StoredFile
+from llmops.tenancy import NotFoundError
+
+__all__ = ["PURPOSES", "FileTooLargeError", "Files"]
+
+PURPOSES = ("fine-tune", "assistants", "batch", "user_data", "evals")
+
+
+class FileTooLargeError(ValueError):
+    pass
+
+
+class Files:
+    def __init__(self, db: Database, root: Path, max_bytes: int) -> None:
+        self.db = db
+        self.root = root
+        self.max_bytes = max_bytes
+
+    def path(self, row: StoredFile) -> Path:
+        return self.root / row.tenant_id / row.id
+
+    async def create(self, tenant_id: str, filename: str, purpose: str,
+                     chunks: AsyncIterator[bytes]) -> StoredFile:
+        file_id = "file-" + secrets.token_hex(12)
+        final = self.root / tenant_id / file_id
+        part = self.root / "incoming" / f"{file_id}.part"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with part.open("wb") as out:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise FileTooLargeError(
+                            f"File exceeds the limit of {self.max_bytes} bytes.")
+                    digest.update(chunk)
+                    await asyncio.to_thread(out.write, chunk)
+                await asyncio.to_thread(os.fsync, out.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(part, final)
+            row = StoredFile(id=file_id, tenant_id=tenant_id, purpose=purpose,
+                             filename=filename[:255], bytes=size, sha256=digest.hexdigest())
+            async with self.db.session() as session:
+                session.add(row)
+                await session.commit()
+        except BaseException:
+            part.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
+            raise
+        return row
+
+    async def list(self, tenant_id: str, *, purpose: str | None = None, limit: int = 10_000,
+                   after: str | None = None) -> tuple[list[StoredFile], bool]:
+        """Newest first; `after` continues from a file id of an earlier page."""
+        query = select(StoredFile).where(StoredFile.tenant_id == tenant_id)
+        if purpose is not None:
+            query = query.where(StoredFile.purpose == purpose)
+        if after is not None:
+            cursor = await self.get(tenant_id, after)
+            query = query.where((StoredFile.created_at < cursor.created_at)
+                                | ((StoredFile.created_at == cursor.created_at)
+                                   & (StoredFile.id < cursor.id)))
+        query = query.order_by(StoredFile.created_at.desc(), StoredFile.id.desc())
+        async with self.db.session() as session:
+            rows = list(await session.scalars(query.limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+
+    async def get(self, tenant_id: str, file_id: str) -> StoredFile:
+        """A file of this tenant; another tenant's file is reported as missing."""
+        async with self.db.session() as session:
+            row = await session.get(StoredFile, file_id)
+        if row is None or row.tenant_id != tenant_id:
+            raise NotFoundError(f"No such File object: {file_id}")
+        return row
+
+    async def delete(self, tenant_id: str, file_id: str) -> None:
+        row = await self.get(tenant_id, file_id)
+        async with self.db.session() as session:
+            await session.delete(await session.merge(row))
+            await session.commit()
+        self.path(row).unlink(missing_ok=True)
