@@ -1,0 +1,77 @@
+"""What the gateway sends upstream: the client's credentials and headers stay behind. The
+upstream here is a tiny inline server standing in for vLLM at the HTTP boundary, so that the
+exact request it receives can be inspected."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway.app import create_app
+from llmops.settings import Settings
+
+KEY = "sk-admin-unit-headers"
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    seen: list[dict[str, Any]] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        seen.append({"headers": dict(request.headers), "body": await request.json()})
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": [],
+                                  "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/health", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}", seen
+    await runner.cleanup()
+
+
+async def test_client_credentials_and_headers_never_reach_the_engine(
+        upstream: tuple[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    url, seen = upstream
+    prefix = f"llmops-test-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        admin_key=KEY, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        redis_prefix=prefix,
+        ledger={"spool_path": tmp_path / "spool"}, files={"root": tmp_path / "files"},
+        models=[{"name": "m", "kind": "chat", "served_name": "engine-name",
+                 "pools": [{"device": "gpu", "urls": [url]}]}])
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            resp = await client.post("/v1/chat/completions", json={
+                "model": "m", "messages": [{"role": "user", "content": "hi"}],
+                "temperature": 0.5, "vendor_extension": {"keep": True}},
+                headers={"Authorization": f"Bearer {KEY}", "Cookie": "session=secret",
+                         "X-Api-Key": "other-secret", "x-request-id": "rid-1"})
+    redis = Redis.from_url(settings.redis_url)
+    await redis.delete(*[k async for k in redis.scan_iter(f"{prefix}:*")] or ["-"])
+    await redis.aclose()
+    assert resp.status_code == 200 and resp.headers["x-llmops-pool"] == "gpu"
+    [request] = seen
+    sent = {k.lower(): v for k, v in request["headers"].items()}
+    assert "authorization" not in sent and "cookie" not in sent and "x-api-key" not in sent
+    assert sent["x-request-id"] == "rid-1"
+    # The body passes through unchanged but for the engine's own model name.
+    assert request["body"] == {"model": "engine-name", "temperature": 0.5,
+                               "messages": [{"role": "user", "content": "hi"}],
+                               "vendor_extension": {"keep": True}}
