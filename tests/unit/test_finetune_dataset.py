@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
+import transformers
 
 from finetune.dataset import DatasetError, Example, InvalidDatasetError, validate_chat_jsonl
-
-SMOLLM2 = Path.home() / ".cache/llmops/models/SmolLM2-135M-Instruct"
+from llmops.cli import models_home
+from llmops.offline_models import prepare_models
 
 
 def chat(question: str = "What is 2+2?", answer: str = "4.") -> dict[str, Any]:
@@ -266,12 +266,8 @@ def test_chat_template_refusal_is_a_line_error() -> None:
                           "System role not supported")
 
 
-
 def test_real_tokenizer_counts_with_the_chat_template() -> None:
-    transformers = pytest.importorskip("transformers")
-    if not SMOLLM2.is_dir():
-        pytest.skip(f"{SMOLLM2} is not downloaded")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(SMOLLM2)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(prepare_models(models_home())["chat"])
     short, long = chat(), chat(answer="word " * 300)
 
     with pytest.raises(InvalidDatasetError) as caught:
