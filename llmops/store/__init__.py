@@ -4,6 +4,9 @@ from llmops.store.db import Database, upgrade
 from llmops.store.models import (
     ApiKey,
     Base,
+    FineTuningCheckpoint,
+    FineTuningEvent,
+    FineTuningJob,
     ModelPrice,
     StoredFile,
     Tenant,
@@ -11,5 +14,6 @@ from llmops.store.models import (
     utcnow,
 )
 
-__all__ = ["ApiKey", "Base", "Database", "ModelPrice", "StoredFile", "Tenant", "UsageRecord",
-           "upgrade", "utcnow"]
+__all__ = ["ApiKey", "Base", "Database", "FineTuningCheckpoint", "FineTuningEvent",
+           "FineTuningJob", "ModelPrice", "StoredFile", "Tenant", "UsageRecord", "upgrade",
+           "utcnow"]
