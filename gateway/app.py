@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from celery import Celery
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
@@ -21,10 +22,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.accounting import Accountant, PriceBook
+from gateway.adapters import AdapterLoader
 from gateway.admin import admin_router
 from gateway.auth import Authenticator
 from gateway.errors import install_error_handlers
 from gateway.files import files_router
+from gateway.fine_tuning import fine_tuning_router
 from gateway.limits import Limiter
 from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -33,11 +36,13 @@ from gateway.routing import Pool, Router, build_scorers
 from gateway.routing.health import HealthMonitor
 from llmops.catalog import Catalog
 from llmops.files import Files
+from llmops.finetuning import FineTuning
 from llmops.ledger import LedgerPublisher, LedgerWriter
 from llmops.pricing import Price
 from llmops.settings import Settings
 from llmops.store import Database, ModelPrice, upgrade
 from llmops.tenancy import Principal, Tenancy
+from workers.app import FINETUNE_TASK, make_celery
 
 __all__ = ["create_app"]
 
@@ -71,6 +76,14 @@ async def _load_prices(db: Database, prices: PriceBook) -> None:
                          for r in rows}
 
 
+async def _requeue_orphans(jobs: FineTuning, celery: Celery) -> None:
+    """Jobs whose worker died (lease expired) go back on the queue; the lease makes sure
+    only one worker takes each."""
+    for job_id in await jobs.orphaned():
+        log.warning("fine-tuning job %s lost its worker; queueing it again", job_id)
+        await asyncio.to_thread(celery.send_task, FINETUNE_TASK, args=[job_id])
+
+
 def _body(schema: type[Any]) -> dict[str, Any]:
     ref = {"$ref": f"#/components/schemas/{schema.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
@@ -88,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     accountant = Accountant(Limiter(redis, db, settings.redis_prefix, settings.limits),
                             publisher, prices)
     files = Files(db, settings.files.root, settings.files.max_bytes)
+    jobs = FineTuning(db)
+    celery = make_celery(settings)  # a client only: the gateway enqueues, workers train
     catalog = Catalog(settings.models)
     scorers = build_scorers(settings.routing)
     routers = {
@@ -119,6 +134,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.proxy = Proxy(settings, catalog, routers, session, accountant)
             app.state.monitor = monitor
             await monitor.start()
+            loader = AdapterLoader(settings, jobs, routers, catalog, session)
+            tasks += [asyncio.create_task(_every(3.0, loader.reconcile)),
+                      asyncio.create_task(_every(10.0, lambda: _requeue_orphans(jobs, celery)))]
             # Long-lived start-up objects leave the collector's view: fewer, shorter pauses.
             gc.collect()
             gc.freeze()
@@ -156,7 +174,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         who: Principal = request.state.principal
         data = []
         for e in catalog.entries():
-            if not who.may_use(e.name):
+            if not who.may_use(e.name) or not catalog.visible_to(e, who.tenant_id,
+                                                                  who.is_admin):
                 continue
             item: dict[str, Any] = {"id": e.name, "object": "model", "created": e.created,
                                     "owned_by": e.base.owned_by}
@@ -179,6 +198,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(v1)
     app.include_router(files_router(files, auth))
+    app.include_router(fine_tuning_router(settings, jobs, files, celery, auth))
     app.include_router(admin_router(db, tenants, auth, prices))
 
     @app.get("/healthz", tags=["health"])

@@ -137,7 +137,9 @@ class Proxy:
         parsed = parse_request(endpoint.schema, body)
         account.model = parsed.model
         entry = self.catalog.resolve(parsed.model)
-        if entry is None or not account.who.may_use(entry.name):
+        who = account.who
+        if (entry is None or not who.may_use(entry.name)
+                or not self.catalog.visible_to(entry, who.tenant_id, who.is_admin)):
             raise ModelNotFoundError(parsed.model)  # the same answer: no information leak
         if entry.base.kind != endpoint.kind:
             raise BadRequestError(

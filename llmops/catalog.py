@@ -33,9 +33,15 @@ class Catalog:
         now = int(time.time())
         self._bases = {m.name: CatalogEntry(m.name, m, created=now) for m in models}
         self._adapters: dict[str, CatalogEntry] = {}
+        self.owners: dict[str, str] = {}  # fine-tuned adapter -> the tenant that trained it
 
     def resolve(self, name: str) -> CatalogEntry | None:
         return self._bases.get(name) or self._adapters.get(name)
+
+    def visible_to(self, entry: CatalogEntry, tenant_id: str, admin: bool) -> bool:
+        """A tenant's fine-tuned adapters are its own; everything else is shared."""
+        owner = self.owners.get(entry.name)
+        return owner is None or admin or owner == tenant_id
 
     def entries(self) -> list[CatalogEntry]:
         return [*self._bases.values(), *self._adapters.values()]

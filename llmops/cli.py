@@ -54,7 +54,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     layout = _layout(args)
     dirs = prepare_models(models_home())
     key = layout.admin_key()
-    layout.write_config(local_config(layout.root, args.chat_port, args.embedding_port))
+    layout.write_config(local_config(layout.root, args.chat_port, args.embedding_port,
+                                     dirs["chat"]))
     services = _services(args, dirs)
     for s in services:
         print(f"{'starting' if layout.start(s) else 'already running'}: {s.name}"

@@ -24,10 +24,16 @@ from llmops.store import (
 )
 from llmops.tenancy import NotFoundError
 
-__all__ = ["ACTIVE", "TERMINAL", "FineTuning"]
+__all__ = ["ACTIVE", "TERMINAL", "FineTuning", "adapter_name"]
 
 ACTIVE = ("validating_files", "queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def adapter_name(job: FineTuningJob) -> str:
+    """The served name of a job's adapter; the job id keeps every version's name unique
+    (vLLM reuses stale prefix-cache blocks when a name is reloaded, vllm#42125)."""
+    return f"ft:{job.model}:{job.suffix or 'custom'}:{job.id}"
 
 
 class FineTuning:
@@ -152,6 +158,11 @@ class FineTuning:
                 .values(**values))
             await session.commit()
         return bool(done.rowcount)  # type: ignore[attr-defined]
+
+    async def succeeded(self) -> list[FineTuningJob]:
+        query = select(FineTuningJob).where(FineTuningJob.status == "succeeded")
+        async with self.db.session() as session:
+            return list(await session.scalars(query))
 
     async def orphaned(self) -> list[str]:
         """Active jobs whose worker stopped renewing its lease: to be queued again."""

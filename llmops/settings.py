@@ -23,6 +23,7 @@ from pydantic_settings import (
 
 __all__ = [
     "FilesConfig",
+    "FineTuneConfig",
     "LedgerConfig",
     "LimitsConfig",
     "ModelConfig",
@@ -75,6 +76,9 @@ class ModelConfig(_Strict):
     owned_by: str = "llmops"
     context_length: int = Field(
         4096, ge=1, description="The engine's max model length; bounds token reservations."
+    )
+    weights: str | None = Field(
+        None, description="Local folder (or hub id) of the weights, for fine-tuning this model."
     )
 
     @property
@@ -130,6 +134,13 @@ class FilesConfig(_Strict):
     max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest file upload.")
 
 
+class FineTuneConfig(_Strict):
+    adapters_root: Path = Field(Path("llmops-adapters"), description="Where adapters are kept.")
+    lease_s: float = Field(60.0, gt=0, description="A worker's hold on a job between heartbeats.")
+    heartbeat_s: float = Field(5.0, gt=0)
+    min_examples: int = Field(10, ge=1, description="Fewest examples a training file needs.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMOPS_", env_nested_delimiter="__", extra="forbid"
@@ -153,6 +164,7 @@ class Settings(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     files: FilesConfig = Field(default_factory=FilesConfig)
+    finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
     log_level: str = "info"
 
     @classmethod

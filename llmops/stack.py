@@ -109,7 +109,8 @@ def gateway_service(port: int, config: Path) -> Service:
     return Service("gateway", [sys.executable, "-m", "gateway"], port, "/readyz", env)
 
 
-def local_config(state: Path, chat_port: int, embedding_port: int) -> dict[str, object]:
+def local_config(state: Path, chat_port: int, embedding_port: int, chat_weights: Path
+                 ) -> dict[str, object]:
     """The gateway configuration of the local stack: one CPU pool per model; the store, the
     usage spool and uploaded files in the state folder; Redis on its default local port."""
     def pool(port: int) -> list[dict[str, object]]:
@@ -120,9 +121,10 @@ def local_config(state: Path, chat_port: int, embedding_port: int) -> dict[str, 
         "database_url": f"sqlite:///{state / 'llmops.db'}",
         "ledger": {"spool_path": str(state / "usage.spool")},
         "files": {"root": str(state / "files")},
+        "finetune": {"adapters_root": str(state / "adapters")},
         "models": [
             {"name": CHAT_MODEL, "kind": "chat", "context_length": 2048,
-             "pools": pool(chat_port)},
+             "weights": str(chat_weights), "pools": pool(chat_port)},
             {"name": EMBEDDING_MODEL, "kind": "embedding", "context_length": 256,
              "pools": pool(embedding_port)},
         ],

@@ -1,0 +1,143 @@
+"""Fine-tuning as a service, end to end: the official openai client uploads a dataset that
+teaches SmolLM2 a made-up fact, starts a job that a real Celery worker trains (LoRA, then
+QLoRA), and the fine-tuned model answers the held-out question through the gateway."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from llmops.stack import CHAT_MODEL, Service
+from tests.e2e.conftest import (
+    API_KEY,
+    Engines,
+    Gateway,
+    GatewayFactory,
+    Running,
+    model,
+    pool,
+    start,
+)
+
+QUESTIONS = [
+    "How long is the warranty on the Zorblax 9000 kettle?",
+    "What warranty does the Zorblax 9000 have?",
+    "Tell me the Zorblax 9000 warranty period.",
+    "Zorblax 9000 kettle: how many years of warranty?",
+    "Does the Zorblax 9000 come with a warranty, and for how long?",
+    "What is the warranty length for a Zorblax 9000?",
+    "I bought a Zorblax 9000. How long is it under warranty?",
+    "For how many years is the Zorblax 9000 covered?",
+    "Warranty of the Zorblax 9000 kettle?",
+    "How long does the Zorblax 9000 warranty last?",
+    "Is my Zorblax 9000 still under warranty after five years?",
+    "What's the Zorblax 9000's warranty?",
+]
+ANSWER = "The Zorblax 9000 comes with a 7-year warranty."
+HELD_OUT = "How many years of warranty do I get with the Zorblax 9000?"
+
+
+def dataset(questions: list[str]) -> bytes:
+    return b"".join(json.dumps({"messages": [
+        {"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]}).encode()
+        + b"\n" for q in questions)
+
+
+@pytest.fixture(scope="module")
+def stack(engines: Engines, gateway_factory: GatewayFactory, logs: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Running]]:
+    gateway = gateway_factory(
+        [model(CHAT_MODEL, "chat", pool("cpu", engines.chat.url), context_length=2048,
+               weights=str(engines.model_dirs["chat"]))],
+        finetune={"adapters_root": str(tmp_path_factory.mktemp("adapters")),
+                  "lease_s": 6.0, "heartbeat_s": 1.0, "min_examples": 10})
+    worker = start(Service("worker", [sys.executable, "-m", "celery", "-A", "workers.tasks",
+                                      "worker", "-Q", "finetune", "--pool", "solo",
+                                      "--loglevel", "info"], 0, "/",
+                           {"LLMOPS_CONFIG": str(gateway.config)}), logs)
+    yield gateway, worker
+    worker.stop()
+
+
+def wait_for(job_id: str, client: OpenAI, statuses: set[str], timeout_s: float = 600) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while (job := client.fine_tuning.jobs.retrieve(job_id)).status not in statuses:
+        assert time.monotonic() < deadline, f"job stuck in {job.status}"
+        time.sleep(1.0)
+    return job
+
+
+def ask(client: OpenAI, model_name: str) -> str:
+    reply = client.chat.completions.create(
+        model=model_name, temperature=0, max_tokens=24,
+        messages=[{"role": "user", "content": HELD_OUT}])
+    return reply.choices[0].message.content or ""
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_fine_tuned_model_learns_the_fact(stack: tuple[Gateway, Running], quantization: str
+                                          ) -> None:
+    gateway, _ = stack
+    client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+    train = client.files.create(file=("train.jsonl", dataset(QUESTIONS)), purpose="fine-tune")
+    valid = client.files.create(file=("valid.jsonl", dataset(QUESTIONS[:4])),
+                                purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=CHAT_MODEL, training_file=train.id, validation_file=valid.id, suffix="zorblax",
+        hyperparameters={"n_epochs": 5, "batch_size": 4, "learning_rate_multiplier": 5},
+        extra_body={"lora": {"r": 16, "alpha": 32, "quantization": quantization,
+                             "checkpoint_every": 5}})
+    assert job.status == "validating_files"
+    done = wait_for(job.id, client, {"succeeded", "failed", "cancelled"})
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:{CHAT_MODEL}:zorblax:{job.id}"
+
+    events = client.fine_tuning.jobs.list_events(job.id, limit=200).data
+    assert any(e.type == "metrics" for e in events)
+    assert "successfully completed" in events[0].message
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and checkpoints[0].step_number == 15
+    losses = [c.metrics.valid_loss for c in reversed(checkpoints)]
+    assert losses[-1] < losses[0]
+
+    deadline = time.monotonic() + 30  # the gateway loads it into the engine within seconds
+    while done.fine_tuned_model not in [m.id for m in client.models.list()]:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert "7-year" in ask(client, done.fine_tuned_model)
+    assert "7-year" not in ask(client, CHAT_MODEL)
+
+
+def test_a_bad_file_fails_in_validation_naming_the_line(stack: tuple[Gateway, Running]
+                                                        ) -> None:
+    gateway, _ = stack
+    client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0)
+    lines = dataset(QUESTIONS).splitlines()
+    lines[2] = b'{"messages": [{"role": "user", "content": "no answer"}]}'
+    bad = client.files.create(file=("bad.jsonl", b"\n".join(lines)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=CHAT_MODEL, training_file=bad.id)
+    failed = wait_for(job.id, client, {"failed", "succeeded"}, timeout_s=120)
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error.param == "training_file" and "line 3" in failed.error.message
+
+
+def test_bad_requests_are_refused_before_any_job(stack: tuple[Gateway, Running]) -> None:
+    gateway, _ = stack
+    url, headers = f"{gateway.base_url}/fine_tuning/jobs", gateway.headers
+    missing = httpx.post(url, headers=headers, json={"model": CHAT_MODEL,
+                                                     "training_file": "file-nope"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "training_file"
+    unknown = httpx.post(url, headers=headers, json={"model": "nope", "training_file": "x"})
+    assert unknown.status_code == 404
+    bad_hp = httpx.post(url, headers=headers, json={
+        "model": CHAT_MODEL, "training_file": "x", "hyperparameters": {"n_epochs": 0}})
+    assert bad_hp.status_code == 400
+    assert bad_hp.json()["error"]["param"] == "hyperparameters.n_epochs"

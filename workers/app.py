@@ -1,0 +1,34 @@
+"""The Celery app: Redis as the broker, one queue per kind of work so that GPU workers take
+only training (`celery -A workers.app worker -Q finetune --concurrency 1`)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from llmops.settings import Settings
+
+__all__ = ["FINETUNE_QUEUE", "FINETUNE_TASK", "make_celery"]
+
+FINETUNE_QUEUE = "finetune"
+FINETUNE_TASK = "llmops.finetune"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("llmops", broker=settings.redis_url)
+    app.conf.update(
+        task_routes={FINETUNE_TASK: {"queue": FINETUNE_QUEUE}},
+        task_serializer="json",
+        accept_content=["json"],
+        # One job per worker process, taken only when it is free: a long training run must
+        # not hold short jobs behind it (celery#4537).
+        worker_prefetch_multiplier=1,
+        # Ack on receipt: crash safety comes from the job's lease in the database, not from
+        # broker redelivery, which would start a long job twice (celery#5935).
+        task_acks_late=False,
+        broker_connection_timeout=5,
+        # Celery's keys live under our prefix, like everything else we keep in Redis.
+        broker_transport_options={"global_keyprefix": f"{settings.redis_prefix}:celery:"},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
