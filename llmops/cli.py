@@ -25,6 +25,7 @@ from llmops.stack import (
     local_config,
     tail,
     vllm_service,
+    worker_service,
 )
 from llmops.store import Database, upgrade
 from llmops.tenancy import ConflictError, Limits, NotFoundError, Tenancy
@@ -47,6 +48,7 @@ def _services(args: argparse.Namespace, dirs: dict[str, Path]) -> list:  # type:
         vllm_service("vllm-embedding", dirs["embedding"], EMBEDDING_MODEL, args.embedding_port,
                      embedding=True, kv_cache_bytes=256 << 20, max_model_len=None),
         gateway_service(args.port, layout.config),
+        worker_service(layout.config),
     ]
 
 
@@ -112,7 +114,8 @@ def _stop_all(layout: StackLayout, services: list) -> None:  # type: ignore[type
 
 def cmd_down(args: argparse.Namespace) -> int:
     layout = _layout(args)
-    stopped = [n for n in ("gateway", "vllm-embedding", "vllm-chat") if layout.stop(n)]
+    stopped = [n for n in ("worker", "gateway", "vllm-embedding", "vllm-chat")
+               if layout.stop(n)]
     print("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
     return 0
 
@@ -126,7 +129,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         state = "healthy" if s.healthy() else (
             "starting" if layout.alive(s) else "stopped")
         ok &= state == "healthy"
-        print(f"{s.name:16} {state:9} {s.health_url}")
+        print(f"{s.name:16} {state:9} {s.health_url if s.health_path else '(process)'}")
     return 0 if ok else 1
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "gateway_service",
     "local_config",
     "vllm_service",
+    "worker_service",
 ]
 
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -41,7 +42,7 @@ class Service:
     name: str
     argv: list[str]
     port: int
-    health_path: str
+    health_path: str | None  # None: no HTTP health check; running counts as healthy
     env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -49,6 +50,8 @@ class Service:
         return f"http://127.0.0.1:{self.port}{self.health_path}"
 
     def healthy(self, timeout: float = 2.0) -> bool:
+        if self.health_path is None:
+            return True
         try:
             with urllib.request.urlopen(self.health_url, timeout=timeout) as resp:
                 return bool(resp.status == 200)
@@ -107,6 +110,14 @@ def vllm_service(
 def gateway_service(port: int, config: Path) -> Service:
     env = {"LLMOPS_CONFIG": str(config), "LLMOPS_PORT": str(port), "LLMOPS_HOST": "127.0.0.1"}
     return Service("gateway", [sys.executable, "-m", "gateway"], port, "/readyz", env)
+
+
+def worker_service(config: Path) -> Service:
+    """A Celery worker for fine-tuning: one job at a time, in-process (solo pool: no fork
+    after torch is imported, and cooperative cancellation works)."""
+    argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "finetune",
+            "--pool", "solo", "--loglevel", "info"]
+    return Service("worker", argv, 0, None, {"LLMOPS_CONFIG": str(config)})
 
 
 def local_config(state: Path, chat_port: int, embedding_port: int, chat_weights: Path

@@ -92,9 +92,9 @@ def test_fine_tuned_model_learns_the_fact(stack: tuple[Gateway, Running], quanti
                                 purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
         model=CHAT_MODEL, training_file=train.id, validation_file=valid.id, suffix="zorblax",
-        hyperparameters={"n_epochs": 5, "batch_size": 4, "learning_rate_multiplier": 5},
+        hyperparameters={"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 5},
         extra_body={"lora": {"r": 16, "alpha": 32, "quantization": quantization,
-                             "checkpoint_every": 5}})
+                             "checkpoint_every": 3}})
     assert job.status == "validating_files"
     done = wait_for(job.id, client, {"succeeded", "failed", "cancelled"})
     assert done.status == "succeeded", done.error
@@ -104,7 +104,7 @@ def test_fine_tuned_model_learns_the_fact(stack: tuple[Gateway, Running], quanti
     assert any(e.type == "metrics" for e in events)
     assert "successfully completed" in events[0].message
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
-    assert checkpoints and checkpoints[0].step_number == 15
+    assert [c.step_number for c in checkpoints] == [9, 6, 3]  # newest first
     losses = [c.metrics.valid_loss for c in reversed(checkpoints)]
     assert losses[-1] < losses[0]
 
@@ -141,3 +141,51 @@ def test_bad_requests_are_refused_before_any_job(stack: tuple[Gateway, Running])
         "model": CHAT_MODEL, "training_file": "x", "hyperparameters": {"n_epochs": 0}})
     assert bad_hp.status_code == 400
     assert bad_hp.json()["error"]["param"] == "hyperparameters.n_epochs"
+
+
+def long_job(client: OpenAI, suffix: str) -> Any:
+    train = client.files.create(file=("long.jsonl", dataset(QUESTIONS)), purpose="fine-tune")
+    return client.fine_tuning.jobs.create(
+        model=CHAT_MODEL, training_file=train.id, suffix=suffix,
+        hyperparameters={"n_epochs": 20, "batch_size": 2},
+        extra_body={"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"],
+                             "checkpoint_every": 4}})
+
+
+def test_cancel_stops_a_running_job(stack: tuple[Gateway, Running]) -> None:
+    gateway, _ = stack
+    client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0)
+    job = long_job(client, "cancelme")
+    deadline = time.monotonic() + 120
+    while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    client.fine_tuning.jobs.cancel(job.id)
+    cancelled = wait_for(job.id, client, {"cancelled", "succeeded", "failed"}, timeout_s=30)
+    assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
+    steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=500).data
+             if e.type == "metrics"]
+    assert max(steps) < 120  # stopped long before the end
+
+
+def test_a_killed_worker_is_replaced_and_the_job_resumes(stack: tuple[Gateway, Running],
+                                                        logs: Path) -> None:
+    gateway, worker = stack
+    client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0)
+    job = long_job(client, "survivor")
+    deadline = time.monotonic() + 180
+    while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    worker.kill()  # SIGKILL mid-training: no chance to clean up
+    replacement = start(worker.service, logs)
+    try:
+        done = wait_for(job.id, client, {"succeeded", "failed", "cancelled"})
+    finally:
+        replacement.stop()
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data]
+    assert any(m.startswith("Fine-tuning job resumed") for m in messages)
+    assert any(m.startswith("Resumed from checkpoint at step") for m in messages)
+    steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
+    assert max(steps) == 120
