@@ -14,6 +14,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from llmops.finetune_cli import add_finetune_commands
 from llmops.ledger import LedgerWriter, usage_report
 from llmops.offline_models import prepare_models
 from llmops.settings import Settings
@@ -349,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     k_revoke = keys.add_parser("revoke", help="revoke a key")
     k_revoke.add_argument("key_id")
     k_revoke.set_defaults(func=_store(cmd_keys_revoke))
+    add_finetune_commands(sub)
     sub.add_parser("ledger-writer", help="write usage records from Redis to the database"
                    ).set_defaults(func=cmd_ledger_writer)
     usage = sub.add_parser("usage", help="usage and spend from the ledger")

@@ -5,6 +5,7 @@ QLoRA), and the fine-tuned model answers the held-out question through the gatew
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -141,6 +142,24 @@ def test_bad_requests_are_refused_before_any_job(stack: tuple[Gateway, Running])
         "model": CHAT_MODEL, "training_file": "x", "hyperparameters": {"n_epochs": 0}})
     assert bad_hp.status_code == 400
     assert bad_hp.json()["error"]["param"] == "hyperparameters.n_epochs"
+
+
+def test_cli_creates_follows_and_plots(stack: tuple[Gateway, Running], tmp_path: Path
+                                       ) -> None:
+    gateway, _ = stack
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(dataset(QUESTIONS))
+    plot = tmp_path / "loss.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "llmops.cli", "finetune", "create", "--model", CHAT_MODEL,
+         "--file", str(data), "--validation", str(data), "--suffix", "cli", "--epochs", "1",
+         "--batch-size", "4", "--follow", "--plot", str(plot),
+         "--base-url", gateway.base_url, "--api-key", API_KEY],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"fine-tuned model: ft:{CHAT_MODEL}:cli:ftjob-" in done.stdout
+    assert "The job has successfully completed" in done.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def long_job(client: OpenAI, suffix: str) -> Any:
