@@ -45,7 +45,8 @@ def examples(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
 def run_ours(cfg: dict[str, object], data: list[list[dict[str, str]]]) -> dict[str, float]:
     from finetune.trainer import train
 
-    config = TrainConfig(**cfg)  # type: ignore[arg-type]
+    paths = {"base_model": Path(str(cfg["base_model"])), "output_dir": Path(str(cfg["output_dir"]))}
+    config = TrainConfig(**{**cfg, **paths})  # type: ignore[arg-type]
     t0 = time.perf_counter()
     result = train(config, data)
     return {"seconds": time.perf_counter() - t0, "final_loss": result.train_loss}
