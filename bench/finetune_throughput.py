@@ -2,11 +2,16 @@
 `Trainer` baseline: same model (SmolLM2-135M), data, batch size, epochs and LoRA settings, on
 this machine. Each run is its own process, so peak RSS is its own.
 
-    .venv/bin/python -m bench.finetune_throughput [--quantization none|nf4] [--examples 64]
+    .venv/bin/python -m bench.finetune_throughput [--quantization none|nf4] [--rounds 2]
 
-Throughput is useful tokens (every example's real tokens, each epoch) per second of training,
-for both; the baseline also pads every batch to the longest example in the data and computes
-loss on prompt tokens, as a stock Trainer setup does.
+Runs alternate (baseline, ours, baseline, ours...) and medians are reported, as this machine is
+shared and noisy.
+
+Throughput is useful tokens (every example's real tokens, each epoch) per second of the training
+loop, for both; the baseline pads every batch to the longest example in the data and computes
+loss on prompt tokens too, as a stock Trainer setup does. Both adapters are then scored the same
+way, by their loss per assistant token on held-out conversations, so that a faster run is only
+a win if it learnt as much.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import json
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,7 +28,7 @@ import time
 from pathlib import Path
 
 from finetune.config import ALL_LINEAR, TrainConfig
-from finetune.trainer import encode
+from finetune.trainer import assistant_loss, encode
 from llmops.cli import models_home
 from llmops.offline_models import prepare_models
 
@@ -42,17 +48,21 @@ def examples(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
     return out
 
 
-def run_ours(cfg: dict[str, object], data: list[list[dict[str, str]]]) -> dict[str, float]:
+Data = list[list[dict[str, str]]]
+
+
+def run_ours(cfg: dict[str, object], data: Data, heldout: Data) -> dict[str, float]:
     from finetune.trainer import train
 
-    paths = {"base_model": Path(str(cfg["base_model"])), "output_dir": Path(str(cfg["output_dir"]))}
-    config = TrainConfig(**{**cfg, **paths})  # type: ignore[arg-type]
-    t0 = time.perf_counter()
-    result = train(config, data)
-    return {"seconds": time.perf_counter() - t0, "final_loss": result.train_loss}
+    with tempfile.TemporaryDirectory() as out:  # empty: nothing to resume from
+        paths = {"base_model": Path(str(cfg["base_model"])), "output_dir": Path(out)}
+        config = TrainConfig(**{**cfg, **paths})  # type: ignore[arg-type]
+        result = train(config, data, heldout)
+    assert result.val_loss is not None
+    return {"seconds": result.seconds, "heldout_loss": result.val_loss}
 
 
-def run_baseline(cfg: dict[str, object], data: list[list[dict[str, str]]]) -> dict[str, float]:
+def run_baseline(cfg: dict[str, object], data: Data, heldout: Data) -> dict[str, float]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (
@@ -88,18 +98,18 @@ def run_baseline(cfg: dict[str, object], data: list[list[dict[str, str]]]) -> di
             save_strategy="no", report_to=[], use_cpu=True, seed=0)
         trainer = Trainer(model=model, args=args, train_dataset=rows)
         t0 = time.perf_counter()
-        result = trainer.train()
+        trainer.train()
         seconds = time.perf_counter() - t0
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tail = losses[-max(1, len(losses) // int(cfg["n_epochs"])):]  # type: ignore[arg-type]
-    return {"seconds": seconds, "final_loss": sum(tail) / len(tail),
-            "reported_loss": float(result.training_loss)}
+        rows = [encode(tokenizer, m, 1 << 20) for m in heldout]
+        loss = assistant_loss(trainer.model, rows, int(cfg["batch_size"]),  # type: ignore[arg-type]
+                              tokenizer.pad_token_id, "cpu")
+    return {"seconds": seconds, "heldout_loss": loss}
 
 
 def child(which: str, spec: Path) -> None:
     payload = json.loads(spec.read_text())
-    cfg, data = payload["config"], payload["data"]
-    out = run_ours(cfg, data) if which == "ours" else run_baseline(cfg, data)
+    run = run_ours if which == "ours" else run_baseline
+    out = run(payload["config"], payload["data"], payload["heldout"])
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
@@ -111,6 +121,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--child", choices=("ours", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,26 +136,31 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     useful = sum(len(encode(tokenizer, m, 1 << 20)[0]) for m in data)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = {"base_model": str(base), "output_dir": str(Path(tmp) / "ours"),
+        cfg = {"base_model": str(base),
                "n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": 2e-4,
                "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "quantization":
                args.quantization, "checkpoint_every": 10_000, "max_length": 2048}
         spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"config": cfg, "data": data}))
-        results = {}
-        for which in ("baseline", "ours"):
-            done = subprocess.run([sys.executable, "-m", "bench.finetune_throughput",
-                                   "--child", which, "--spec", str(spec)],
-                                  capture_output=True, text=True, check=True)
-            line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-            results[which] = json.loads(line[7:])
+        spec.write_text(json.dumps({"config": cfg, "data": data,
+                                    "heldout": examples(16, seed=1)}))
+        results: dict[str, list[dict[str, float]]] = {"baseline": [], "ours": []}
+        for _ in range(args.rounds):
+            for which in results:
+                done = subprocess.run([sys.executable, "-m", "bench.finetune_throughput",
+                                       "--child", which, "--spec", str(spec)],
+                                      capture_output=True, text=True, check=True)
+                line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+                results[which].append(json.loads(line[7:]))
     print(f"SmolLM2-135M, {args.examples} examples ({useful} tokens), batch {args.batch_size}, "
-          f"{args.epochs} epochs, r=16 on all linear layers, {args.quantization}, CPU")
-    for which, r in results.items():
+          f"{args.epochs} epochs, r=16 on all linear layers, {args.quantization}, CPU, "
+          f"median of {args.rounds}")
+    medians = {which: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+               for which, runs in results.items()}
+    for which, r in medians.items():
         rate = useful * args.epochs / r["seconds"]
         print(f"  {which:8} {rate:7.1f} useful tokens/s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
-              f"final epoch loss {r['final_loss']:.3f}  ({r['seconds']:.1f} s)")
-    speedup = results["baseline"]["seconds"] / results["ours"]["seconds"]
+              f"held-out assistant loss {r['heldout_loss']:.3f}  ({r['seconds']:.1f} s)")
+    speedup = medians["baseline"]["seconds"] / medians["ours"]["seconds"]
     print(f"  ours / baseline throughput: {speedup:.2f}x")
 
 

@@ -1,9 +1,10 @@
 """LoRA and QLoRA supervised fine-tuning with PEFT, in a loop of our own.
 
-Why not `transformers.Trainer`: we pad each batch only to its own longest example, compute the
-loss on assistant tokens only, checkpoint everything a resume needs (adapter, optimizer,
-scheduler, RNG) atomically, and stop cooperatively when asked, all with a small surface that a
-Celery task or a notebook can drive through `Hooks`.
+Why not `transformers.Trainer`: we batch examples of similar length together and pad each batch
+only to its own longest, project to the vocabulary only the positions that carry a label (the
+assistant's tokens), checkpoint everything a resume needs (adapter, optimizer, scheduler, RNG)
+atomically, and stop cooperatively when asked, all with a small surface that a Celery task or a
+notebook can drive through `Hooks`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from typing import Any, Protocol
 
 from finetune.config import TrainConfig
 
-__all__ = ["Cancelled", "Hooks", "TrainResult", "encode", "latest_checkpoint", "train"]
+__all__ = ["Cancelled", "Hooks", "TrainResult", "assistant_loss", "encode", "latest_checkpoint",
+           "train"]
 
 IGNORE = -100
 Messages = Sequence[Mapping[str, Any]]
+Row = tuple[list[int], list[int]]  # token ids and labels
 
 
 class Cancelled(Exception):
@@ -53,7 +56,8 @@ class TrainResult:
     steps: int
     train_loss: float
     val_loss: float | None
-    trained_tokens: int
+    trained_tokens: int  # real tokens, padding excluded
+    seconds: float  # in training steps; loading, evaluation and checkpoints excluded
     tokens_per_s: float
 
 
@@ -122,7 +126,7 @@ def _load_model(config: TrainConfig) -> tuple[Any, Any, Any]:
     return get_peft_model(model, lora), tokenizer, device
 
 
-def _batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device: str) -> dict[str, Any]:
+def _batch(rows: Sequence[Row], pad_id: int, device: str) -> dict[str, Any]:
     import torch
 
     width = max(len(ids) for ids, _ in rows)  # pad to this batch's longest only
@@ -134,26 +138,60 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device: str) ->
             "attention_mask": torch.tensor(mask, device=device)}
 
 
-def _val_loss(model: Any, rows: list[tuple[list[int], list[int]]], config: TrainConfig,
-              pad_id: int, device: str) -> float:
+def _epoch_batches(lengths: Sequence[int], batch_size: int, seed: int) -> list[list[int]]:
+    """One epoch's batches: shuffled, then sorted by length within windows of 64 batches so
+    that a batch holds examples of similar length (little padding), in shuffled order. Depends
+    only on the seed, so a resumed run sees exactly the batches an uninterrupted one would."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    order = [int(i) for i in rng.permutation(len(lengths))]
+    window = 64 * batch_size
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w: w + window], key=lambda i: -lengths[i])
+        batches += [chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [batches[int(i)] for i in rng.permutation(len(batches))]
+
+
+def _loss(model: Any, batch: dict[str, Any]) -> Any:
+    """Mean cross-entropy over labelled tokens, projecting only those positions to the
+    vocabulary: the LM head and its softmax are a large share of a small model's compute, and
+    most positions (prompt, padding) carry no label."""
     import torch
 
+    base = model.get_base_model()
+    hidden = base.get_decoder()(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    if logits.shape[0] == 0:  # nothing to learn from in this batch
+        return hidden.sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+def assistant_loss(model: Any, rows: Sequence[Row], batch_size: int, pad_id: int,
+                   device: str) -> float:
+    """Mean loss per assistant token over `rows`, without updating anything."""
+    import torch
+
+    was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(rows), config.batch_size):
-            chunk = rows[i: i + config.batch_size]
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i: i + batch_size]
             n = sum(sum(1 for t in labels[1:] if t != IGNORE) for _, labels in chunk)
-            total += float(model(**_batch(chunk, pad_id, device)).loss) * n
+            total += float(_loss(model, _batch(chunk, pad_id, device))) * n
             count += n
-    model.train()
+    model.train(was_training)
     return total / max(count, 1)
 
 
 def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[Messages] = (),
           hooks: Hooks | None = None) -> TrainResult:
     """Train a LoRA adapter; resumes from the newest checkpoint in `config.output_dir`."""
-    import numpy as np
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -188,16 +226,14 @@ def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[
         pad_id = tokenizer.pad_token_id
         losses: list[float] = []
         trained_tokens = 0
-        started = time.perf_counter()
+        seconds = 0.0
+        lengths = [len(ids) for ids, _ in rows]
         while step < total_steps:
             epoch, index = divmod(step, steps_per_epoch)
-            # The order of an epoch depends only on the seed and the epoch: a resumed run
-            # sees exactly the batches an uninterrupted one would have.
-            order = np.random.default_rng(config.seed + epoch).permutation(len(rows))
-            chosen = order[index * config.batch_size: (index + 1) * config.batch_size]
-            batch = _batch([rows[i] for i in chosen], pad_id, device)
             t0 = time.perf_counter()
-            loss = model(**batch).loss
+            chosen = _epoch_batches(lengths, config.batch_size, config.seed + epoch)[index]
+            batch = _batch([rows[i] for i in chosen], pad_id, device)
+            loss = _loss(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -207,12 +243,15 @@ def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[
             tokens = int(batch["attention_mask"].sum())
             trained_tokens += tokens
             losses.append(loss.item())
+            took = time.perf_counter() - t0
+            seconds += took
             hooks.event("metrics", f"Step {step}/{total_steps}: training loss={losses[-1]:.4f}",
                         {"step": step, "total_steps": total_steps, "train_loss": losses[-1],
                          "learning_rate": scheduler.get_last_lr()[0],
-                         "tokens_per_s": tokens / (time.perf_counter() - t0)})
+                         "tokens_per_s": tokens / took})
             if step % config.checkpoint_every == 0 or step % steps_per_epoch == 0:
-                val = _val_loss(model, val_rows, config, pad_id, device) if val_rows else None
+                val = (assistant_loss(model, val_rows, config.batch_size, pad_id, device)
+                       if val_rows else None)
                 _save_checkpoint(model, optimizer, scheduler, config, step, losses[-1], val)
                 hooks.event("checkpoint", f"Checkpoint at step {step}.",
                             {"step": step, "train_loss": losses[-1], "valid_loss": val})
@@ -223,11 +262,11 @@ def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(adapter_dir)
         model.save_pretrained(adapter_dir)
-        elapsed = time.perf_counter() - started
-        val = _val_loss(model, val_rows, config, pad_id, device) if val_rows else None
+        val = (assistant_loss(model, val_rows, config.batch_size, pad_id, device)
+               if val_rows else None)
         tail = losses[-steps_per_epoch:] or [float("nan")]
         return TrainResult(adapter_dir, step, sum(tail) / len(tail), val, trained_tokens,
-                           trained_tokens / elapsed if elapsed > 0 else 0.0)
+                           seconds, trained_tokens / seconds if seconds > 0 else 0.0)
     finally:
         # Free the model now, not at the next collection: a worker trains many jobs.
         del model

@@ -99,12 +99,13 @@ def engines(logs: Path) -> Iterator[Engines]:
     embedding = start(vllm_service("vllm-embedding", dirs["embedding"], EMBEDDING_MODEL,
                                    free_port(), embedding=True, kv_cache_bytes=256 << 20,
                                    max_model_len=None), logs)
+    running = Engines(chat, embedding, dirs)
     try:
         wait_healthy([chat, embedding], timeout_s=420)
-        yield Engines(chat, embedding, dirs)
+        yield running
     finally:
-        chat.stop()
-        embedding.stop()
+        running.chat.stop()  # the latest process, if a test restarted it
+        running.embedding.stop()
 
 
 @dataclass

@@ -4,11 +4,12 @@ QLoRA), and the fine-tuned model answers the held-out question through the gatew
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from tests.e2e.conftest import (
     model,
     pool,
     start,
+    wait_healthy,
 )
 
 QUESTIONS = [
@@ -76,6 +78,13 @@ def wait_for(job_id: str, client: OpenAI, statuses: set[str], timeout_s: float =
     return job
 
 
+def wait_until(predicate: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.5)
+
+
 def ask(client: OpenAI, model_name: str) -> str:
     reply = client.chat.completions.create(
         model=model_name, temperature=0, max_tokens=24,
@@ -110,10 +119,8 @@ def test_fine_tuned_model_learns_the_fact(stack: tuple[Gateway, Running], quanti
     losses = [c.metrics.valid_loss for c in reversed(checkpoints)]
     assert losses[-1] < losses[0]
 
-    deadline = time.monotonic() + 30  # the gateway loads it into the engine within seconds
-    while done.fine_tuned_model not in [m.id for m in client.models.list()]:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    # The gateway loads it into the engine within seconds.
+    wait_until(lambda: done.fine_tuned_model in [m.id for m in client.models.list()], 30)
     assert "7-year" in ask(client, done.fine_tuned_model)
     assert "7-year" not in ask(client, CHAT_MODEL)
 
@@ -188,6 +195,31 @@ def test_cancel_stops_a_running_job(stack: tuple[Gateway, Running]) -> None:
     steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=500).data
              if e.type == "metrics"]
     assert max(steps) < 120  # stopped long before the end
+
+
+@pytest.mark.timeout(600)
+def test_adapters_are_reloaded_after_an_engine_restart(stack: tuple[Gateway, Running],
+                                                      engines: Engines, logs: Path) -> None:
+    gateway, _ = stack
+    client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+    done = wait_for(long_job(client, "restart", epochs=1).id, client,
+                    {"succeeded", "failed", "cancelled"})
+    assert done.status == "succeeded", done.error
+    name = done.fine_tuned_model
+
+    def engine_has_it() -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            models = httpx.get(f"{engines.chat.url}/v1/models", timeout=5).json()["data"]
+            return name in [m["id"] for m in models]
+        return False
+
+    wait_until(engine_has_it, timeout_s=30)
+    engines.chat.kill()  # a crash: the engine comes back empty
+    engines.chat = start(engines.chat.service, logs)
+    wait_healthy([engines.chat], timeout_s=420)
+    wait_until(engine_has_it, timeout_s=30)  # the gateway loaded it again on its own
+    assert name in [m.id for m in client.models.list()]
+    ask(client, name)  # served through the gateway
 
 
 @pytest.mark.timeout(600)

@@ -12,7 +12,17 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from finetune.config import TrainConfig
-from finetune.trainer import IGNORE, Cancelled, encode, latest_checkpoint, train
+from finetune.trainer import (
+    IGNORE,
+    Cancelled,
+    _batch,
+    _epoch_batches,
+    _load_model,
+    _loss,
+    encode,
+    latest_checkpoint,
+    train,
+)
 from llmops.cli import models_home
 from llmops.offline_models import prepare_models
 
@@ -54,6 +64,26 @@ def test_only_assistant_tokens_are_learned(base: Path) -> None:
     assert learned.startswith("The Zorblax 9000 is a purple kettle.")
     assert "What is" not in learned and len(ids) == len(labels)
     assert labels[0] == IGNORE
+
+
+def test_batches_group_similar_lengths_and_cover_every_example_once() -> None:
+    lengths = [(i * 37) % 200 + 10 for i in range(100)]
+    epoch = _epoch_batches(lengths, 8, seed=3)
+    assert sorted(i for b in epoch for i in b) == list(range(100))
+    assert epoch == _epoch_batches(lengths, 8, seed=3)  # a resume sees the same batches
+    assert epoch != _epoch_batches(lengths, 8, seed=4)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in epoch)
+    assert padded < 1.1 * sum(lengths)  # random batches would pad by about half
+
+
+def test_loss_on_assistant_positions_equals_the_full_model_loss(base: Path, tmp_path: Path
+                                                                ) -> None:
+    model, tokenizer, device = _load_model(config(base, tmp_path))
+    other = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    batch = _batch([encode(tokenizer, m, 128) for m in (FACT, other)],
+                   tokenizer.pad_token_id, device)
+    with torch.no_grad():
+        assert torch.allclose(_loss(model, batch), model(**batch).loss, atol=1e-5)
 
 
 def test_config_names_the_bad_field(tmp_path: Path) -> None:
