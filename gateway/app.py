@@ -32,8 +32,10 @@ from gateway.limits import Limiter
 from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.proxy import Endpoint, Proxy
+from gateway.retrieval import Retriever
 from gateway.routing import Pool, Router, build_scorers
 from gateway.routing.health import HealthMonitor
+from gateway.vector_stores import internal_router, vector_stores_router
 from llmops.catalog import Catalog
 from llmops.files import Files
 from llmops.finetuning import FineTuning
@@ -42,6 +44,8 @@ from llmops.pricing import Price
 from llmops.settings import Settings
 from llmops.store import Database, ModelPrice, upgrade
 from llmops.tenancy import Principal, Tenancy
+from llmops.vector_stores import VectorStores
+from retrieval import open_index
 from workers.app import FINETUNE_TASK, make_celery
 
 __all__ = ["create_app"]
@@ -109,6 +113,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         m.name: Router([Pool.from_config(p, settings.routing) for p in m.pools], scorers)
         for m in settings.models
     }
+    embedding = settings.embedding_model()
+    stores = VectorStores(db)
+    retriever = None
+    if embedding is not None:
+        async def embed(texts: list[str]) -> list[list[float]]:
+            return await app.state.proxy.embed(embedding.name, texts)  # type: ignore[no-any-return]
+
+        retriever = Retriever(stores, embed, settings.retrieval.score_threshold)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -133,6 +145,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             monitor = HealthMonitor(session, routers, catalog, settings.routing)
             app.state.proxy = Proxy(settings, catalog, routers, session, accountant)
             app.state.monitor = monitor
+            if retriever is not None:
+                cfg = settings.retrieval
+                key = cfg.qdrant_api_key.get_secret_value() if cfg.qdrant_api_key else None
+                retriever.index = await asyncio.to_thread(
+                    open_index, cfg.qdrant_url, cfg.path, cfg.dimensions,
+                    collection=cfg.collection, api_key=key, timeout_s=cfg.qdrant_timeout_s)
+                app.state.proxy.retriever = retriever
             await monitor.start()
             loader = AdapterLoader(settings, jobs, routers, catalog, session)
             tasks += [asyncio.create_task(_every(3.0, loader.reconcile)),
@@ -145,6 +164,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             finally:
                 await monitor.stop()
                 await accountant.drain()  # every finished request's record is published
+                if retriever is not None:
+                    await asyncio.to_thread(retriever.index.close)
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -163,8 +184,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.routers = routers
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       upload_bytes=settings.files.max_bytes + 64 * 1024)  # + form overhead
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, by_prefix={
+        "/v1/files": settings.files.max_bytes + 64 * 1024,  # + the form's overhead
+        "/internal/": settings.retrieval.max_points_bytes})
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries a request id
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
@@ -200,6 +222,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files_router(files, auth))
     app.include_router(fine_tuning_router(settings, jobs, files, celery, auth))
     app.include_router(admin_router(db, tenants, auth, prices))
+    if retriever is not None:
+        app.include_router(vector_stores_router(settings, stores, files, retriever, celery,
+                                                auth))
+        app.include_router(internal_router(settings, stores, retriever, auth))
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> Response:

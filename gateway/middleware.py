@@ -66,17 +66,21 @@ class RequestIdMiddleware:
 
 class BodyLimitMiddleware:
     """Refuses a request whose declared body exceeds the limit before anything reads it (413
-    in OpenAI's shape); file uploads have a limit of their own. Bodies without a length are
-    counted as they arrive by the proxy and the file store."""
+    in OpenAI's shape); some paths (file uploads, workers' writes) have limits of their own,
+    by path prefix. Bodies without a length are counted as they arrive by their readers."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, by_prefix: dict[str, int]) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.upload_bytes = upload_bytes
+        self.by_prefix = by_prefix
+
+    def limit(self, path: str) -> int:
+        return next((n for p, n in self.by_prefix.items() if path.startswith(p)),
+                    self.max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            limit = self.upload_bytes if scope["path"] == "/v1/files" else self.max_bytes
+            limit = self.limit(scope["path"])
             for name, value in scope["headers"]:
                 if name == b"content-length":
                     if value.isdigit() and int(value) > limit:

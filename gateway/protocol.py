@@ -16,6 +16,7 @@ __all__ = [
     "CompletionRequest",
     "EmbeddingRequest",
     "OpenAIRequest",
+    "RetrievalOptions",
 ]
 
 _Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -59,6 +60,18 @@ class _Sampling(OpenAIRequest):
     logit_bias: dict[str, float] | None = None
 
 
+class RetrievalOptions(BaseModel):
+    """Our extension of chat completions: answer from these vector stores, with citations."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    vector_store_ids: list[str] = Field(min_length=1, max_length=16)
+    max_num_results: Annotated[int, Field(ge=1, le=50)] = 5
+    score_threshold: _Probability | None = None
+    filters: dict[str, Any] | None = None
+    search_mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -68,6 +81,7 @@ class ChatCompletionRequest(_Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    retrieval: RetrievalOptions | None = None
 
 
 class CompletionRequest(_Sampling):

@@ -28,7 +28,8 @@ from gateway.errors import (
     UpstreamTimeoutError,
     error_body,
 )
-from gateway.protocol import OpenAIRequest
+from gateway.protocol import ChatCompletionRequest, OpenAIRequest
+from gateway.retrieval import Retriever
 from gateway.routing import Replica, Router
 from gateway.routing.policy import RouteRequest
 from llmops.catalog import Catalog, CatalogEntry
@@ -109,6 +110,7 @@ class Proxy:
         self.catalog = catalog
         self.routers = routers
         self.session = session
+        self.retriever: Retriever | None = None  # set when vector stores are available
         cfg = settings.routing
         self.max_attempts = cfg.max_attempts
         self.timeout = aiohttp.ClientTimeout(
@@ -148,6 +150,15 @@ class Proxy:
         admission = await self.accountant.admit(account, entry, parsed, len(body))
         tap = None
         changes: dict[str, object] = {}
+        grounding = None
+        if isinstance(parsed, ChatCompletionRequest) and parsed.retrieval is not None:
+            if self.retriever is None:
+                raise BadRequestError("Retrieval is not available: no embedding model is "
+                                      "configured.", param="retrieval")
+            grounding = await self.retriever.ground(who.tenant_id, parsed)
+            if not grounding.sources:
+                return grounding.no_answer(parsed)
+            changes["messages"] = grounding.messages(orjson.loads(body)["messages"])
         if entry.upstream_name != parsed.model:
             changes["model"] = entry.upstream_name
         if parsed.stream:
@@ -160,15 +171,45 @@ class Proxy:
                 changes["stream_options"] = {**asked, "include_usage": True,
                                              "continuous_usage_stats": True}
         if changes:
-            body = orjson.dumps({**orjson.loads(body), **changes})
+            payload = {**orjson.loads(body), **changes}
+            payload.pop("retrieval", None)  # ours, not vLLM's
+            body = orjson.dumps(payload)
 
         headers = {"content-type": "application/json", "x-request-id": account.request_id}
         response = await _unless_disconnected(
             request, self._call(entry, endpoint.path, body, headers, account, tap))
         if response is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        if grounding is not None:
+            if isinstance(response, RelayResponse):
+                response.trailer = grounding.trailer(parsed.model)
+            else:
+                response = grounding.with_citations(response)
         response.headers.update(admission.headers)
         return response
+
+    async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
+        """Embeddings for the gateway's own use (search queries), through the same routing
+        and failover as clients' requests."""
+        entry = self.catalog.resolve(model)
+        if entry is None or entry.base.kind != "embedding":
+            raise ModelNotFoundError(model)
+        body = orjson.dumps({"model": entry.upstream_name, "input": texts})
+        replica, resp = await self._dispatch(entry, "/v1/embeddings", body,
+                                             {"content-type": "application/json"})
+        try:
+            data = await resp.read()
+        except (TimeoutError, aiohttp.ClientError):
+            replica.release(ok=False)
+            raise UpstreamError("The embedding backend failed.") from None
+        finally:
+            resp.release()
+        replica.release(ok=resp.status < 500)
+        if resp.status != 200:
+            raise UpstreamError(f"The embedding backend answered {resp.status}: "
+                                f"{data[:300].decode(errors='replace')}")
+        rows = sorted(orjson.loads(data)["data"], key=lambda d: d["index"])
+        return [r["embedding"] for r in rows]
 
     async def _call(
         self, entry: CatalogEntry, path: str, body: bytes, headers: dict[str, str],
@@ -270,6 +311,7 @@ class RelayResponse(StreamingResponse):
         self.resp = resp
         self.replica = replica
         self.tap = tap
+        self.trailer = b""  # an event to send just before `data: [DONE]`
         self.finished = self.failed = self.client_left = False
         super().__init__(self._chunks(), media_type="text/event-stream", headers=headers)
 
@@ -279,6 +321,8 @@ class RelayResponse(StreamingResponse):
             async for chunk in self.resp.content.iter_any():
                 if out := self.tap.feed(chunk):
                     account.first_byte()
+                    if self.trailer and b"data: [DONE]" in out:
+                        out = out.replace(b"data: [DONE]", self.trailer + b"data: [DONE]", 1)
                     yield out
             if rest := self.tap.tail():
                 yield rest

@@ -23,6 +23,7 @@ from llmops.stack import (
     EMBEDDING_MODEL,
     StackLayout,
     gateway_service,
+    ingest_worker_service,
     local_config,
     tail,
     vllm_service,
@@ -50,6 +51,7 @@ def _services(args: argparse.Namespace, dirs: dict[str, Path]) -> list:  # type:
                      embedding=True, kv_cache_bytes=256 << 20, max_model_len=None),
         gateway_service(args.port, layout.config),
         worker_service(layout.config),
+        ingest_worker_service(layout.config),
     ]
 
 
@@ -57,8 +59,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     layout = _layout(args)
     dirs = prepare_models(models_home())
     key = layout.admin_key()
-    layout.write_config(local_config(layout.root, args.chat_port, args.embedding_port,
-                                     dirs["chat"]))
+    layout.write_config(local_config(layout.root, args.port, args.chat_port, args.embedding_port,
+                                     dirs))
     services = _services(args, dirs)
     for s in services:
         print(f"{'starting' if layout.start(s) else 'already running'}: {s.name}"
@@ -115,7 +117,7 @@ def _stop_all(layout: StackLayout, services: list) -> None:  # type: ignore[type
 
 def cmd_down(args: argparse.Namespace) -> int:
     layout = _layout(args)
-    stopped = [n for n in ("worker", "gateway", "vllm-embedding", "vllm-chat")
+    stopped = [n for n in ("ingester", "worker", "gateway", "vllm-embedding", "vllm-chat")
                if layout.stop(n)]
     print("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
     return 0

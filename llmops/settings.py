@@ -28,6 +28,7 @@ __all__ = [
     "LimitsConfig",
     "ModelConfig",
     "PoolConfig",
+    "RetrievalConfig",
     "RoutingConfig",
     "Settings",
 ]
@@ -78,7 +79,8 @@ class ModelConfig(_Strict):
         4096, ge=1, description="The engine's max model length; bounds token reservations."
     )
     weights: str | None = Field(
-        None, description="Local folder (or hub id) of the weights, for fine-tuning this model."
+        None, description="Local folder (or hub id) of the weights, for fine-tuning this model "
+        "(chat) or tokenizing chunks (embedding)."
     )
 
     @property
@@ -141,6 +143,25 @@ class FineTuneConfig(_Strict):
     min_examples: int = Field(10, ge=1, description="Fewest examples a training file needs.")
 
 
+class RetrievalConfig(_Strict):
+    embedding_model: str | None = Field(
+        None, description="Embedding model for vector stores; unset: the first one configured.")
+    qdrant_url: str | None = Field(
+        None, description="A Qdrant server; unset: the embedded engine in `path`.")
+    qdrant_api_key: SecretStr | None = None
+    qdrant_timeout_s: float = Field(10.0, gt=0)
+    path: Path = Field(Path("llmops-qdrant"), description="Folder of the embedded engine.")
+    collection: str = Field("llmops_chunks", min_length=1)
+    dimensions: int = Field(384, ge=1, description="Size of the embedding model's vectors.")
+    gateway_url: str | None = Field(
+        None, description="Where ingestion workers reach the gateway; unset: host and port.")
+    embed_batch: int = Field(64, ge=1, le=2048, description="Chunks per embedding request.")
+    max_points_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="Largest batch of chunks a worker may write.")
+    score_threshold: float = Field(
+        0.3, ge=0, le=1, description="Default relevance floor for answers with retrieval.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMOPS_", env_nested_delimiter="__", extra="forbid"
@@ -165,6 +186,7 @@ class Settings(BaseSettings):
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     files: FilesConfig = Field(default_factory=FilesConfig)
     finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     log_level: str = "info"
 
     @classmethod
@@ -189,13 +211,25 @@ class Settings(BaseSettings):
             raise ValueError(f"models: duplicate model names {dupes}")
         return self
 
-    def admin_key_hash(self) -> str | None:
-        """SHA-256 (hex) of the bootstrap admin key; the plain key is not kept."""
+    def embedding_model(self) -> ModelConfig | None:
+        """The model that embeds vector stores' chunks and queries."""
+        wanted = self.retrieval.embedding_model
+        return next((m for m in self.models if m.kind == "embedding"
+                     and (wanted is None or m.name == wanted)), None)
+
+    def gateway_url(self) -> str:
+        return self.retrieval.gateway_url or f"http://{self.host}:{self.port}"
+
+    def bootstrap_key(self) -> str | None:
+        """The bootstrap admin key, for our own workers' calls to the gateway."""
         if self.admin_key is not None:
-            key = self.admin_key.get_secret_value()
-        elif self.admin_key_file is not None:
-            key = self.admin_key_file.read_text().strip()
-        else:
-            return None
-        return hashlib.sha256(key.encode()).hexdigest()
+            return self.admin_key.get_secret_value()
+        if self.admin_key_file is not None:
+            return self.admin_key_file.read_text().strip()
+        return None
+
+    def admin_key_hash(self) -> str | None:
+        """SHA-256 (hex) of the bootstrap admin key; the gateway keeps no plain key."""
+        key = self.bootstrap_key()
+        return None if key is None else hashlib.sha256(key.encode()).hexdigest()
 

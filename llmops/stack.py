@@ -28,6 +28,7 @@ __all__ = [
     "StackLayout",
     "free_port",
     "gateway_service",
+    "ingest_worker_service",
     "local_config",
     "vllm_service",
     "worker_service",
@@ -116,14 +117,23 @@ def worker_service(config: Path) -> Service:
     """A Celery worker for fine-tuning: one job at a time, in-process (solo pool: no fork
     after torch is imported, and cooperative cancellation works)."""
     argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "finetune",
-            "--pool", "solo", "--loglevel", "info"]
+            "--pool", "solo", "--loglevel", "info", "-n", "finetune@%h"]
     return Service("worker", argv, 0, None, {"LLMOPS_CONFIG": str(config)})
 
 
-def local_config(state: Path, chat_port: int, embedding_port: int, chat_weights: Path
-                 ) -> dict[str, object]:
+def ingest_worker_service(config: Path) -> Service:
+    """A Celery worker for ingestion: a few files at once in threads, as most of a file's
+    time is spent waiting for the embedding model."""
+    argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "ingest",
+            "--pool", "threads", "--concurrency", "4", "--loglevel", "info", "-n", "ingest@%h"]
+    return Service("ingester", argv, 0, None, {"LLMOPS_CONFIG": str(config)})
+
+
+def local_config(state: Path, port: int, chat_port: int, embedding_port: int,
+                 weights: dict[str, Path]) -> dict[str, object]:
     """The gateway configuration of the local stack: one CPU pool per model; the store, the
-    usage spool and uploaded files in the state folder; Redis on its default local port."""
+    usage spool, uploaded files and the embedded vector index in the state folder; Redis on
+    its default local port."""
     def pool(port: int) -> list[dict[str, object]]:
         return [{"device": "cpu", "urls": [f"http://127.0.0.1:{port}"], "priority": 0}]
 
@@ -133,11 +143,12 @@ def local_config(state: Path, chat_port: int, embedding_port: int, chat_weights:
         "ledger": {"spool_path": str(state / "usage.spool")},
         "files": {"root": str(state / "files")},
         "finetune": {"adapters_root": str(state / "adapters")},
+        "retrieval": {"path": str(state / "qdrant"), "gateway_url": f"http://127.0.0.1:{port}"},
         "models": [
             {"name": CHAT_MODEL, "kind": "chat", "context_length": 2048,
-             "weights": str(chat_weights), "pools": pool(chat_port)},
+             "weights": str(weights["chat"]), "pools": pool(chat_port)},
             {"name": EMBEDDING_MODEL, "kind": "embedding", "context_length": 256,
-             "pools": pool(embedding_port)},
+             "weights": str(weights["embedding"]), "pools": pool(embedding_port)},
         ],
     }
 

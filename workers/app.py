@@ -1,5 +1,6 @@
 """The Celery app: Redis as the broker, one queue per kind of work so that GPU workers take
-only training (`celery -A workers.app worker -Q finetune --concurrency 1`)."""
+only training (`celery -A workers.tasks worker -Q finetune --pool solo`) and CPU workers only
+ingestion (`celery -A workers.tasks worker -Q ingest`)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,27 @@ from celery import Celery
 
 from llmops.settings import Settings
 
-__all__ = ["FINETUNE_QUEUE", "FINETUNE_TASK", "make_celery"]
+__all__ = ["FINETUNE_QUEUE", "FINETUNE_TASK", "INGEST_QUEUE", "INGEST_TASK", "make_celery"]
 
 FINETUNE_QUEUE = "finetune"
 FINETUNE_TASK = "llmops.finetune"
+INGEST_QUEUE = "ingest"
+INGEST_TASK = "llmops.ingest"
 
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("llmops", broker=settings.redis_url)
     app.conf.update(
-        task_routes={FINETUNE_TASK: {"queue": FINETUNE_QUEUE}},
+        task_routes={FINETUNE_TASK: {"queue": FINETUNE_QUEUE},
+                     INGEST_TASK: {"queue": INGEST_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
         # One job per worker process, taken only when it is free: a long training run must
         # not hold short jobs behind it (celery#4537).
         worker_prefetch_multiplier=1,
-        # Ack on receipt: crash safety comes from the job's lease in the database, not from
-        # broker redelivery, which would start a long job twice (celery#5935).
+        # Training acks on receipt: its crash safety comes from the job's lease in the
+        # database, not from broker redelivery, which would start a long job twice
+        # (celery#5935). Ingestion is idempotent and acks late instead (see workers.tasks).
         task_acks_late=False,
         broker_connection_timeout=5,
         # Celery's keys live under our prefix, like everything else we keep in Redis.

@@ -11,9 +11,11 @@ from llmops.store.models import (
     StoredFile,
     Tenant,
     UsageRecord,
+    VectorStore,
+    VectorStoreFile,
     utcnow,
 )
 
 __all__ = ["ApiKey", "Base", "Database", "FineTuningCheckpoint", "FineTuningEvent",
-           "FineTuningJob", "ModelPrice", "StoredFile", "Tenant", "UsageRecord", "upgrade",
-           "utcnow"]
+           "FineTuningJob", "ModelPrice", "StoredFile", "Tenant", "UsageRecord", "VectorStore",
+           "VectorStoreFile", "upgrade", "utcnow"]

@@ -19,6 +19,8 @@ __all__ = [
     "StoredFile",
     "Tenant",
     "UsageRecord",
+    "VectorStore",
+    "VectorStoreFile",
     "utcnow",
 ]
 
@@ -175,4 +177,38 @@ class FineTuningCheckpoint(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id"), index=True)
     step: Mapped[int]
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class VectorStore(Base):
+    """A tenant's collection of searchable files (OpenAI's vector stores). Its chunks live in
+    the vector index, tagged with the tenant and this id."""
+
+    __tablename__ = "vector_stores"
+    __table_args__ = (Index("ix_vstores_tenant_time", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    name: Mapped[str | None] = mapped_column(String(256), default=None)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_active_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class VectorStoreFile(Base):
+    """A file attached to a vector store, and the state of its ingestion."""
+
+    __tablename__ = "vector_store_files"
+    __table_args__ = (Index("ix_vsfiles_store_time", "store_id", "created_at"),)
+
+    store_id: Mapped[str] = mapped_column(ForeignKey("vector_stores.id"), primary_key=True)
+    file_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(16), default="in_progress")
+    last_error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    chunking: Mapped[dict[str, Any]] = mapped_column(default=dict)  # max_tokens, overlap
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    usage_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    chunks: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -169,6 +169,8 @@ def gateway_factory(tmp_path_factory: pytest.TempPathFactory, logs: Path
             "ledger": {"spool_path": str(folder / f"spool-{port}"), "claim_idle_s": 1.0,
                        "block_ms": 200, **settings.pop("ledger", {})},
             "routing": {**FAST_ROUTING, **settings.pop("routing", {})},
+            "retrieval": {"path": str(folder / f"qdrant-{port}"),
+                          **settings.pop("retrieval", {})},
             **settings,
         }))
         service = gateway_service(port, config)

@@ -1,0 +1,294 @@
+"""The chunk index: one store interface over Qdrant, embedded (Edge) or a server.
+
+All tenants share one collection (a shard for Edge) with a named dense vector `dense`
+(cosine) and a sparse vector `bm25` (Qdrant's IDF modifier over `SparseEncoder` weights).
+Every search is filtered to `tenant == X AND store IN stores` by `_scope`, the only place
+search filters are built, so a tenant never sees another tenant's chunks, even when it
+names their store ids. IDF statistics are taken over that same scope, so other tenants'
+documents do not shift scores either.
+
+Scores are all in [0, 1], and `score_threshold` drops hits scoring below it:
+- dense: the cosine similarity of query and chunk, clipped to [0, 1];
+- hybrid: ranked by reciprocal rank fusion (k = RRF_K) of a dense and a sparse search, but
+  each hit reports its dense cosine, computed from the query and the stored vector, so a
+  threshold drops the same weak chunks as in dense mode. The list order is the fused rank,
+  not the score. With a threshold, the fusion looks deeper so that up to `limit` hits pass;
+- sparse: the BM25 score s mapped to s / (s + SPARSE_SCORE_PIVOT): monotonic, below 1, and
+  0.5 at s = SPARSE_SCORE_PIVOT (a term found in 1 of 1,000 chunks adds about 6.5).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from retrieval.chunking import Chunk
+from retrieval.filters import And, Condition, HasId, Match, MatchAny, Not, parse_filters
+from retrieval.sparse import SparseVector
+
+__all__ = [
+    "DEFAULT_COLLECTION",
+    "DENSE_VECTOR",
+    "RRF_K",
+    "SEARCH_MODES",
+    "SPARSE_SCORE_PIVOT",
+    "SPARSE_VECTOR",
+    "Hit",
+    "Point",
+    "QdrantIndex",
+    "VectorIndex",
+    "open_index",
+    "point_id",
+]
+
+DEFAULT_COLLECTION = "llmops_chunks"
+DENSE_VECTOR = "dense"
+SPARSE_VECTOR = "bm25"
+SEARCH_MODES = ("hybrid", "dense", "sparse")
+RRF_K = 60  # the constant of Cormack et al.; both adapters pass it explicitly
+SPARSE_SCORE_PIVOT = 10.0  # about two rare query terms matched: "half relevant"
+INDEXED_FIELDS = ("tenant", "store", "file")
+_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://llmops.local/retrieval/chunk")
+
+
+def point_id(store: str, file: str, content_hash: str, chunk_index: int) -> str:
+    """A deterministic id: re-ingesting the same content overwrites instead of duplicating."""
+    return str(uuid.uuid5(_ID_NAMESPACE, f"{store}/{file}/{content_hash}/{chunk_index}"))
+
+
+@dataclass(frozen=True)
+class Point:
+    """One chunk as stored: both vectors and its payload (see `Point.for_chunk`)."""
+
+    id: str
+    dense: list[float]
+    sparse: SparseVector
+    payload: dict[str, Any]
+
+    @classmethod
+    def for_chunk(cls, *, tenant: str, store: str, file: str, filename: str,
+                  attributes: Mapping[str, str | float | bool], content_hash: str,
+                  chunk: Chunk, dense: Sequence[float], sparse: SparseVector) -> Point:
+        """The point for `chunk` of a file whose content hashes to `content_hash`."""
+        payload = {"tenant": tenant, "store": store, "file": file, "filename": filename,
+                   "chunk": chunk.index, "start": chunk.start, "end": chunk.end,
+                   "text": chunk.text, "attributes": dict(attributes)}
+        return cls(point_id(store, file, content_hash, chunk.index), list(dense), sparse,
+                   payload)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A search result: `score` in [0, 1] as the module docstring defines it."""
+
+    id: str
+    score: float
+    payload: dict[str, Any]
+
+
+class VectorIndex(Protocol):
+    """What the gateway and the workers need from the chunk index (all calls block)."""
+
+    def replace_file(self, tenant: str, store: str, file: str,
+                     points: Sequence[Point]) -> None:
+        """Make `points` the file's only chunks: upsert them, then delete the rest."""
+        ...
+
+    def delete_file(self, store: str, file: str) -> None:
+        """Remove every chunk of `file` in `store`."""
+        ...
+
+    def delete_store(self, store: str) -> None:
+        """Remove every chunk of `store`."""
+        ...
+
+    def count(self, store: str) -> int:
+        """The number of chunks in `store`."""
+        ...
+
+    def search(self, tenant: str, stores: Sequence[str], dense: Sequence[float] | None,
+               sparse: SparseVector | None, mode: str, limit: int,
+               filters: Mapping[str, Any] | None, score_threshold: float = 0.0) -> list[Hit]:
+        """At most `limit` hits of `tenant`'s `stores`, best first; `mode` is "hybrid",
+        "dense" or "sparse"; `filters` is OpenAI's search filter over file attributes."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine."""
+        ...
+
+
+@dataclass(frozen=True)
+class Query:
+    """A search as the adapters run it; `scope` applies to every stage of it."""
+
+    mode: str
+    dense: list[float] | None
+    sparse: SparseVector | None
+    scope: Condition
+    idf_corpus: Condition
+    limit: int
+    prefetch_limit: int
+
+
+@dataclass(frozen=True)
+class Found:
+    """An adapter's raw result: the engine's score, and the stored dense vector in hybrid."""
+
+    id: str
+    score: float
+    payload: dict[str, Any]
+    dense: list[float] | None = None
+
+
+def _scope(tenant: str, stores: Sequence[str], filters: Mapping[str, Any] | None) -> Condition:
+    """The filter of every search: this tenant, these stores, then the caller's filters."""
+    if not tenant:
+        raise ValueError("tenant must not be empty")
+    parts: list[Condition] = [Match("tenant", tenant), MatchAny("store", tuple(stores))]
+    if filters is not None:
+        parts.append(parse_filters(filters))
+    return And(tuple(parts))
+
+
+class QdrantIndex(ABC):
+    """The engine-independent half: validation, tenant scoping, scores, replace semantics.
+
+    `replace_file` upserts the new points, then deletes the file's points that are not among
+    them. Each step is atomic, the pair is not: a search in between may see old and new
+    chunks together (never none), and after a crash in between the old ones linger until the
+    file is ingested again (ids are deterministic, so that is idempotent). Writes through one
+    index object are serialised, so two replacements of a file cannot interleave in-process.
+    """
+
+    def __init__(self, dense_size: int) -> None:
+        if dense_size < 1:
+            raise ValueError("dense_size must be positive")
+        self.dense_size = dense_size
+        self._write_lock = threading.Lock()
+
+    def replace_file(self, tenant: str, store: str, file: str, points: Sequence[Point]) -> None:
+        for point in points:
+            owner = (point.payload.get("tenant"), point.payload.get("store"),
+                     point.payload.get("file"))
+            if owner != (tenant, store, file):
+                raise ValueError(f"point {point.id} belongs to {owner}, not "
+                                 f"{(tenant, store, file)}")
+            self._check_dense(point.dense)
+        stale: list[Condition] = [Match("store", store), Match("file", file)]
+        if points:
+            stale.append(Not(HasId(tuple(p.id for p in points))))
+        with self._write_lock:
+            if points:
+                self._upsert(points)
+            self._delete(And(tuple(stale)))
+
+    def delete_file(self, store: str, file: str) -> None:
+        with self._write_lock:
+            self._delete(And((Match("store", store), Match("file", file))))
+
+    def delete_store(self, store: str) -> None:
+        with self._write_lock:
+            self._delete(Match("store", store))
+
+    def count(self, store: str) -> int:
+        return self._count(Match("store", store))
+
+    def search(self, tenant: str, stores: Sequence[str], dense: Sequence[float] | None,
+               sparse: SparseVector | None, mode: str, limit: int,
+               filters: Mapping[str, Any] | None, score_threshold: float = 0.0) -> list[Hit]:
+        """The best `limit` chunks of `stores` owned by `tenant`, best first.
+
+        `dense` is needed for dense and hybrid mode, `sparse` for sparse and hybrid mode.
+        Raises InvalidFilterError for malformed `filters`, ValueError for other bad input.
+        """
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError("score_threshold must be between 0 and 1")
+        if mode != "sparse" and dense is None:
+            raise ValueError(f"{mode} search needs a dense query vector")
+        if mode != "dense" and sparse is None:
+            raise ValueError(f"{mode} search needs a sparse query vector")
+        query_dense = None if dense is None or mode == "sparse" else list(dense)
+        if query_dense is not None:
+            self._check_dense(query_dense)
+        scope = _scope(tenant, stores, filters)  # validates filters even for no stores
+        if not stores:
+            return []
+        prefetch = max(limit * 4, 50)
+        deeper = mode == "hybrid" and score_threshold > 0
+        query = Query(mode, query_dense, None if mode == "dense" else sparse, scope,
+                      _scope(tenant, stores, None), prefetch if deeper else limit, prefetch)
+        hits = [Hit(f.id, self._score(query, f), f.payload) for f in self._query(query)]
+        return [h for h in hits if h.score >= score_threshold][:limit]
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the engine; the index must not be used afterwards."""
+
+    @staticmethod
+    def _score(query: Query, found: Found) -> float:
+        if query.mode == "sparse":
+            raw = max(found.score, 0.0)
+            return raw / (raw + SPARSE_SCORE_PIVOT)
+        if query.mode == "dense":
+            return min(max(found.score, 0.0), 1.0)
+        assert query.dense is not None and found.dense is not None
+        return min(max(_cosine(query.dense, found.dense), 0.0), 1.0)
+
+    def _check_dense(self, vector: Sequence[float]) -> None:
+        if len(vector) != self.dense_size:
+            raise ValueError(f"dense vectors must have {self.dense_size} dimensions, "
+                             f"got {len(vector)}")
+
+    @abstractmethod
+    def _upsert(self, points: Sequence[Point]) -> None:
+        """Insert or overwrite `points`; searchable and durable when this returns."""
+
+    @abstractmethod
+    def _delete(self, condition: Condition) -> None:
+        """Delete every point matching `condition`; gone (durably) when this returns."""
+
+    @abstractmethod
+    def _count(self, condition: Condition) -> int:
+        """The exact number of points matching `condition`."""
+
+    @abstractmethod
+    def _query(self, query: Query) -> list[Found]:
+        """Run `query`; in hybrid mode each result carries its stored dense vector."""
+
+
+def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    norm = math.sqrt(math.fsum(x * x for x in a) * math.fsum(y * y for y in b))
+    return math.fsum(x * y for x, y in zip(a, b, strict=True)) / norm if norm else 0.0
+
+
+def open_index(url: str | None, path: Path, dense_size: int, *,
+               collection: str = DEFAULT_COLLECTION, api_key: str | None = None,
+               timeout_s: float | None = None) -> VectorIndex:
+    """A Qdrant server's index when `url` is set, else an embedded Edge shard at `path`.
+
+    `collection`, `api_key` and `timeout_s` concern the server only. An Edge shard is locked
+    by the process that opens it: only one process may own it (the others write through it).
+    Blocking (it may create the collection or the shard): call it from a thread in async code.
+    """
+    if url:
+        from qdrant_client import QdrantClient
+
+        from retrieval.server import ServerIndex
+
+        timeout = None if timeout_s is None else max(1, math.ceil(timeout_s))
+        return ServerIndex(QdrantClient(url=url, api_key=api_key, timeout=timeout), dense_size,
+                           collection=collection)
+    from retrieval.edge import EdgeIndex
+
+    return EdgeIndex(path, dense_size)

@@ -1,0 +1,279 @@
+"""Retrieval end to end with the official openai client: documents of every supported format
+uploaded, ingested by a real Celery worker through the real embedding engine into the
+embedded Qdrant index that the gateway owns, searched (hybrid, dense, sparse, filters), and
+used for cited answers by the real chat engine; tenants never see each other's stores."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import NotFoundError, OpenAI
+
+from gateway.retrieval import NO_ANSWER
+from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL, Service
+from tests.e2e.conftest import (
+    API_KEY,
+    Engines,
+    Gateway,
+    GatewayFactory,
+    Running,
+    model,
+    pool,
+    start,
+)
+
+
+def pdf(text: str) -> bytes:
+    """A minimal, valid one-page PDF showing `text`."""
+    lines = " ".join(f"({line}) Tj T*" for line in text.split("\n"))
+    stream = zlib.compress(f"BT /F1 11 Tf 14 TL 50 750 Td {lines} ET".encode())
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream
+        + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1, xref)
+    return bytes(out)
+
+
+KETTLE = ("Zorblax 9000 kettle support notes.\n\nThe Zorblax 9000 kettle comes with a "
+          "seven-year warranty covering the heating element and the lid hinge. To claim the "
+          "warranty, keep your receipt and contact the Zorblax service desk.\n")
+HEATER = ("# Glimmerfin aquarium heater\n\n## Temperature\n\nThe Glimmerfin heater holds "
+          "aquarium water between 18 and 32 degrees Celsius. Turn the dial on top to set the "
+          "target temperature.\n")
+LOCK = ("<html><head><title>Orbital lock</title><style>p {color: red}</style></head><body>"
+        "<h1>Orbital bike lock</h1><p>To reset the combination code of the Orbital bike "
+        "lock, open the shackle, press the reset button &amp; turn the dials to the new "
+        "code.</p><script>var x = 1;</script></body></html>")
+ESPRESSO = ("Quartzline espresso machine care.\nDescale the Quartzline espresso machine every "
+            "three months\nwith citric acid to keep the boiler free of limescale.")
+
+DOCUMENTS = {  # filename -> (content, attributes)
+    "kettle.txt": (KETTLE.encode(), {"category": "kitchen", "year": 2024}),
+    "heater.md": (HEATER.encode(), {"category": "pets", "year": 2023}),
+    "lock.html": (LOCK.encode(), {"category": "bikes", "year": 2025}),
+    "espresso.pdf": (pdf(ESPRESSO), {"category": "kitchen", "year": 2022}),
+}
+QUESTIONS = {
+    "How long is the warranty of the Zorblax kettle?": "kettle.txt",
+    "What water temperature can the Glimmerfin aquarium heater hold?": "heater.md",
+    "How do I reset the combination code of my Orbital bike lock?": "lock.html",
+    "How often should I descale the Quartzline espresso machine?": "espresso.pdf",
+}
+
+
+@pytest.fixture(scope="module")
+def rag(engines: Engines, gateway_factory: GatewayFactory, logs: Path
+        ) -> Iterator[tuple[Gateway, Running]]:
+    gateway = gateway_factory(
+        [model(CHAT_MODEL, "chat", pool("cpu", engines.chat.url), context_length=2048),
+         model(EMBEDDING_MODEL, "embedding", pool("cpu", engines.embedding.url),
+               context_length=256, weights=str(engines.model_dirs["embedding"]))])
+    worker = start(Service("ingester", [
+        sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "ingest",
+        "--pool", "threads", "--concurrency", "2", "--loglevel", "info",
+        "-n", f"ingest-{uuid.uuid4().hex[:6]}@%h"], 0, "/",
+        {"LLMOPS_CONFIG": str(gateway.config), "LLMOPS_PORT": str(gateway.running.service.port)}),
+        logs)
+    yield gateway, worker
+    worker.stop()
+
+
+@pytest.fixture(scope="module")
+def client(rag: tuple[Gateway, Running]) -> OpenAI:
+    return OpenAI(base_url=rag[0].base_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def store(client: OpenAI) -> dict[str, Any]:
+    """A store holding one document of each format, all ingested."""
+    vs = client.vector_stores.create(name="manuals")
+    ids = {}
+    for filename, (content, attributes) in DOCUMENTS.items():
+        uploaded = client.files.create(file=(filename, content), purpose="assistants")
+        attached = client.vector_stores.files.create_and_poll(
+            vector_store_id=vs.id, file_id=uploaded.id, attributes=attributes,
+            poll_interval_ms=300)
+        assert attached.status == "completed", attached.last_error
+        ids[filename] = uploaded.id
+    return {"id": vs.id, "files": ids}
+
+
+def top_filenames(client: OpenAI, store_id: str, query: str, **options: Any) -> list[str]:
+    page = client.vector_stores.search(store_id, query=query, **options)
+    return [r.filename for r in page.data]
+
+
+def test_each_format_is_ingested_and_the_right_document_ranks_first(
+        client: OpenAI, store: dict[str, Any]) -> None:
+    listed = client.vector_stores.retrieve(store["id"])
+    assert listed.file_counts.completed == len(DOCUMENTS) and listed.status == "completed"
+    for question, expected in QUESTIONS.items():
+        for mode in ("hybrid", "dense", "sparse"):
+            found = top_filenames(client, store["id"], question, max_num_results=3,
+                                  extra_body={"search_mode": mode})
+            assert found[0] == expected, (mode, question, found)
+
+
+def test_search_results_point_into_the_original_text(client: OpenAI, store: dict[str, Any]
+                                                     ) -> None:
+    page = client.vector_stores.search(store["id"], query="Glimmerfin heater temperature")
+    hit = page.data[0]
+    assert hit.filename == "heater.md" and hit.attributes == {"category": "pets", "year": 2023}
+    chunk = hit.model_extra["chunk"]  # type: ignore[index]
+    assert HEATER[chunk["start"]: chunk["end"]] == hit.content[0].text
+    html = top_filenames(client, store["id"], "Orbital lock reset button")
+    assert html[0] == "lock.html"
+    text = client.vector_stores.search(store["id"], query="Orbital lock reset").data[0]
+    assert "color: red" not in text.content[0].text and "var x" not in text.content[0].text
+    assert "press the reset button & turn" in text.content[0].text
+
+
+def test_filters_on_attributes(client: OpenAI, store: dict[str, Any]) -> None:
+    question = "How long is the warranty of the Zorblax kettle?"
+    bikes = top_filenames(client, store["id"], question,
+                          filters={"type": "eq", "key": "category", "value": "bikes"})
+    assert set(bikes) == {"lock.html"}
+    recent_kitchen = top_filenames(client, store["id"], question, filters={
+        "type": "and", "filters": [{"type": "eq", "key": "category", "value": "kitchen"},
+                                   {"type": "gte", "key": "year", "value": 2023}]})
+    assert set(recent_kitchen) == {"kettle.txt"}
+
+
+def test_answer_cites_the_source_with_offsets(client: OpenAI, store: dict[str, Any]) -> None:
+    retrieval = {"vector_store_ids": [store["id"]], "max_num_results": 2}
+    reply = client.chat.completions.create(
+        model=CHAT_MODEL, temperature=0, max_tokens=40, extra_body={"retrieval": retrieval},
+        messages=[{"role": "user", "content": "How long is the Zorblax 9000 kettle's "
+                                              "warranty?"}])
+    assert reply.choices[0].message.content
+    citations = reply.model_extra["citations"]  # type: ignore[index]
+    first = citations[0]
+    assert first["file_id"] == store["files"]["kettle.txt"] and first["filename"] == "kettle.txt"
+    assert KETTLE[first["start"]: first["end"]] == first["quote"]
+    assert "seven-year warranty" in first["quote"]
+
+
+def test_streamed_answer_ends_with_its_citations(client: OpenAI, store: dict[str, Any]) -> None:
+    stream = client.chat.completions.create(
+        model=CHAT_MODEL, temperature=0, max_tokens=20, stream=True,
+        extra_body={"retrieval": {"vector_store_ids": [store["id"]]}},
+        messages=[{"role": "user", "content": "How often is the Quartzline espresso machine "
+                                              "descaled?"}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.model_extra["citations"][0]["filename"] == "espresso.pdf"  # type: ignore[index]
+
+
+def test_nothing_relevant_means_no_invented_answer(client: OpenAI, store: dict[str, Any]
+                                                   ) -> None:
+    reply = client.chat.completions.create(
+        model=CHAT_MODEL, max_tokens=20, messages=[
+            {"role": "user", "content": "Who won the 1962 chess olympiad in Varna?"}],
+        extra_body={"retrieval": {"vector_store_ids": [store["id"]], "score_threshold": 0.6}})
+    assert reply.choices[0].message.content == NO_ANSWER
+    assert reply.model_extra["citations"] == []  # type: ignore[index]
+
+
+def test_a_second_tenant_cannot_see_search_or_cite(rag: tuple[Gateway, Running],
+                                                    store: dict[str, Any]) -> None:
+    gateway, _ = rag
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers, timeout=60) as admin:
+        tenant = admin.post("/admin/tenants", json={"name": f"other-{uuid.uuid4().hex[:6]}"})
+        key = admin.post("/admin/keys", json={"tenant_id": tenant.json()["id"]}).json()["key"]
+    other = OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=60)
+    assert store["id"] not in [s.id for s in other.vector_stores.list()]
+    with pytest.raises(NotFoundError):
+        other.vector_stores.retrieve(store["id"])
+    with pytest.raises(NotFoundError):
+        other.vector_stores.search(store["id"], query="Zorblax warranty")
+    with pytest.raises(NotFoundError):
+        other.chat.completions.create(
+            model=CHAT_MODEL, messages=[{"role": "user", "content": "Zorblax warranty?"}],
+            extra_body={"retrieval": {"vector_store_ids": [store["id"]]}})
+    with pytest.raises(NotFoundError):
+        other.vector_stores.files.delete(store["files"]["kettle.txt"], vector_store_id=store["id"])
+    # Its own store with the same text finds only its own chunks.
+    own = other.vector_stores.create(name="mine")
+    uploaded = other.files.create(file=("kettle.txt", KETTLE.encode()), purpose="assistants")
+    other.vector_stores.files.create_and_poll(vector_store_id=own.id, file_id=uploaded.id,
+                                              poll_interval_ms=300)
+    hits = other.vector_stores.search(own.id, query="Zorblax warranty").data
+    assert hits and {h.file_id for h in hits} == {uploaded.id}
+
+
+def test_bad_files_fail_with_a_clear_error(client: OpenAI, store: dict[str, Any]) -> None:
+    cases = {"broken.pdf": (b"%PDF-1.4\nthis is not really a pdf", "invalid_file"),
+             "photo.png": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64), "unsupported_file")}
+    for filename, (content, code) in cases.items():
+        uploaded = client.files.create(file=(filename, content), purpose="assistants")
+        done = client.vector_stores.files.create_and_poll(
+            vector_store_id=store["id"], file_id=uploaded.id, poll_interval_ms=300)
+        assert done.status == "failed" and done.last_error is not None
+        assert done.last_error.code == code and filename in done.last_error.message
+
+
+def test_bad_requests(rag: tuple[Gateway, Running], client: OpenAI, store: dict[str, Any]
+                      ) -> None:
+    gateway, _ = rag
+    url = f"{gateway.base_url}/vector_stores/{store['id']}/search"
+    empty = httpx.post(url, headers=gateway.headers, json={"query": "  "})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "query"
+    huge = httpx.post(url, headers=gateway.headers, json={"query": "x", "max_num_results": 10**6})
+    assert huge.status_code == 400 and huge.json()["error"]["param"] == "max_num_results"
+    bad_filter = httpx.post(url, headers=gateway.headers, json={
+        "query": "x", "filters": {"type": "like", "key": "year", "value": 1}})
+    assert bad_filter.status_code == 400 and "filters" in bad_filter.json()["error"]["param"]
+    missing = httpx.post(f"{gateway.base_url}/vector_stores/vs_nope/search",
+                         headers=gateway.headers, json={"query": "x"})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "invalid_request_error"
+    chunking = httpx.post(f"{gateway.base_url}/vector_stores/{store['id']}/files",
+                          headers=gateway.headers, json={
+                              "file_id": store["files"]["kettle.txt"], "chunking_strategy": {
+                                  "type": "static", "static": {"max_chunk_size_tokens": 200,
+                                                               "chunk_overlap_tokens": 150}}})
+    assert chunking.status_code == 400
+    assert chunking.json()["error"]["param"].startswith("chunking_strategy.static")
+
+
+def test_detaching_and_deleting_remove_results(client: OpenAI) -> None:
+    vs = client.vector_stores.create(name="temporary")
+    ids = []
+    for filename in ("kettle.txt", "heater.md"):
+        content, attributes = DOCUMENTS[filename]
+        uploaded = client.files.create(file=(filename, content), purpose="assistants")
+        client.vector_stores.files.create_and_poll(vector_store_id=vs.id, file_id=uploaded.id,
+                                                   attributes=attributes, poll_interval_ms=300)
+        ids.append(uploaded.id)
+    question = "Zorblax kettle warranty"
+    assert "kettle.txt" in top_filenames(client, vs.id, question)
+    client.vector_stores.files.delete(ids[0], vector_store_id=vs.id)
+    assert "kettle.txt" not in top_filenames(client, vs.id, question)
+    assert client.vector_stores.retrieve(vs.id).file_counts.total == 1
+    client.vector_stores.delete(vs.id)
+    with pytest.raises(NotFoundError):
+        client.vector_stores.search(vs.id, query=question)
