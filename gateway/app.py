@@ -219,7 +219,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await request.app.state.proxy.forward(request, EMBEDDINGS)  # type: ignore[no-any-return]
 
     app.include_router(v1)
-    app.include_router(files_router(files, auth))
+    async def forget_file(tenant_id: str, file_id: str) -> None:
+        """A deleted file leaves every vector store, chunks included."""
+        for store_id in await stores.detach_everywhere(tenant_id, file_id):
+            if retriever is not None:
+                await asyncio.to_thread(retriever.index.delete_file, store_id, file_id)
+
+    app.include_router(files_router(files, auth, forget_file))
     app.include_router(fine_tuning_router(settings, jobs, files, celery, auth))
     app.include_router(admin_router(db, tenants, auth, prices))
     if retriever is not None:

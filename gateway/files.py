@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -28,7 +28,12 @@ def _file_out(row: StoredFile) -> dict[str, Any]:
             "status_details": None}
 
 
-def files_router(files: Files, auth: Authenticator) -> APIRouter:
+OnDelete = Callable[[str, str], Awaitable[None]]  # (tenant_id, file_id)
+
+
+def files_router(files: Files, auth: Authenticator, on_delete: OnDelete | None = None
+                 ) -> APIRouter:
+    """`on_delete` runs before a file goes, so that what was built from it goes too."""
     router = APIRouter(prefix="/v1/files", tags=["files"], dependencies=[Depends(auth)])
 
     async def owned(request: Request, file_id: str) -> StoredFile:
@@ -95,6 +100,8 @@ def files_router(files: Files, auth: Authenticator) -> APIRouter:
     @router.delete("/{file_id}")
     async def delete(request: Request, file_id: str) -> dict[str, Any]:
         row = await owned(request, file_id)
+        if on_delete is not None:
+            await on_delete(row.tenant_id, row.id)
         await files.delete(row.tenant_id, row.id)
         return {"id": row.id, "object": "file", "deleted": True}
 

@@ -20,7 +20,7 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from gateway.errors import BadRequestError, NotFoundError
-from gateway.protocol import ChatCompletionRequest, RetrievalOptions
+from gateway.protocol import ChatCompletionRequest
 from llmops import tenancy
 from llmops.vector_stores import VectorStores
 from retrieval import InvalidFilterError, SparseEncoder, VectorIndex, parse_filters
@@ -113,7 +113,7 @@ class Retriever:
         sources = await self.search(tenant_id, options.vector_store_ids, [query],
                                     limit=options.max_num_results, filters=options.filters,
                                     threshold=threshold, mode=options.search_mode)
-        return Grounding(options, sources)
+        return Grounding(sources)
 
 
 class _Closed:
@@ -135,7 +135,6 @@ def _last_user_text(request: ChatCompletionRequest) -> str:
 
 @dataclass(frozen=True)
 class Grounding:
-    options: RetrievalOptions
     sources: list[Source]
 
     def citations(self) -> list[dict[str, Any]]:

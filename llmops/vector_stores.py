@@ -139,6 +139,15 @@ class VectorStores:
                 VectorStoreFile.store_id == store_id, VectorStoreFile.file_id == file_id))
             await session.commit()
 
+    async def detach_everywhere(self, tenant_id: str, file_id: str) -> list[str]:
+        """Take a file out of every store of its tenant; returns those stores' ids."""
+        where = (VectorStoreFile.tenant_id == tenant_id, VectorStoreFile.file_id == file_id)
+        async with self.db.session() as session:
+            stores = list(await session.scalars(select(VectorStoreFile.store_id).where(*where)))
+            await session.execute(delete(VectorStoreFile).where(*where))
+            await session.commit()
+        return stores
+
     async def pending(self, store_id: str, file_id: str) -> VectorStoreFile | None:
         """The row if its ingestion is still wanted."""
         async with self.db.session() as session:

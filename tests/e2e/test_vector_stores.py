@@ -274,6 +274,9 @@ def test_detaching_and_deleting_remove_results(client: OpenAI) -> None:
     client.vector_stores.files.delete(ids[0], vector_store_id=vs.id)
     assert "kettle.txt" not in top_filenames(client, vs.id, question)
     assert client.vector_stores.retrieve(vs.id).file_counts.total == 1
+    client.files.delete(ids[1])  # a deleted file leaves its stores too
+    assert "heater.md" not in top_filenames(client, vs.id, "Glimmerfin heater temperature")
+    assert client.vector_stores.retrieve(vs.id).file_counts.total == 0
     client.vector_stores.delete(vs.id)
     with pytest.raises(NotFoundError):
         client.vector_stores.search(vs.id, query=question)
