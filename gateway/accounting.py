@@ -15,10 +15,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import orjson
 
-from gateway.limits import Admission, Limiter
+from gateway.errors import ServiceUnavailableError
+from gateway.limits import Admission, Limiter, LimitExceededError
 from gateway.protocol import OpenAIRequest
 from llmops.catalog import CatalogEntry
 from llmops.ledger import LedgerPublisher, UsageEvent
@@ -26,7 +28,7 @@ from llmops.pricing import Price, request_cost
 from llmops.settings import PoolConfig
 from llmops.tenancy import Principal
 
-__all__ = ["Account", "Accountant", "PriceBook", "SseUsageTap"]
+__all__ = ["Account", "Accountant", "PriceBook", "RequestObserver", "SseUsageTap"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,22 @@ class PriceBook:
 
     def price(self, entry: CatalogEntry) -> Price | None:
         return self.prices.get(entry.name) or self.prices.get(entry.base.name)
+
+
+class RequestObserver(Protocol):
+    """Sees each request's life (the gateway's metrics). Called on the request path: every
+    method must be cheap and must not raise. `model` is the catalog name, never the raw one."""
+
+    def admitted(self, model: str) -> None: ...
+
+    def rejected(self, reason: str, tenant_id: str) -> None: ...
+
+    def retried(self, model: str) -> None: ...
+
+    def dispatched(self, model: str, pool: PoolConfig) -> None: ...
+
+    def finished(self, event: UsageEvent, model: str | None, pool: PoolConfig | None,
+                 admitted: bool) -> None: ...
 
 
 @dataclass
@@ -77,10 +95,12 @@ class Account:
 
 
 class Accountant:
-    def __init__(self, limiter: Limiter, publisher: LedgerPublisher, prices: PriceBook) -> None:
+    def __init__(self, limiter: Limiter, publisher: LedgerPublisher, prices: PriceBook,
+                 observer: RequestObserver | None = None) -> None:
         self.limiter = limiter
         self.publisher = publisher
         self.prices = prices
+        self.observer = observer
         self._pending: set[asyncio.Task[None]] = set()
 
     def open(self, who: Principal, request_id: str, endpoint: str) -> Account:
@@ -92,7 +112,15 @@ class Accountant:
         prompt, completion = estimate_tokens(entry, parsed, body_size)
         cost = max(request_cost(self.prices.price(entry), pool, prompt, completion)[0]
                    for pool in entry.base.pools)  # the dearest pool it may land on
-        account.admission = await self.limiter.admit(account.who, prompt + completion, cost)
+        try:
+            account.admission = await self.limiter.admit(account.who, prompt + completion, cost)
+        except (LimitExceededError, ServiceUnavailableError) as exc:
+            if self.observer is not None:
+                reason = exc.reason if isinstance(exc, LimitExceededError) else "unavailable"
+                self.observer.rejected(reason, account.who.tenant_id)
+            raise
+        if self.observer is not None:
+            self.observer.admitted(entry.name)
         # Durable before the model is called: a gateway killed now still leaves a record.
         await self.publisher.publish(self._event(account, status=0, final=False))
         return account.admission
@@ -116,6 +144,12 @@ class Accountant:
             self._settle(account.admission, event))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        if self.observer is not None:
+            try:
+                self.observer.finished(event, account.entry.name if account.entry else None,
+                                       account.pool, account.admission is not None)
+            except Exception:  # metrics must never fail a request
+                log.exception("request observer failed")
 
     async def _settle(self, admission: Admission | None, event: UsageEvent) -> None:
         try:

@@ -4,6 +4,7 @@ layers, health endpoints, and the lifespan that owns the pooled upstream client.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +26,7 @@ from gateway.accounting import Accountant, PriceBook
 from gateway.adapters import AdapterLoader
 from gateway.admin import admin_router
 from gateway.auth import Authenticator
-from gateway.errors import install_error_handlers
+from gateway.errors import error_body, install_error_handlers
 from gateway.files import files_router
 from gateway.fine_tuning import fine_tuning_router
 from gateway.limits import Limiter
@@ -45,8 +46,11 @@ from llmops.settings import Settings
 from llmops.store import Database, ModelPrice, upgrade
 from llmops.tenancy import Principal, Tenancy
 from llmops.vector_stores import VectorStores
+from observability.metrics import CONTENT_TYPE, GatewayMetrics
+from observability.server import MetricsServer
+from observability.sources import platform_readings
 from retrieval import open_index
-from workers.app import FINETUNE_TASK, make_celery
+from workers.app import FINETUNE_QUEUE, FINETUNE_TASK, INGEST_QUEUE, make_celery
 
 __all__ = ["create_app"]
 
@@ -88,6 +92,15 @@ async def _requeue_orphans(jobs: FineTuning, celery: Celery) -> None:
         await asyncio.to_thread(celery.send_task, FINETUNE_TASK, args=[job_id])
 
 
+def _scrape(metrics: GatewayMetrics, authorization: str | None) -> tuple[int, bytes, str]:
+    """One scrape of `/metrics`, on the API's port or on a port of its own."""
+    if not metrics.authorized(authorization):
+        return 401, error_body("Scraping metrics needs the metrics token.",
+                               "invalid_request_error", code="invalid_api_key"), \
+            "application/json"
+    return 200, metrics.exposition(), CONTENT_TYPE
+
+
 def _body(schema: type[Any]) -> dict[str, Any]:
     ref = {"$ref": f"#/components/schemas/{schema.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
@@ -102,8 +115,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     auth = Authenticator(tenants, settings.admin_key_hash(), settings.key_cache_ttl_s)
     prices = PriceBook()
     publisher = LedgerPublisher(redis, settings.redis_prefix, settings.ledger.spool_path)
-    accountant = Accountant(Limiter(redis, db, settings.redis_prefix, settings.limits),
-                            publisher, prices)
     files = Files(db, settings.files.root, settings.files.max_bytes)
     jobs = FineTuning(db)
     celery = make_celery(settings)  # a client only: the gateway enqueues, workers train
@@ -113,6 +124,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         m.name: Router([Pool.from_config(p, settings.routing) for p in m.pools], scorers)
         for m in settings.models
     }
+    metrics = None
+    if settings.metrics.enabled:
+        metrics = GatewayMetrics(settings.metrics, settings.models, routers)
+        metrics.add_readings(platform_readings(
+            db, redis, celery.conf.broker_transport_options.get("global_keyprefix", ""),
+            (FINETUNE_QUEUE, INGEST_QUEUE)))
+    accountant = Accountant(Limiter(redis, db, settings.redis_prefix, settings.limits),
+                            publisher, prices, observer=metrics)
     embedding = settings.embedding_model()
     stores = VectorStores(db)
     retriever = None
@@ -153,6 +172,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     collection=cfg.collection, api_key=key, timeout_s=cfg.qdrant_timeout_s)
                 app.state.proxy.retriever = retriever
             await monitor.start()
+            metrics_server = None
+            if metrics is not None:
+                await metrics.start()
+                if settings.metrics.port is not None:
+                    metrics_server = MetricsServer(settings.host, settings.metrics.port,
+                                                   functools.partial(_scrape, metrics))
+                    await metrics_server.start()
             loader = AdapterLoader(settings, jobs, routers, catalog, session)
             tasks += [asyncio.create_task(_every(3.0, loader.reconcile)),
                       asyncio.create_task(_every(10.0, lambda: _requeue_orphans(jobs, celery)))]
@@ -162,6 +188,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 yield
             finally:
+                if metrics_server is not None:
+                    await metrics_server.stop()
+                if metrics is not None:
+                    await metrics.stop()
                 await monitor.stop()
                 await accountant.drain()  # every finished request's record is published
                 if retriever is not None:
@@ -232,6 +262,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(vector_stores_router(settings, stores, files, retriever, celery,
                                                 auth))
         app.include_router(internal_router(settings, stores, retriever, auth))
+
+    if metrics is not None and settings.metrics.port is None:
+        @app.get("/metrics", include_in_schema=False)
+        async def prometheus_metrics(request: Request) -> Response:
+            status, body, content_type = _scrape(metrics, request.headers.get("authorization"))
+            return Response(body, status_code=status, headers={"content-type": content_type})
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> Response:

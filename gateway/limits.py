@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -26,7 +27,7 @@ from llmops.settings import LimitsConfig
 from llmops.store import Database
 from llmops.tenancy import Principal
 
-__all__ = ["Admission", "Limiter", "period_start"]
+__all__ = ["Admission", "LimitExceededError", "Limiter", "period_start"]
 
 # KEYS: bucket keys. ARGV: pairs of (capacity per minute, cost). Returns {1, remaining...}
 # when every bucket had room (all are debited), else {0, index, seconds until it would}.
@@ -100,6 +101,15 @@ for i = 1, #KEYS / 2 do
 end
 return 1
 """
+
+
+class LimitExceededError(RateLimitError):
+    """A 429 from the limiter; `reason` (rate_limit, token_limit or budget) says which kind
+    of limit refused the request, as a bounded metric label."""
+
+    def __init__(self, message: str, *, reason: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.reason = reason
 
 
 def period_start(period: str, now: datetime | None = None) -> datetime:
@@ -214,10 +224,10 @@ class Limiter:
                             ) -> None:
         for bucket, cost in buckets:
             if cost > bucket.capacity:
-                raise RateLimitError(
+                raise LimitExceededError(
                     f"Request too large: it may use up to {cost} tokens, over the {bucket.scope}"
                     f"'s limit of {bucket.capacity} tokens per minute. Lower max_tokens.",
-                    code="rate_limit_exceeded")
+                    reason="token_limit", code="rate_limit_exceeded")
         argv: list[int] = []
         for bucket, cost in buckets:
             argv += [bucket.capacity, cost]
@@ -225,9 +235,10 @@ class Limiter:
         if int(result[0]) == 0:
             bucket = buckets[int(result[1]) - 1][0]
             wait = float(result[2])
-            raise RateLimitError(
+            raise LimitExceededError(
                 f"Rate limit reached for {bucket.kind} per minute on this {bucket.scope}: "
                 f"limit {bucket.capacity}. Try again in {wait:.1f}s.",
+                reason="rate_limit" if bucket.kind == "requests" else "token_limit",
                 code="rate_limit_exceeded",
                 headers={"retry-after": str(max(1, int(wait + 0.999))),
                          **_limit_headers(buckets, None)})
@@ -247,9 +258,10 @@ class Limiter:
             budget = budgets[index - 1]
             if status == 0:
                 scope = "key" if budget.column == "key_id" else "tenant"
-                raise RateLimitError(
+                raise LimitExceededError(
                     f"You exceeded the budget of this {scope}: {budget.budget:.4f} USD for the "
-                    "current period.", code="insufficient_quota", type_="insufficient_quota")
+                    "current period.", reason="budget", code="insufficient_quota",
+                    type_="insufficient_quota")
             # The period's spend is not in Redis yet: load it from the ledger, once.
             spent = await spend_since(self.db, budget.column, budget.owner, budget.start)
             await self.redis.set(budget.spent, repr(spent), nx=True, ex=budget.ttl_s)

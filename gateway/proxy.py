@@ -246,11 +246,14 @@ class Proxy:
         self, entry: CatalogEntry, path: str, body: bytes, headers: dict[str, str]
     ) -> tuple[Replica, aiohttp.ClientResponse]:
         router = self.routers[entry.base.name]
+        observer = self.accountant.observer
         tried: set[int] = set()
         for _ in range(self.max_attempts):
             replica = router.choose(RouteRequest(entry.adapter, frozenset(tried)))
             if replica is None:
                 break
+            if tried and observer is not None:
+                observer.retried(entry.name)
             replica.acquire()
             try:
                 resp = await self.session.post(
@@ -270,6 +273,8 @@ class Proxy:
             except BaseException:
                 replica.release(ok=True)  # cancelled by the client, not the replica's fault
                 raise
+            if observer is not None and replica.config is not None:
+                observer.dispatched(entry.name, replica.config)
             return replica, resp
         raise NoHealthyBackendError(
             f"No healthy backend is available for model `{entry.name}`. Try again later."

@@ -26,6 +26,7 @@ __all__ = [
     "FineTuneConfig",
     "LedgerConfig",
     "LimitsConfig",
+    "MetricsConfig",
     "ModelConfig",
     "PoolConfig",
     "RetrievalConfig",
@@ -162,6 +163,25 @@ class RetrievalConfig(_Strict):
         0.3, ge=0, le=1, description="Default relevance floor for answers with retrieval.")
 
 
+class MetricsConfig(_Strict):
+    """The gateway's Prometheus metrics and who may scrape them."""
+
+    enabled: bool = Field(True, description="Serve Prometheus metrics at `GET /metrics`.")
+    token: SecretStr | None = Field(
+        None, description="When set, scrapes must send `Authorization: Bearer <token>`.")
+    port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Serve `/metrics` on this port of `host` instead of the API's port.")
+    top_tenants: int = Field(
+        20, ge=0, description="Busiest tenants that get a label value of their own; the "
+        "rest are counted as `other`.")
+    tenants: list[str] = Field(
+        default_factory=list, description="Tenant ids always labelled (beyond the top ones).")
+    refresh_s: float = Field(
+        5.0, gt=0, description="How often fine-tuning jobs, vector store files and Celery "
+        "queue lengths are read (scrapes read the cached figures).")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMOPS_", env_nested_delimiter="__", extra="forbid"
@@ -187,6 +207,7 @@ class Settings(BaseSettings):
     files: FilesConfig = Field(default_factory=FilesConfig)
     finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log_level: str = "info"
 
     @classmethod
