@@ -70,13 +70,13 @@ class EdgeIndex(QdrantIndex):
     def optimize(self) -> bool:
         """Build indexes and vacuum deletions; True when anything was optimized. Blocks the
         whole process while it runs (see the module docstring)."""
-        with self._write_lock:
+        with self._lock.write():
             optimized = self._shard.optimize()
             self._shard.flush()
             return optimized
 
     def close(self) -> None:
-        with self._write_lock:
+        with self._lock.write():
             if not self._closed:
                 self._closed = True
                 self._shard.flush()

@@ -23,7 +23,8 @@ import math
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -161,17 +162,18 @@ class QdrantIndex(ABC):
     """The engine-independent half: validation, tenant scoping, scores, replace semantics.
 
     `replace_file` upserts the new points, then deletes the file's points that are not among
-    them. Each step is atomic, the pair is not: a search in between may see old and new
-    chunks together (never none), and after a crash in between the old ones linger until the
-    file is ingested again (ids are deterministic, so that is idempotent). Writes through one
-    index object are serialised, so two replacements of a file cannot interleave in-process.
+    them. A readers-writer lock makes the pair one step for every search through the same
+    index object (the gateway's, which owns the index): a search sees the old chunks or the
+    new ones, never both and never none. Searches from other processes sharing a Qdrant
+    server may see both for a moment. After a crash in between, the old chunks linger until
+    the file is ingested again (ids are deterministic, so that is idempotent).
     """
 
     def __init__(self, dense_size: int) -> None:
         if dense_size < 1:
             raise ValueError("dense_size must be positive")
         self.dense_size = dense_size
-        self._write_lock = threading.Lock()
+        self._lock = ReadWriteLock()
 
     def replace_file(self, tenant: str, store: str, file: str, points: Sequence[Point]) -> None:
         for point in points:
@@ -184,17 +186,17 @@ class QdrantIndex(ABC):
         stale: list[Condition] = [Match("store", store), Match("file", file)]
         if points:
             stale.append(Not(HasId(tuple(p.id for p in points))))
-        with self._write_lock:
+        with self._lock.write():
             if points:
                 self._upsert(points)
             self._delete(And(tuple(stale)))
 
     def delete_file(self, store: str, file: str) -> None:
-        with self._write_lock:
+        with self._lock.write():
             self._delete(And((Match("store", store), Match("file", file))))
 
     def delete_store(self, store: str) -> None:
-        with self._write_lock:
+        with self._lock.write():
             self._delete(Match("store", store))
 
     def count(self, store: str) -> int:
@@ -228,7 +230,9 @@ class QdrantIndex(ABC):
         deeper = mode == "hybrid" and score_threshold > 0
         query = Query(mode, query_dense, None if mode == "dense" else sparse, scope,
                       _scope(tenant, stores, None), prefetch if deeper else limit, prefetch)
-        hits = [Hit(f.id, self._score(query, f), f.payload) for f in self._query(query)]
+        with self._lock.read():
+            found = self._query(query)
+        hits = [Hit(f.id, self._score(query, f), f.payload) for f in found]
         return [h for h in hits if h.score >= score_threshold][:limit]
 
     @abstractmethod
@@ -265,6 +269,46 @@ class QdrantIndex(ABC):
     @abstractmethod
     def _query(self, query: Query) -> list[Found]:
         """Run `query`; in hybrid mode each result carries its stored dense vector."""
+
+
+class ReadWriteLock:
+    """Any number of readers at once, or one writer; a waiting writer goes before new
+    readers, so a steady stream of searches cannot hold off a replacement forever."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writers_waiting = 0
+        self._writing = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
 
 
 def _cosine(a: Sequence[float], b: Sequence[float]) -> float:

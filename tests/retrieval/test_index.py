@@ -289,3 +289,28 @@ os._exit(0)
         assert index.count("vs_a") == 1
     finally:
         index.close()
+
+
+def test_searches_never_see_a_half_replaced_file(index: QdrantIndex) -> None:
+    """A search running while a file is replaced sees the old version or the new one."""
+    import threading
+
+    versions = {v: [point(f"alpha {v} {i}", vec(1.0, i / 10), chunk=i, content=v)
+                    for i in range(size)] for v, size in (("v1", 12), ("v2", 5))}
+    index.replace_file("t1", "vs_a", "file-1", versions["v1"])
+    done = threading.Event()
+
+    def writer() -> None:
+        for n in range(40):
+            index.replace_file("t1", "vs_a", "file-1", versions["v2" if n % 2 == 0 else "v1"])
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen = set()
+    while not done.is_set():
+        words = {t.split()[1] for t in texts(search(index, limit=20))}
+        assert len(words) == 1, words  # one version at a time
+        seen |= words
+    thread.join()
+    assert seen <= {"v1", "v2"}
