@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The stamp depends on pyproject.toml: editing dependencies reinstalls, re-running does not.
 
-.PHONY: install models up down status test lint typecheck clean
+.PHONY: install models prometheus up down status test lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ up: install
 down:
 	@test -x $(BIN)/llmops && $(BIN)/llmops down || echo "nothing to stop (not installed)"
 
+# Debian's prometheus (2.42) gives the tests a real server and promtool. Its service is never
+# started (tests run their own on a free port): a policy-rc.d that says no covers the install.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+prometheus:
+	@command -v promtool >/dev/null || { \
+	  ours=; test -e /usr/sbin/policy-rc.d || { ours=1; \
+	    printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null; \
+	    $(SUDO) chmod +x /usr/sbin/policy-rc.d; }; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends prometheus; \
+	  rc=$$?; test -z "$$ours" || $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$rc; }
+
 status: install
 	$(BIN)/llmops status
 
@@ -36,7 +48,7 @@ typecheck: install
 	$(BIN)/mypy
 
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
-test: install models lint typecheck
+test: install models prometheus lint typecheck
 	$(BIN)/pytest
 
 clean: down

@@ -1,0 +1,241 @@
+"""Grafana dashboards for llmops, written as JSON into `observability/dashboards/`.
+
+The JSON files are what Grafana (and the Helm chart) loads; this module is how they are made,
+so that every panel has the same datasource, layout rules and units. After editing a panel:
+`python -m observability.dashboards` (a test checks that the files match this module).
+Every query reads the `${datasource}` Prometheus, scraping the gateway (`llmops_*`) and the
+vLLM engines (`vllm:*`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DASHBOARDS", "FOLDER", "Dashboard", "Panel", "render", "write"]
+
+FOLDER = Path(__file__).parent / "dashboards"
+_DS = {"type": "prometheus", "uid": "${datasource}"}
+_WIDTH = 24
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    unit: str
+    targets: tuple[tuple[str, str], ...]  # (PromQL, legend)
+    kind: str = "timeseries"  # timeseries | stat | bargauge
+    width: int = 12
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    uid: str
+    title: str
+    description: str
+    panels: tuple[Panel, ...]
+    tags: tuple[str, ...] = field(default=("llmops",))
+
+
+def _q(quantile: float, family: str, by: str) -> str:
+    return (f"histogram_quantile({quantile}, sum by ({by}, le) "
+            f"(rate({family}_bucket[1m])))")
+
+
+def _quantiles(family: str, by: str) -> tuple[tuple[str, str], ...]:
+    return tuple((_q(q, family, by), f"p{round(q * 100)} {{{{{by}}}}}")
+                 for q in (0.5, 0.95, 0.99))
+
+
+def _ratio(selector: str, by: str) -> str:
+    """The share of requests matching `selector`, 0 (not absent) while none do."""
+    total = f"sum by ({by}) (rate(llmops_requests_total[1m]))"
+    part = f"sum by ({by}) (rate(llmops_requests_total{{{selector}}}[1m]))"
+    return f"({part} or {total} * 0) / {total}"
+
+
+GATEWAY = Dashboard("llmops-gateway", "llmops / Gateway overview",
+                    "Traffic, errors, latency and backends of the llmops gateway.", (
+    Panel("Requests by model and status", "reqps",
+          (("sum by (model, status_class) (rate(llmops_requests_total[1m]))",
+            "{{model}} {{status_class}}"),)),
+    Panel("Error ratio", "percentunit",
+          ((_ratio('status_class="5xx"', "model"), "5xx {{model}}"),
+           (_ratio('status_class="4xx"', "model"), "4xx {{model}}")),
+          description="Share of requests ending in a server (5xx) or client (4xx) error."),
+    Panel("Latency (end to end)", "s", _quantiles("llmops_request_duration_seconds", "model"),
+          width=8),
+    Panel("Time to first token (streams)", "s",
+          _quantiles("llmops_time_to_first_token_seconds", "model"), width=8),
+    Panel("Time per output token (streams)", "s",
+          _quantiles("llmops_time_per_output_token_seconds", "model"), width=8),
+    Panel("Requests in flight", "short",
+          (("sum by (model) (llmops_requests_in_flight)", "{{model}}"),), width=8),
+    Panel("Tokens by model", "short",
+          (("sum by (model, kind) (rate(llmops_tokens_total[1m]))", "{{model}} {{kind}}"),),
+          width=8, description="Tokens per second, prompt and completion."),
+    Panel("Requests by device", "reqps",
+          (("sum by (device, pool) (rate(llmops_requests_total[1m]))", "{{device}} {{pool}}"),),
+          width=8),
+    Panel("Retries and fallbacks", "reqps",
+          (("sum by (model) (rate(llmops_upstream_retries_total[1m]))", "retries {{model}}"),
+           ("sum by (model, from_device, to_device) (rate(llmops_fallbacks_total[1m]))",
+            "fallback {{model}} {{from_device}} to {{to_device}}"))),
+    Panel("Backends", "short",
+          (("llmops_backend_healthy", "{{model}} {{pool}} {{replica}}"),), kind="stat",
+          description="1: the replica passes its health probes."),
+    Panel("Replicas by circuit state", "short",
+          (("sum by (state) (llmops_circuit_state)", "{{state}}"),), kind="stat"),
+))
+
+TENANTS = Dashboard("llmops-tenants", "llmops / Tenants and cost",
+                    "Who uses the platform, what it costs and who gets refused.", (
+    Panel("Top tenants by requests", "reqps",
+          (("topk(10, sum by (tenant) (rate(llmops_requests_total[1m])))", "{{tenant}}"),)),
+    Panel("Top tenants by tokens", "short",
+          (("topk(10, sum by (tenant) (rate(llmops_tokens_total[1m])))", "{{tenant}}"),),
+          description="Tokens per second, prompt and completion."),
+    Panel("Top tenants by cost", "currencyUSD",
+          (("topk(10, sum by (tenant) (rate(llmops_cost_usd_total[1m])) * 3600)",
+            "{{tenant}}"),), description="Spend rate in US dollars per hour."),
+    Panel("Cost by model, last 24 h", "currencyUSD",
+          (("sum by (model) (increase(llmops_cost_usd_total[24h]))", "{{model}}"),),
+          kind="bargauge"),
+    Panel("Rejections by reason", "reqps",
+          (("sum by (reason) (rate(llmops_rejections_total[1m]))", "{{reason}}"),)),
+    Panel("Rejections by tenant", "reqps",
+          (("topk(10, sum by (tenant) (rate(llmops_rejections_total[1m])))", "{{tenant}}"),)),
+))
+
+VLLM = Dashboard("llmops-vllm", "llmops / vLLM engines",
+                 "The engines' own metrics, per instance and model.", (
+    Panel("Running requests", "short",
+          (("sum by (instance, model_name) (vllm:num_requests_running)",
+            "{{model_name}} {{instance}}"),), width=8),
+    Panel("Waiting requests", "short",
+          (("sum by (instance, model_name) (vllm:num_requests_waiting)",
+            "{{model_name}} {{instance}}"),), width=8),
+    Panel("KV cache use", "percentunit",
+          (("max by (instance, model_name) (vllm:kv_cache_usage_perc)",
+            "{{model_name}} {{instance}}"),), width=8),
+    Panel("Time to first token", "s",
+          _quantiles("vllm:time_to_first_token_seconds", "model_name")),
+    Panel("Inter-token latency", "s",
+          _quantiles("vllm:inter_token_latency_seconds", "model_name")),
+    Panel("Tokens", "short",
+          (("sum by (model_name) (rate(vllm:prompt_tokens_total[1m]))", "prompt {{model_name}}"),
+           ("sum by (model_name) (rate(vllm:generation_tokens_total[1m]))",
+            "generation {{model_name}}")), description="Tokens per second."),
+    Panel("Finished requests by reason", "reqps",
+          (("sum by (model_name, finished_reason) (rate(vllm:request_success_total[1m]))",
+            "{{model_name}} {{finished_reason}}"),)),
+))
+
+FINETUNING = Dashboard("llmops-finetuning", "llmops / Fine-tuning",
+                       "Fine-tuning jobs and their Celery queue.", (
+    Panel("Jobs by status", "short",
+          (("sum by (status) (llmops_finetune_jobs)", "{{status}}"),)),
+    Panel("Finetune queue length", "short",
+          (('sum(llmops_queue_length{queue="finetune"})', "waiting"),)),
+    Panel("Running and queued", "short",
+          (('sum(llmops_finetune_jobs{status="running"})', "running"),
+           ('sum(llmops_finetune_jobs{status="queued"})', "queued")), kind="stat"),
+    Panel("Jobs ended, last 24 h", "short",
+          (('sum by (status) (delta(llmops_finetune_jobs{status=~"succeeded|failed|cancelled"}'
+            '[24h]))', "{{status}}"),), kind="stat"),
+))
+
+RETRIEVAL = Dashboard("llmops-retrieval", "llmops / Retrieval",
+                      "Vector store ingestion and embedding traffic.", (
+    Panel("Vector store files by status", "short",
+          (("sum by (status) (llmops_vector_store_files)", "{{status}}"),)),
+    Panel("Ingest queue length", "short",
+          (('sum(llmops_queue_length{queue="ingest"})', "waiting"),)),
+    Panel("Embedding requests", "reqps",
+          (('sum by (model, status_class) (rate(llmops_requests_total{endpoint="/v1/embeddings"}'
+            '[1m]))', "{{model}} {{status_class}}"),)),
+    Panel("Failed files", "short",
+          (('sum(llmops_vector_store_files{status="failed"})', "failed"),), kind="stat"),
+))
+
+DRIFT = Dashboard("llmops-drift", "llmops / Drift",
+                  "Drift of recent traffic from the reference window, per model and signal.", (
+    Panel("Drift score and threshold", "short",
+          (("llmops_drift_score", "score {{model}} {{signal}}"),
+           ("llmops_drift_threshold", "threshold {{model}} {{signal}}")), width=24),
+    Panel("Score relative to threshold", "percentunit",
+          (("llmops_drift_score / llmops_drift_threshold", "{{model}} {{signal}}"),),
+          description="Over 100%: the signal drifted past its threshold."),
+    Panel("Signals over threshold", "short",
+          (("count by (model) (llmops_drift_score > llmops_drift_threshold)", "{{model}}"),),
+          kind="stat"),
+))
+
+DASHBOARDS = (GATEWAY, TENANTS, VLLM, FINETUNING, RETRIEVAL, DRIFT)
+
+
+def _panel(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": pid,
+        "type": panel.kind,
+        "title": panel.title,
+        "datasource": _DS,
+        "gridPos": {"h": 8, "w": panel.width, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
+        "targets": [{"refId": chr(ord("A") + i), "datasource": _DS, "expr": expr,
+                     "legendFormat": legend, "range": True}
+                    for i, (expr, legend) in enumerate(panel.targets)],
+    }
+    if panel.description:
+        out["description"] = panel.description
+    if panel.kind == "timeseries":
+        out["options"] = {"legend": {"displayMode": "list", "placement": "bottom"},
+                          "tooltip": {"mode": "multi"}}
+    return out
+
+
+def render(dashboard: Dashboard) -> dict[str, Any]:
+    """The dashboard as Grafana's JSON model; panels flow left to right, 8 units high."""
+    panels, x, y = [], 0, 0
+    for pid, panel in enumerate(dashboard.panels, start=1):
+        if x + panel.width > _WIDTH:
+            x, y = 0, y + 8
+        panels.append(_panel(panel, pid, x, y))
+        x += panel.width
+    return {
+        "uid": dashboard.uid,
+        "title": dashboard.title,
+        "description": dashboard.description,
+        "tags": list(dashboard.tags),
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "timezone": "browser",
+        "refresh": "30s",
+        "time": {"from": "now-6h", "to": "now"},
+        "templating": {"list": [{
+            "name": "datasource", "label": "Data source", "type": "datasource",
+            "query": "prometheus", "current": {}, "hide": 0, "refresh": 1,
+        }]},
+        "annotations": {"list": []},
+        "panels": panels,
+    }
+
+
+def write(folder: Path = FOLDER) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for dashboard in DASHBOARDS:
+        path = folder / f"{dashboard.uid}.json"
+        path.write_text(json.dumps(render(dashboard), indent=2) + "\n")
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for written in write(Path(sys.argv[1]) if len(sys.argv) > 1 else FOLDER):
+        print(written)
