@@ -2,10 +2,13 @@
 
 All tenants share one collection (a shard for Edge) with a named dense vector `dense`
 (cosine) and a sparse vector `bm25` (Qdrant's IDF modifier over `SparseEncoder` weights).
-Every search is filtered to `tenant == X AND store IN stores` by `_scope`, the only place
-search filters are built, so a tenant never sees another tenant's chunks, even when it
+Every search is filtered by `_scope`, the only place search filters are built, to the chunks
+of `stores` owned by `tenant`, so a tenant never sees another tenant's chunks, even when it
 names their store ids. IDF statistics are taken over that same scope, so other tenants'
-documents do not shift scores either.
+documents do not shift scores either. The scope is one keyword condition on the `scope`
+field (`scope_key(tenant, store)`, stamped on every point by `replace_file`), not `tenant
+== X AND store IN stores`: Edge evaluates a compound filter on unoptimized segments about
+twice as slowly (hybrid search over 100k chunks: ~10 ms -> ~5 ms, bench/retrieval_latency).
 
 Scores are all in [0, 1], and `score_threshold` drops hits scoring below it:
 - dense: the cosine similarity of query and chunk, clipped to [0, 1];
@@ -20,12 +23,13 @@ Scores are all in [0, 1], and `score_threshold` drops hits scoring below it:
 from __future__ import annotations
 
 import math
+import operator
 import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,6 +50,7 @@ __all__ = [
     "VectorIndex",
     "open_index",
     "point_id",
+    "scope_key",
 ]
 
 DEFAULT_COLLECTION = "llmops_chunks"
@@ -54,8 +59,15 @@ SPARSE_VECTOR = "bm25"
 SEARCH_MODES = ("hybrid", "dense", "sparse")
 RRF_K = 60  # the constant of Cormack et al.; both adapters pass it explicitly
 SPARSE_SCORE_PIVOT = 10.0  # about two rare query terms matched: "half relevant"
-INDEXED_FIELDS = ("tenant", "store", "file")
+SCOPE_FIELD = "scope"  # internal: never returned in hits
+INDEXED_FIELDS = ("tenant", "store", "file", SCOPE_FIELD)
 _ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://llmops.local/retrieval/chunk")
+
+
+def scope_key(tenant: str, store: str) -> str:
+    """The `scope` payload value of `tenant`'s chunks in `store`; the length prefix keeps it
+    unambiguous whatever characters the ids hold."""
+    return f"{len(tenant)}:{tenant}/{store}"
 
 
 def point_id(store: str, file: str, content_hash: str, chunk_index: int) -> str:
@@ -152,7 +164,10 @@ def _scope(tenant: str, stores: Sequence[str], filters: Mapping[str, Any] | None
     """The filter of every search: this tenant, these stores, then the caller's filters."""
     if not tenant:
         raise ValueError("tenant must not be empty")
-    parts: list[Condition] = [Match("tenant", tenant), MatchAny("store", tuple(stores))]
+    keys = tuple(scope_key(tenant, store) for store in stores)
+    # One condition, and Match rather than MatchAny when it can: both are cheaper on Edge.
+    parts: list[Condition] = [Match(SCOPE_FIELD, keys[0]) if len(keys) == 1
+                              else MatchAny(SCOPE_FIELD, keys)]
     if filters is not None:
         parts.append(parse_filters(filters))
     return And(tuple(parts))
@@ -186,9 +201,11 @@ class QdrantIndex(ABC):
         stale: list[Condition] = [Match("store", store), Match("file", file)]
         if points:
             stale.append(Not(HasId(tuple(p.id for p in points))))
+        key = scope_key(tenant, store)
+        stamped = [replace(p, payload={**p.payload, SCOPE_FIELD: key}) for p in points]
         with self._lock.write():
-            if points:
-                self._upsert(points)
+            if stamped:
+                self._upsert(stamped)
             self._delete(And(tuple(stale)))
 
     def delete_file(self, store: str, file: str) -> None:
@@ -232,6 +249,8 @@ class QdrantIndex(ABC):
                       _scope(tenant, stores, None), prefetch if deeper else limit, prefetch)
         with self._lock.read():
             found = self._query(query)
+        for f in found:
+            f.payload.pop(SCOPE_FIELD, None)
         hits = [Hit(f.id, self._score(query, f), f.payload) for f in found]
         return [h for h in hits if h.score >= score_threshold][:limit]
 
@@ -312,8 +331,9 @@ class ReadWriteLock:
 
 
 def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
-    norm = math.sqrt(math.fsum(x * x for x in a) * math.fsum(y * y for y in b))
-    return math.fsum(x * y for x, y in zip(a, b, strict=True)) / norm if norm else 0.0
+    # sum(map(mul)) is 3x faster than fsum over a generator: 20 us for 384 dimensions.
+    norm = math.sqrt(sum(map(operator.mul, a, a)) * sum(map(operator.mul, b, b)))
+    return sum(map(operator.mul, a, b)) / norm if norm else 0.0
 
 
 def open_index(url: str | None, path: Path, dense_size: int, *,

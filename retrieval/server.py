@@ -57,19 +57,25 @@ class ServerIndex(QdrantIndex):
             # Another process created it between our check and our call: use theirs.
             self._check_collection()
             return
-        for field in INDEXED_FIELDS:
+        self._create_indexes(INDEXED_FIELDS)
+
+    def _create_indexes(self, fields: Sequence[str]) -> None:
+        for field in fields:
             schema = models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD,
                                                is_tenant=field == "tenant")
             self.client.create_payload_index(self.collection, field, field_schema=schema,
                                              wait=True)
 
     def _check_collection(self) -> None:
-        vectors = self.client.get_collection(self.collection).config.params.vectors
+        info = self.client.get_collection(self.collection)
+        vectors = info.config.params.vectors
         dense = vectors.get(DENSE_VECTOR) if isinstance(vectors, dict) else None
         if dense is None or dense.size != self.dense_size:
             size = None if dense is None else dense.size
             raise ValueError(f"collection {self.collection!r} holds {DENSE_VECTOR!r} vectors "
                              f"of size {size}, not {self.dense_size}")
+        # A collection from an older version may lack an index that searches now filter on.
+        self._create_indexes([f for f in INDEXED_FIELDS if f not in (info.payload_schema or {})])
 
     def close(self) -> None:
         self.client.close()

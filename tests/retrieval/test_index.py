@@ -23,6 +23,7 @@ from retrieval import (
     ServerIndex,
     SparseEncoder,
 )
+from retrieval.index import scope_key
 
 DIM = 8
 ENCODER = SparseEncoder()
@@ -314,3 +315,12 @@ def test_searches_never_see_a_half_replaced_file(index: QdrantIndex) -> None:
         seen |= words
     thread.join()
     assert seen <= {"v1", "v2"}
+
+
+def test_the_scope_field_is_internal_and_unambiguous(index: QdrantIndex) -> None:
+    index.replace_file("t1", "vs_a", "f1", [point("alpha", E0, file="f1")])
+    for mode in ("dense", "sparse", "hybrid"):
+        hits = search(index, mode, text="alpha")
+        assert [h.payload["file"] for h in hits] == ["f1"]
+        assert "scope" not in hits[0].payload
+    assert scope_key("a/b", "c") != scope_key("a", "b/c")
