@@ -47,7 +47,7 @@ from llmops.stack import (
 )
 
 KEY = "sk-bench-retrieval-quality"
-CRANFIELD = Path("/work/shared/data/cranfield")
+CRANFIELD = Path("../shared/data/cranfield")  # beside the checkout, as on our machines; or --data
 MODES = ("dense", "sparse", "hybrid")
 BASELINES = {"sparse": (0.327, 0.370), "dense": (0.358, 0.414), "hybrid": (0.389, 0.435)}
 BASELINE_NAMES = {"sparse": "BM25 (bm25s)", "dense": "dense MiniLM", "hybrid": "RRF k=60"}

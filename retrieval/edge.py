@@ -7,10 +7,12 @@ not flush per write, since a flush takes about 100 ms and holds the GIL; `close(
 The binding is safe to call from several threads, but holds the GIL inside its calls, so a
 long call stalls every thread of the process (the gateway's event loop included). Searches
 and upserts take milliseconds. Edge has no background optimizer: `optimize()` builds the
-HNSW index and vacuums deleted points (dense search at 10k points: 11 ms -> 0.5 ms), but it
-freezes the process for its whole run (about 10 s per 10k 384-dim points here), so run it
-in a maintenance window, or use a Qdrant server. A shard folder is locked by the process
-that opens it.
+HNSW index and vacuums deleted points, but it freezes the process for its whole run (2.5 s
+at 10k 384-dim points, 73-200 s at 100k on 2 cores). Unoptimized, a search scans the points
+of its scope: under 10 ms p99 while a search scopes up to ~30k chunks (100k chunks over 10
+tenants: hybrid p99 8.3 ms, no faster once optimized; see docs/benchmarks.md). Beyond that,
+use a Qdrant server, or optimize with the gateway stopped. A shard folder is locked by the
+process that opens it.
 """
 
 from __future__ import annotations

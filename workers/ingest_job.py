@@ -13,6 +13,7 @@ import asyncio
 import base64
 import functools
 import logging
+import threading
 from typing import Any
 
 import aiohttp
@@ -39,8 +40,17 @@ class IngestError(Exception):
         self.code = code
 
 
-@functools.cache
+_loading = threading.Lock()
+
+
 def _tokenizer(weights: str) -> Any:
+    # Under a lock: threads of one worker importing transformers at once fail to import it.
+    with _loading:
+        return _load_tokenizer(weights)
+
+
+@functools.cache
+def _load_tokenizer(weights: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(weights)
