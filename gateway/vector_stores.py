@@ -39,11 +39,11 @@ from llmops.settings import Settings
 from llmops.store import VectorStore, VectorStoreFile
 from llmops.vector_stores import FILE_STATUSES, VectorStores
 from retrieval import (
+    Chunk,
     ChunkingStrategy,
     InvalidChunkingError,
     Point,
     SparseVector,
-    point_id,
 )
 from workers.app import INGEST_TASK
 
@@ -308,9 +308,8 @@ def internal_router(settings: Settings, stores: VectorStores, retriever: Retriev
 
 def _point(row: VectorStoreFile, filename: str, p: PointIn) -> Point:
     dense = np.frombuffer(base64.b64decode(p.dense), dtype="<f4").tolist()
-    return Point(
-        id=point_id(row.store_id, row.file_id, row.content_sha256, p.chunk), dense=dense,
-        sparse=SparseVector(indices=p.sparse_indices, values=p.sparse_values),
-        payload={"tenant": row.tenant_id, "store": row.store_id, "file": row.file_id,
-                 "filename": filename, "chunk": p.chunk, "start": p.start, "end": p.end,
-                 "text": p.text, "attributes": row.attributes})
+    return Point.for_chunk(
+        tenant=row.tenant_id, store=row.store_id, file=row.file_id, filename=filename,
+        attributes=row.attributes, content_hash=row.content_sha256,
+        chunk=Chunk(p.chunk, p.start, p.end, p.text), dense=dense,
+        sparse=SparseVector(indices=p.sparse_indices, values=p.sparse_values))
