@@ -248,7 +248,7 @@ def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[
             hooks.event("metrics", f"Step {step}/{total_steps}: training loss={losses[-1]:.4f}",
                         {"step": step, "total_steps": total_steps, "train_loss": losses[-1],
                          "learning_rate": scheduler.get_last_lr()[0],
-                         "tokens_per_s": tokens / took})
+                         "tokens": tokens, "tokens_per_s": tokens / took})
             if step % config.checkpoint_every == 0 or step % steps_per_epoch == 0:
                 val = (assistant_loss(model, val_rows, config.batch_size, pad_id, device)
                        if val_rows else None)

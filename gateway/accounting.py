@@ -21,12 +21,13 @@ import orjson
 
 from gateway.errors import ServiceUnavailableError
 from gateway.limits import Admission, Limiter, LimitExceededError
-from gateway.protocol import OpenAIRequest
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from llmops.catalog import CatalogEntry
 from llmops.ledger import LedgerPublisher, UsageEvent
 from llmops.pricing import Price, request_cost
 from llmops.settings import PoolConfig
 from llmops.tenancy import Principal
+from observability.drift import DriftDetector, Probe
 
 __all__ = ["Account", "Accountant", "PriceBook", "RequestObserver", "SseUsageTap"]
 
@@ -75,6 +76,8 @@ class Account:
     ttft_ms: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    finish_reasons: list[str] = field(default_factory=list)  # the choices', as they end
+    probe: Probe | None = None  # set when drift detection samples this request
     closed: bool = False
 
     def first_byte(self) -> None:
@@ -86,6 +89,12 @@ class Account:
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
 
+    def note_finish(self, choices: object) -> None:
+        """Keep the finish reasons of an answer's (or a stream chunk's) choices."""
+        if isinstance(choices, list):
+            self.finish_reasons += [c["finish_reason"] for c in choices
+                                    if isinstance(c, dict) and c.get("finish_reason")]
+
     def close(self, status: int) -> None:
         """End the request: settle its reservation and publish its record (once)."""
         if self.closed:
@@ -96,11 +105,13 @@ class Account:
 
 class Accountant:
     def __init__(self, limiter: Limiter, publisher: LedgerPublisher, prices: PriceBook,
-                 observer: RequestObserver | None = None) -> None:
+                 observer: RequestObserver | None = None,
+                 drift: DriftDetector | None = None) -> None:
         self.limiter = limiter
         self.publisher = publisher
         self.prices = prices
         self.observer = observer
+        self.drift = drift
         self._pending: set[asyncio.Task[None]] = set()
 
     def open(self, who: Principal, request_id: str, endpoint: str) -> Account:
@@ -121,6 +132,9 @@ class Accountant:
             raise
         if self.observer is not None:
             self.observer.admitted(entry.name)
+        if (self.drift is not None and entry.base.kind == "chat" and self.drift.sampled()
+                and (text := prompt_text(parsed)) is not None):
+            account.probe = Probe(text)
         # Durable before the model is called: a gateway killed now still leaves a record.
         await self.publisher.publish(self._event(account, status=0, final=False))
         return account.admission
@@ -144,6 +158,11 @@ class Accountant:
             self._settle(account.admission, event))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        # Answers and failures of the model count; refusals by limits or clients that left do not.
+        if account.probe is not None and self.drift is not None and account.entry is not None \
+                and (status == 200 or status >= 500):
+            self.drift.record(account.entry.name, account.probe, account.completion_tokens,
+                              failed=status >= 500)
         if self.observer is not None:
             try:
                 self.observer.finished(event, account.entry.name if account.entry else None,
@@ -176,6 +195,25 @@ def estimate_tokens(entry: CatalogEntry, parsed: OpenAIRequest, body_size: int
     best_of = getattr(parsed, "best_of", None) or (parsed.model_extra or {}).get("best_of")
     choices = max(getattr(parsed, "n", None) or 1, best_of if isinstance(best_of, int) else 1)
     return min(body_size, context), min(limit, context) * choices
+
+
+def prompt_text(parsed: OpenAIRequest) -> str | None:
+    """What drift detection embeds: the last user message, or the (first) text prompt."""
+    if isinstance(parsed, ChatCompletionRequest):
+        for message in reversed(parsed.messages):
+            if message.role == "user":
+                content = message.content
+                if isinstance(content, list):  # text parts only
+                    content = " ".join(str(p.get("text", "")) for p in content
+                                       if p.get("type") == "text")
+                return content or ""
+        return None
+    if isinstance(parsed, CompletionRequest):
+        prompt = parsed.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        return prompt if isinstance(prompt, str) else None  # token ids: nothing to embed
+    return None
 
 
 def _input_count(parsed: OpenAIRequest) -> int:
@@ -223,6 +261,10 @@ class SseUsageTap:
         usage = obj.get("usage")
         if usage:
             self.account.usage_from(usage)
+        self.account.note_finish(obj.get("choices"))
+        if self.account.probe is not None and obj.get("choices"):
+            self.account.probe.add_output(
+                str((obj["choices"][0].get("delta") or {}).get("content") or ""))
         if self.client_continuous:
             return event
         if obj.get("choices") == [] and usage:  # the final usage chunk

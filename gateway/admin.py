@@ -1,4 +1,5 @@
-"""The admin API under `/admin` (admin keys only): tenants, keys, model prices and usage."""
+"""The admin API under `/admin` (admin keys only): tenants, keys, model prices, usage and
+drift."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ from sqlalchemy import select
 
 from gateway.accounting import PriceBook
 from gateway.auth import Authenticator, require_admin
-from gateway.errors import BadRequestError, ConflictError, NotFoundError
+from gateway.errors import (
+    BadRequestError,
+    ConflictError,
+    ModelNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from llmops import tenancy
+from llmops.catalog import Catalog
 from llmops.ledger import usage_report
 from llmops.pricing import Price
 from llmops.store import ApiKey, Database, ModelPrice, Tenant
 from llmops.tenancy import Limits, Tenancy
+from observability.drift import DriftDetector, ReferenceSource
 
 __all__ = ["admin_router"]
 
@@ -36,6 +45,13 @@ class LimitsIn(_Wire):
 
     def limits(self) -> Limits:
         return Limits(self.rpm_limit, self.tpm_limit, self.budget_usd, self.budget_period)
+
+
+class DriftReferenceIn(_Wire):
+    model: str = Field(min_length=1, max_length=256)
+    source: ReferenceSource = Field(
+        "recent", description="`recent`: the recent window becomes the reference; `next`: the "
+        "next requests form a new one (for example right after a deploy).")
 
 
 class TenantIn(LimitsIn):
@@ -103,8 +119,8 @@ def _patch(model: BaseModel) -> dict[str, Any]:
     return fields
 
 
-def admin_router(db: Database, tenants: Tenancy, auth: Authenticator, prices: PriceBook
-                 ) -> APIRouter:
+def admin_router(db: Database, tenants: Tenancy, auth: Authenticator, prices: PriceBook,
+                 catalog: Catalog, drift: DriftDetector | None) -> APIRouter:
     router = APIRouter(prefix="/admin", tags=["admin"],
                        dependencies=[Depends(auth), Depends(require_admin)])
 
@@ -210,5 +226,29 @@ def admin_router(db: Database, tenants: Tenancy, auth: Authenticator, prices: Pr
         rows = await usage_report(db, group_by=groups, period=period, tenant_id=tenant_id,
                                   key_id=key_id, model=model, start=start, end=end)
         return {"object": "list", "data": rows}
+
+    def detector() -> DriftDetector:
+        if drift is None:
+            raise ServiceUnavailableError("Drift detection is switched off (`drift.enabled`).")
+        return drift
+
+    @router.get("/drift")
+    async def drift_report() -> dict[str, Any]:
+        """Each model's reference and recent windows and its drift signals."""
+        d = detector()
+        cfg = d.config
+        return {"object": "list", "data": await d.report(), "dropped_samples": d.dropped,
+                "config": cfg.model_dump(include={"sample_rate", "window", "min_samples",
+                                                  "interval_s", "alpha"})}
+
+    @router.post("/drift/reference")
+    async def set_drift_reference(body: DriftReferenceIn) -> dict[str, Any]:
+        """Set a model's reference window (after an intended change, such as a deploy)."""
+        d = detector()
+        entry = catalog.resolve(body.model)
+        if entry is None:
+            raise ModelNotFoundError(body.model)
+        await d.reset(entry.name, body.source)
+        return next(m for m in await d.report() if m["model"] == entry.name)
 
     return router

@@ -36,6 +36,7 @@ from gateway.proxy import Endpoint, Proxy
 from gateway.retrieval import Retriever
 from gateway.routing import Pool, Router, build_scorers
 from gateway.routing.health import HealthMonitor
+from gateway.spans import TracingMiddleware
 from gateway.vector_stores import internal_router, vector_stores_router
 from llmops.catalog import Catalog
 from llmops.files import Files
@@ -46,9 +47,12 @@ from llmops.settings import Settings
 from llmops.store import Database, ModelPrice, upgrade
 from llmops.tenancy import Principal, Tenancy
 from llmops.vector_stores import VectorStores
+from observability.budgets import budget_readings
+from observability.drift import DriftDetector, DriftWindows
 from observability.metrics import CONTENT_TYPE, GatewayMetrics
 from observability.server import MetricsServer
 from observability.sources import platform_readings
+from observability.tracing import configure_tracing
 from retrieval import open_index
 from workers.app import FINETUNE_QUEUE, FINETUNE_TASK, INGEST_QUEUE, make_celery
 
@@ -124,22 +128,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         m.name: Router([Pool.from_config(p, settings.routing) for p in m.pools], scorers)
         for m in settings.models
     }
+    limiter = Limiter(redis, db, settings.redis_prefix, settings.limits)
     metrics = None
     if settings.metrics.enabled:
         metrics = GatewayMetrics(settings.metrics, settings.models, routers)
         metrics.add_readings(platform_readings(
             db, redis, celery.conf.broker_transport_options.get("global_keyprefix", ""),
             (FINETUNE_QUEUE, INGEST_QUEUE)))
-    accountant = Accountant(Limiter(redis, db, settings.redis_prefix, settings.limits),
-                            publisher, prices, observer=metrics)
+        metrics.add_readings(budget_readings(limiter, metrics.tenants))
     embedding = settings.embedding_model()
     stores = VectorStores(db)
-    retriever = None
+    retriever = embed = None
     if embedding is not None:
         async def embed(texts: list[str]) -> list[list[float]]:
             return await app.state.proxy.embed(embedding.name, texts)  # type: ignore[no-any-return]
 
         retriever = Retriever(stores, embed, settings.retrieval.score_threshold)
+    drift = None
+    if settings.drift.enabled:
+        drift = DriftDetector(settings.drift, DriftWindows(redis, settings.redis_prefix,
+                                                           settings.drift.window), embed)
+        if metrics is not None:
+            metrics.registry.register(drift)
+    accountant = Accountant(limiter, publisher, prices, observer=metrics, drift=drift)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -172,6 +183,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     collection=cfg.collection, api_key=key, timeout_s=cfg.qdrant_timeout_s)
                 app.state.proxy.retriever = retriever
             await monitor.start()
+            if drift is not None:
+                await drift.start()
             metrics_server = None
             if metrics is not None:
                 await metrics.start()
@@ -193,6 +206,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if metrics is not None:
                     await metrics.stop()
                 await monitor.stop()
+                if drift is not None:
+                    await drift.stop()
                 await accountant.drain()  # every finished request's record is published
                 if retriever is not None:
                     await asyncio.to_thread(retriever.index.close)
@@ -217,6 +232,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, by_prefix={
         "/v1/files": settings.files.max_bytes + 64 * 1024,  # + the form's overhead
         "/internal/": settings.retrieval.max_points_bytes})
+    # Within the request-id middleware: the span gets the id and sees the app's exceptions.
+    if configure_tracing("llmops-gateway"):
+        app.add_middleware(TracingMiddleware)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries a request id
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
@@ -257,7 +275,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(files_router(files, auth, forget_file))
     app.include_router(fine_tuning_router(settings, jobs, files, celery, auth))
-    app.include_router(admin_router(db, tenants, auth, prices))
+    app.include_router(admin_router(db, tenants, auth, prices, catalog, drift))
     if retriever is not None:
         app.include_router(vector_stores_router(settings, stores, files, retriever, celery,
                                                 auth))

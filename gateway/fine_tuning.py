@@ -22,6 +22,7 @@ from llmops.files import Files
 from llmops.finetuning import FineTuning, adapter_name
 from llmops.settings import Settings
 from llmops.store import FineTuningJob
+from observability.tracing import task_headers
 from workers.app import FINETUNE_TASK
 
 __all__ = ["fine_tuning_router"]
@@ -144,7 +145,8 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
             training_file=body.training_file, validation_file=body.validation_file,
             suffix=body.suffix, seed=body.seed if body.seed is not None else 0,
             hyperparameters=hyperparameters, lora=body.lora.model_dump())
-        await asyncio.to_thread(celery.send_task, FINETUNE_TASK, args=[job.id])
+        await asyncio.to_thread(celery.send_task, FINETUNE_TASK, args=[job.id],
+                                headers=task_headers())  # the task's span links to this request
         await jobs.event(job.id, f"Created fine-tuning job: {job.id}")
         return job_out(job)
 

@@ -9,7 +9,8 @@ before the call and settled to vLLM's reported usage after it.
 Budgets keep, per key and tenant and period, the spend settled so far and the cost reserved by
 requests in flight; a request is admitted only if spent + reserved + its own worst-case cost
 fits the budget, so concurrent requests cannot overshoot. A spend counter missing from Redis
-(first use in a period, or Redis restarted empty) is loaded from the ledger first.
+(first use in a period, or Redis restarted empty) is loaded from the ledger first. Tenants'
+budgets and spend are also read for the metrics (`Limiter.tenant_budgets`).
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from sqlalchemy import select
 
 from gateway.errors import APIError, RateLimitError, ServiceUnavailableError
 from llmops.ledger import spend_since
 from llmops.settings import LimitsConfig
-from llmops.store import Database
+from llmops.store import Database, Tenant
 from llmops.tenancy import Principal
 
-__all__ = ["Admission", "LimitExceededError", "Limiter", "period_start"]
+__all__ = ["Admission", "BudgetUse", "LimitExceededError", "Limiter", "period_start"]
 
 # KEYS: bucket keys. ARGV: pairs of (capacity per minute, cost). Returns {1, remaining...}
 # when every bucket had room (all are debited), else {0, index, seconds until it would}.
@@ -123,6 +125,20 @@ def _period_id(period: str, now: datetime) -> str:
     return now.strftime("%Y%m%d" if period == "day" else "%Y%m")
 
 
+def _ttl_s(period: str) -> int:
+    """How long a period's counters are kept: a little over the period."""
+    return 2 * 86400 if period == "day" else 32 * 86400
+
+
+@dataclass(frozen=True)
+class BudgetUse:
+    """A tenant's budget for the current period and what it has spent of it (settled)."""
+
+    tenant_id: str
+    budget_usd: float
+    spent_usd: float
+
+
 @dataclass(frozen=True)
 class _Bucket:
     key: str
@@ -183,11 +199,37 @@ class Limiter:
                                       ("tenant_id", who.tenant_id, who.tenant_limits)):
             if limits.budget_usd is None:
                 continue
-            pid = _period_id(limits.budget_period, now)
-            base = f"{self.prefix}:budget:{owner}:{pid}"
-            ttl = 2 * 86400 if limits.budget_period == "day" else 32 * 86400
+            base = self._budget_key(owner, limits.budget_period, now)
             out.append(_Budget(f"{base}:spent", f"{base}:reserved", limits.budget_usd, column,
-                               owner, period_start(limits.budget_period, now), ttl))
+                               owner, period_start(limits.budget_period, now),
+                               _ttl_s(limits.budget_period)))
+        return out
+
+    def _budget_key(self, owner: str, period: str, now: datetime) -> str:
+        return f"{self.prefix}:budget:{owner}:{_period_id(period, now)}"
+
+    async def tenant_budgets(self) -> list[BudgetUse]:
+        """Every enabled tenant that has a budget, with its spend this period: one query and
+        one MGET; a counter Redis lacks is loaded from the ledger as admission would load it,
+        so the ledger is read once per tenant and period, not at every call."""
+        now = datetime.now(UTC)
+        query = select(Tenant.id, Tenant.budget_usd, Tenant.budget_period).where(
+            Tenant.budget_usd.is_not(None), Tenant.disabled_at.is_(None))
+        async with self.db.session() as session:
+            rows = (await session.execute(query)).all()
+        if not rows:
+            return []
+        keys = [f"{self._budget_key(tenant, period, now)}:spent" for tenant, _, period in rows]
+        out = []
+        for (tenant, budget, period), key, value in zip(
+                rows, keys, await self.redis.mget(keys), strict=True):
+            if value is None:
+                spent = await spend_since(self.db, "tenant_id", tenant,
+                                          period_start(period, now))
+                await self.redis.set(key, repr(spent), nx=True, ex=_ttl_s(period))
+            else:
+                spent = float(value)
+            out.append(BudgetUse(tenant, float(budget or 0), spent))  # never None here
         return out
 
     async def admit(self, who: Principal, tokens: int, cost: float) -> Admission:

@@ -32,8 +32,10 @@ from gateway.protocol import ChatCompletionRequest, OpenAIRequest
 from gateway.retrieval import Retriever
 from gateway.routing import Replica, Router
 from gateway.routing.policy import RouteRequest
+from gateway.spans import upstream_span
 from llmops.catalog import Catalog, CatalogEntry
 from llmops.settings import Settings
+from observability import tracing
 
 __all__ = ["POOL_HEADER", "Endpoint", "Proxy", "read_body"]
 
@@ -121,6 +123,7 @@ class Proxy:
         """Serve one OpenAI request; whatever happens, its account is closed exactly once."""
         account = self.accountant.open(request.state.principal, request.state.request_id,
                                        endpoint.path)
+        request.state.account = account  # the request's span reads it when the request ends
         try:
             response = await self._forward(request, endpoint, account)
         except APIError as exc:
@@ -137,6 +140,7 @@ class Proxy:
                        ) -> Response:
         body = await read_body(request, self.settings.max_body_bytes)
         parsed = parse_request(endpoint.schema, body)
+        request.state.parsed = parsed
         account.model = parsed.model
         entry = self.catalog.resolve(parsed.model)
         who = account.who
@@ -237,8 +241,14 @@ class Proxy:
         replica.release(ok=resp.status < 500)
         if resp.status >= 400:
             return _upstream_error(resp.status, data, served, account.model)
-        with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
-            account.usage_from(orjson.loads(data).get("usage"))
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, LookupError):
+            answer = orjson.loads(data)
+            account.usage_from(answer.get("usage"))
+            account.note_finish(answer.get("choices"))
+            if account.probe is not None:  # drift detection looks at the answer's start
+                choice = answer["choices"][0]
+                account.probe.add_output(str((choice.get("message") or {}).get("content")
+                                             or choice.get("text") or ""))
         return Response(data, status_code=resp.status, media_type="application/json",
                         headers=served)
 
@@ -256,9 +266,7 @@ class Proxy:
                 observer.retried(entry.name)
             replica.acquire()
             try:
-                resp = await self.session.post(
-                    replica.url + path, data=body, headers=headers, timeout=self.timeout
-                )
+                resp = await self._post(replica, path, body, headers, entry.upstream_name)
             except _RETRYABLE as exc:
                 replica.release(ok=False)
                 if isinstance(exc, aiohttp.ClientConnectorError):
@@ -279,6 +287,20 @@ class Proxy:
         raise NoHealthyBackendError(
             f"No healthy backend is available for model `{entry.name}`. Try again later."
         )
+
+    async def _post(self, replica: Replica, path: str, body: bytes, headers: dict[str, str],
+                    model: str) -> aiohttp.ClientResponse:
+        """One attempt at calling a replica: a CLIENT span, whose context vLLM receives."""
+        with upstream_span(replica, path, model) as span:
+            if span is not None:
+                headers = tracing.inject({**headers})
+            resp = await self.session.post(replica.url + path, data=body, headers=headers,
+                                           timeout=self.timeout)
+            if span is not None:
+                span.set_attribute("http.response.status_code", resp.status)
+                if resp.status >= 500:
+                    tracing.failed(span, str(resp.status))
+            return resp
 
 
 async def _on_disconnect(receive: Receive, callback: Callable[[], object]) -> None:
@@ -317,7 +339,7 @@ class RelayResponse(StreamingResponse):
         self.replica = replica
         self.tap = tap
         self.trailer = b""  # an event to send just before `data: [DONE]`
-        self.finished = self.failed = self.client_left = False
+        self.finished = self.delivered = self.failed = self.client_left = False
         super().__init__(self._chunks(), media_type="text/event-stream", headers=headers)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
@@ -326,9 +348,12 @@ class RelayResponse(StreamingResponse):
             async for chunk in self.resp.content.iter_any():
                 if out := self.tap.feed(chunk):
                     account.first_byte()
-                    if self.trailer and b"data: [DONE]" in out:
+                    done = b"data: [DONE]" in out
+                    if self.trailer and done:
                         out = out.replace(b"data: [DONE]", self.trailer + b"data: [DONE]", 1)
                     yield out
+                    # Sent: a client that hangs up now, before vLLM closes, got everything.
+                    self.delivered = self.delivered or done
             if rest := self.tap.tail():
                 yield rest
             self.finished = True
@@ -361,7 +386,7 @@ class RelayResponse(StreamingResponse):
             else:
                 self.resp.close()
             self.replica.release(ok=not self.failed)
-            status = 200 if self.finished else 502 if self.failed else 499
+            status = 200 if self.finished or self.delivered else 502 if self.failed else 499
             self.tap.account.close(status)
 
 

@@ -23,6 +23,7 @@ from gateway.errors import BadRequestError, NotFoundError
 from gateway.protocol import ChatCompletionRequest
 from llmops import tenancy
 from llmops.vector_stores import VectorStores
+from observability import tracing
 from retrieval import InvalidFilterError, SparseEncoder, VectorIndex, parse_filters
 
 __all__ = ["NO_ANSWER", "Grounding", "Retriever", "Source"]
@@ -71,6 +72,19 @@ class Retriever:
                      mode: str = "hybrid") -> list[Source]:
         """The best chunks for any of `queries`, best first; unknown or foreign stores are
         reported as missing."""
+        with tracing.span("vector_stores.search", attributes={
+                "llmops.retrieval.stores": len(store_ids), "llmops.retrieval.queries": len(queries),
+                "llmops.retrieval.mode": mode, "llmops.retrieval.limit": limit,
+                "llmops.retrieval.filtered": filters is not None}) as span:
+            sources = await self._search(tenant_id, store_ids, queries, limit=limit,
+                                         filters=filters, threshold=threshold, mode=mode)
+            if span is not None:
+                span.set_attribute("llmops.retrieval.results", len(sources))
+            return sources
+
+    async def _search(self, tenant_id: str, store_ids: Sequence[str], queries: Sequence[str], *,
+                      limit: int, filters: dict[str, Any] | None, threshold: float,
+                      mode: str) -> list[Source]:
         for store_id in store_ids:
             try:
                 await self.stores.get(tenant_id, store_id)

@@ -38,6 +38,7 @@ from llmops.files import Files
 from llmops.settings import Settings
 from llmops.store import VectorStore, VectorStoreFile
 from llmops.vector_stores import FILE_STATUSES, VectorStores
+from observability.tracing import task_headers
 from retrieval import (
     Chunk,
     ChunkingStrategy,
@@ -166,7 +167,8 @@ def vector_stores_router(settings: Settings, stores: VectorStores, files: Files,
             raise BadRequestError(f"File {file_id} not found.", param=param) from None
         row, queue = await stores.attach(store, file, attributes, chunking)
         if queue:
-            await asyncio.to_thread(celery.send_task, INGEST_TASK, args=[store.id, file.id])
+            await asyncio.to_thread(celery.send_task, INGEST_TASK, args=[store.id, file.id],
+                                    headers=task_headers())  # linked from the task's span
         return row
 
     @router.post("")

@@ -50,8 +50,8 @@ def _services(args: argparse.Namespace, dirs: dict[str, Path]) -> list:  # type:
         vllm_service("vllm-embedding", dirs["embedding"], EMBEDDING_MODEL, args.embedding_port,
                      embedding=True, kv_cache_bytes=256 << 20, max_model_len=None),
         gateway_service(args.port, layout.config),
-        worker_service(layout.config),
-        ingest_worker_service(layout.config),
+        worker_service(layout.config, args.worker_metrics_port),
+        ingest_worker_service(layout.config, args.ingest_metrics_port),
     ]
 
 
@@ -304,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--port", type=int, default=8000, help="gateway port")
         p.add_argument("--chat-port", type=int, default=8101)
         p.add_argument("--embedding-port", type=int, default=8102)
+        p.add_argument("--worker-metrics-port", type=int, default=8103,
+                       help="the fine-tuning worker's /metrics")
+        p.add_argument("--ingest-metrics-port", type=int, default=8104,
+                       help="the ingestion worker's /metrics")
 
     up = sub.add_parser("up", help="start the local stack and print how to call it")
     stack_args(up)

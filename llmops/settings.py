@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 __all__ = [
+    "DriftConfig",
     "FilesConfig",
     "FineTuneConfig",
     "LedgerConfig",
@@ -180,6 +181,35 @@ class MetricsConfig(_Strict):
     refresh_s: float = Field(
         5.0, gt=0, description="How often fine-tuning jobs, vector store files and Celery "
         "queue lengths are read (scrapes read the cached figures).")
+    worker_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Celery workers serve their own `/metrics` on this port of `host` (each "
+        "worker needs its own: set LLMOPS_METRICS__WORKER_PORT per worker); unset: none.")
+
+
+class DriftConfig(_Strict):
+    """Drift detection: recent traffic of each model against its reference window."""
+
+    enabled: bool = Field(True, description="Sample requests and compare windows.")
+    sample_rate: float = Field(
+        0.05, ge=0.0, le=1.0, description="Fraction of chat and completion requests sampled.")
+    window: int = Field(
+        200, ge=2, le=2000, description="Samples in the reference and in the recent window.")
+    min_samples: int = Field(
+        50, ge=2, description="Samples each window needs before a signal is computed.")
+    interval_s: float = Field(60.0, gt=0, description="How often the windows are compared.")
+    alpha: float = Field(
+        0.01, gt=0.0, lt=0.5, description="False alarm rate of each signal's threshold.")
+    permutations: int = Field(
+        200, ge=20, le=2000, description="Permutations of the prompt embedding MMD test.")
+    min_mmd: float = Field(
+        0.01, ge=0.0, description="Smallest prompt embedding MMD² reported as drift, however "
+        "significant: big windows make tiny shifts significant.")
+    min_rate_rise: float = Field(
+        0.02, ge=0.0, le=1.0, description="Smallest rise of the empty/refusal or error rate "
+        "reported as drift.")
+    max_pending: int = Field(
+        256, ge=1, description="Samples waiting for their prompt embedding; more are dropped.")
 
 
 class Settings(BaseSettings):
@@ -208,6 +238,7 @@ class Settings(BaseSettings):
     finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     log_level: str = "info"
 
     @classmethod

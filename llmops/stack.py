@@ -113,20 +113,32 @@ def gateway_service(port: int, config: Path) -> Service:
     return Service("gateway", [sys.executable, "-m", "gateway"], port, "/readyz", env)
 
 
-def worker_service(config: Path) -> Service:
+def _worker_env(config: Path, metrics_port: int | None) -> dict[str, str]:
+    """Workers share the gateway's config file; each serves its metrics on a port of its
+    own, given by environment variable (which wins over the file)."""
+    env = {"LLMOPS_CONFIG": str(config)}
+    if metrics_port is not None:
+        env["LLMOPS_METRICS__WORKER_PORT"] = str(metrics_port)
+    return env
+
+
+def worker_service(config: Path, metrics_port: int | None = None) -> Service:
     """A Celery worker for fine-tuning: one job at a time, in-process (solo pool: no fork
-    after torch is imported, and cooperative cancellation works)."""
+    after torch is imported, and cooperative cancellation works). `metrics_port`: where it
+    serves `/metrics`."""
     argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "finetune",
             "--pool", "solo", "--loglevel", "info", "-n", "finetune@%h"]
-    return Service("worker", argv, 0, None, {"LLMOPS_CONFIG": str(config)})
+    return Service("worker", argv, metrics_port or 0, None, _worker_env(config, metrics_port))
 
 
-def ingest_worker_service(config: Path) -> Service:
+def ingest_worker_service(config: Path, metrics_port: int | None = None) -> Service:
     """A Celery worker for ingestion: a few files at once in threads, as most of a file's
-    time is spent waiting for the embedding model."""
+    time is spent waiting for the embedding model. `metrics_port`: where it serves
+    `/metrics`."""
     argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "ingest",
             "--pool", "threads", "--concurrency", "4", "--loglevel", "info", "-n", "ingest@%h"]
-    return Service("ingester", argv, 0, None, {"LLMOPS_CONFIG": str(config)})
+    return Service("ingester", argv, metrics_port or 0, None,
+                   _worker_env(config, metrics_port))
 
 
 def local_config(state: Path, port: int, chat_port: int, embedding_port: int,

@@ -3,7 +3,8 @@
 The JSON files are what Grafana (and the Helm chart) loads; this module is how they are made,
 so that every panel has the same datasource, layout rules and units. After editing a panel:
 `python -m observability.dashboards` (a test checks that the files match this module).
-Every query reads the `${datasource}` Prometheus, scraping the gateway (`llmops_*`) and the
+Every query reads the `${datasource}` Prometheus, scraping the gateway (`llmops_*`), the
+Celery workers (`llmops_worker_*`, `llmops_finetune_*` progress, `llmops_ingest_*`) and the
 vLLM engines (`vllm:*`).
 """
 
@@ -49,6 +50,12 @@ def _q(quantile: float, family: str, by: str) -> str:
 def _quantiles(family: str, by: str) -> tuple[tuple[str, str], ...]:
     return tuple((_q(q, family, by), f"p{round(q * 100)} {{{{{by}}}}}")
                  for q in (0.5, 0.95, 0.99))
+
+
+def _quantiles5m(family: str, legend: str) -> tuple[tuple[str, str], ...]:
+    """p50 and p95 over 5 minutes, for events rarer than requests (files, batches)."""
+    return tuple((f"histogram_quantile({q}, sum by (le) (rate({family}_bucket[5m])))",
+                  f"p{round(q * 100)} {legend}") for q in (0.5, 0.95))
 
 
 def _ratio(selector: str, by: str) -> str:
@@ -109,6 +116,15 @@ TENANTS = Dashboard("llmops-tenants", "llmops / Tenants and cost",
           (("sum by (reason) (rate(llmops_rejections_total[1m]))", "{{reason}}"),)),
     Panel("Rejections by tenant", "reqps",
           (("topk(10, sum by (tenant) (rate(llmops_rejections_total[1m])))", "{{tenant}}"),)),
+    Panel("Budget used", "percentunit",
+          (("max by (tenant) (llmops_tenant_spend_usd / (llmops_tenant_budget_usd > 0))",
+            "{{tenant}}"),), kind="bargauge",
+          description="Spend this period over budget, for tenants with a budget; `other` is "
+          "the unlabelled tenant nearest its budget. An alert fires over 90%."),
+    Panel("Budget and spend", "currencyUSD",
+          (("max by (tenant) (llmops_tenant_spend_usd)", "spent {{tenant}}"),
+           ("max by (tenant) (llmops_tenant_budget_usd)", "budget {{tenant}}")),
+          description="The current budget period's settled spend and budget, in US dollars."),
 ))
 
 VLLM = Dashboard("llmops-vllm", "llmops / vLLM engines",
@@ -136,7 +152,7 @@ VLLM = Dashboard("llmops-vllm", "llmops / vLLM engines",
 ))
 
 FINETUNING = Dashboard("llmops-finetuning", "llmops / Fine-tuning",
-                       "Fine-tuning jobs and their Celery queue.", (
+                       "Fine-tuning jobs, their Celery queue and the workers' training.", (
     Panel("Jobs by status", "short",
           (("sum by (status) (llmops_finetune_jobs)", "{{status}}"),)),
     Panel("Finetune queue length", "short",
@@ -147,10 +163,27 @@ FINETUNING = Dashboard("llmops-finetuning", "llmops / Fine-tuning",
     Panel("Jobs ended, last 24 h", "short",
           (('sum by (status) (delta(llmops_finetune_jobs{status=~"succeeded|failed|cancelled"}'
             '[24h]))', "{{status}}"),), kind="stat"),
+    Panel("Training loss", "short",
+          (("max by (base_model, instance) (llmops_finetune_train_loss)",
+            "{{base_model}} {{instance}}"),),
+          description="Loss of the latest training step of the job each worker trains now."),
+    Panel("Training tokens per second", "short",
+          (("sum by (base_model, instance) (rate(llmops_finetune_tokens_total[1m]))",
+            "{{base_model}} {{instance}}"),),
+          description="Tokens trained on per second (padding excluded), loading and "
+          "checkpoints included."),
+    Panel("Training progress", "percentunit",
+          (("max by (base_model, instance) (llmops_finetune_progress_ratio)",
+            "{{base_model}} {{instance}}"),), kind="bargauge",
+          description="Steps done over all steps of the job each worker trains now."),
+    Panel("Fine-tuning tasks by outcome", "short",
+          (('sum by (outcome) (increase(llmops_worker_tasks_total{queue="finetune"}[1h]))',
+            "{{outcome}}"),), description="Tasks the workers ended in the last hour."),
 ))
 
 RETRIEVAL = Dashboard("llmops-retrieval", "llmops / Retrieval",
-                      "Vector store ingestion and embedding traffic.", (
+                      "Vector store ingestion (the gateway's and the workers' view) and "
+                      "embedding traffic.", (
     Panel("Vector store files by status", "short",
           (("sum by (status) (llmops_vector_store_files)", "{{status}}"),)),
     Panel("Ingest queue length", "short",
@@ -160,6 +193,20 @@ RETRIEVAL = Dashboard("llmops-retrieval", "llmops / Retrieval",
             '[1m]))', "{{model}} {{status_class}}"),)),
     Panel("Failed files", "short",
           (('sum(llmops_vector_store_files{status="failed"})', "failed"),), kind="stat"),
+    Panel("Chunks ingested", "short",
+          (("sum(rate(llmops_ingest_chunks_embedded_total[1m]))", "embedded"),
+           ("sum(rate(llmops_ingest_chunks_upserted_total[1m]))", "written")),
+          description="Chunks per second, embedded and written to the index by the workers."),
+    Panel("Files ingested by outcome", "short",
+          (("sum by (outcome) (increase(llmops_ingest_files_total[5m]))", "{{outcome}}"),),
+          description="Files the workers finished in the last 5 minutes."),
+    Panel("Ingestion time per file", "s",
+          _quantiles5m("llmops_ingest_file_duration_seconds", "per file")),
+    Panel("Embedding batch latency", "s",
+          _quantiles5m("llmops_ingest_embedding_batch_seconds", "per batch")),
+    Panel("Ingestion tasks in progress", "short",
+          (('sum by (instance) (llmops_worker_tasks_in_progress{queue="ingest"})',
+            "{{instance}}"),)),
 ))
 
 DRIFT = Dashboard("llmops-drift", "llmops / Drift",
@@ -171,8 +218,11 @@ DRIFT = Dashboard("llmops-drift", "llmops / Drift",
           (("llmops_drift_score / llmops_drift_threshold", "{{model}} {{signal}}"),),
           description="Over 100%: the signal drifted past its threshold."),
     Panel("Signals over threshold", "short",
-          (("count by (model) (llmops_drift_score > llmops_drift_threshold)", "{{model}}"),),
+          (("sum by (model) (llmops_drift_score > bool llmops_drift_threshold)", "{{model}}"),),
           kind="stat"),
+    Panel("Samples per window", "short",
+          (("llmops_drift_window_samples", "{{model}} {{window}}"),),
+          description="Signals are computed once both windows hold `drift.min_samples`."),
 ))
 
 DASHBOARDS = (GATEWAY, TENANTS, VLLM, FINETUNING, RETRIEVAL, DRIFT)

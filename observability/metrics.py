@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from llmops.ledger import UsageEvent
 from llmops.settings import MetricsConfig, ModelConfig, PoolConfig
+from observability.server import authorized
 from observability.tenants import TenantLabels
 
 if TYPE_CHECKING:
@@ -261,11 +261,7 @@ class GatewayMetrics:
 
     def authorized(self, authorization: str | None) -> bool:
         """Whether a scrape with this `Authorization` header may read the metrics."""
-        if self.config.token is None:
-            return True
-        scheme, _, credentials = (authorization or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            credentials.strip().encode(), self.config.token.get_secret_value().encode())
+        return authorized(self.config.token, authorization)
 
     def exposition(self) -> bytes:
         """Every family in Prometheus' text format (`CONTENT_TYPE`)."""

@@ -3,14 +3,26 @@ event loop, for deployments that keep scrapes off the API's port."""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 
 from aiohttp import web
+from pydantic import SecretStr
 
-__all__ = ["MetricsServer", "Scrape"]
+__all__ = ["MetricsServer", "Scrape", "authorized"]
 
 # (the request's Authorization header) -> (status, body, content type)
 Scrape = Callable[[str | None], tuple[int, bytes, str]]
+
+
+def authorized(token: SecretStr | None, authorization: str | None) -> bool:
+    """Whether a scrape with this `Authorization` header may read metrics guarded by `token`
+    (None: anyone may)."""
+    if token is None:
+        return True
+    scheme, _, credentials = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        credentials.strip().encode(), token.get_secret_value().encode())
 
 
 class MetricsServer:

@@ -22,6 +22,7 @@ from llmops.finetuning import FineTuning, adapter_name
 from llmops.settings import ModelConfig, Settings
 from llmops.store import Database, FineTuningJob, utcnow
 from llmops.tenancy import NotFoundError
+from observability.worker_metrics import METRICS
 
 __all__ = ["run_job"]
 
@@ -33,9 +34,10 @@ class _JobHooks:
     """Trainer hooks called from the training thread; they write through the job's event loop
     and renew the lease at most every `heartbeat_s`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, jobs: FineTuning, job_id: str,
+    def __init__(self, loop: asyncio.AbstractEventLoop, jobs: FineTuning, job: FineTuningJob,
                  owner: str, settings: Settings) -> None:
-        self.loop, self.jobs, self.job_id, self.owner = loop, jobs, job_id, owner
+        self.loop, self.jobs, self.job_id, self.owner = loop, jobs, job.id, owner
+        self.base_model = job.model
         self.lease_s = settings.finetune.lease_s
         self.heartbeat_s = settings.finetune.heartbeat_s
         self.last_beat = time.monotonic()
@@ -46,6 +48,10 @@ class _JobHooks:
         return future.result(timeout=60)
 
     def event(self, level: str, message: str, data: dict[str, Any] | None = None) -> None:
+        if level == "metrics" and data is not None:
+            METRICS.training_step(self.base_model, int(data["step"]), int(data["total_steps"]),
+                                  float(data["train_loss"]), int(data.get("tokens", 0)),
+                                  float(data["tokens_per_s"]))
         if level == "checkpoint" and data is not None:
             metrics = {k: v for k, v in data.items() if k != "step" and v is not None}
             self._run(self.jobs.checkpoint(self.job_id, int(data["step"]), metrics))
@@ -138,11 +144,12 @@ async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Set
         gradient_checkpointing=bool(lora.get("gradient_checkpointing", False)),
         checkpoint_every=int(lora.get("checkpoint_every", 10)),
         max_length=base.context_length, seed=job.seed)
-    hooks = _JobHooks(asyncio.get_running_loop(), jobs, job.id, owner, settings)
+    hooks = _JobHooks(asyncio.get_running_loop(), jobs, job, owner, settings)
     messages = [list(e.messages) for e in train_set]
     val_messages = [list(e.messages) for e in val_set]
     try:
-        result = await asyncio.to_thread(train, config, messages, val_messages, hooks)
+        with METRICS.training(job.model):
+            result = await asyncio.to_thread(train, config, messages, val_messages, hooks)
     except Cancelled:
         if (await jobs.get(job.id)).cancel_requested:
             await jobs.update(job.id, owner, status="cancelled")

@@ -14,6 +14,7 @@ import base64
 import functools
 import logging
 import threading
+import time
 from typing import Any
 
 import aiohttp
@@ -24,6 +25,7 @@ from llmops.settings import Settings
 from llmops.store import Database
 from llmops.tenancy import NotFoundError
 from llmops.vector_stores import VectorStores
+from observability.worker_metrics import METRICS
 from retrieval import ParseError, SparseEncoder, chunk_text, extract_text
 
 __all__ = ["run_ingest"]
@@ -64,12 +66,16 @@ async def run_ingest(store_id: str, file_id: str, settings: Settings) -> str:
         row = await stores.pending(store_id, file_id)
         if row is None:
             return "not pending"
+        started, outcome = time.perf_counter(), "failed"
         try:
             chunks = await _ingest(row.tenant_id, store_id, file_id, row.chunking,
                                    row.content_sha256, Files(db, settings.files.root,
                                                              settings.files.max_bytes),
                                    settings)
+            outcome = "completed"
         except IngestError as exc:
+            if exc.code == "cancelled":
+                outcome = "cancelled"
             await stores.finish(store_id, file_id, row.content_sha256,
                                 error={"code": exc.code, "message": str(exc)[:1000]})
             return "failed"
@@ -78,6 +84,8 @@ async def run_ingest(store_id: str, file_id: str, settings: Settings) -> str:
             await stores.finish(store_id, file_id, row.content_sha256, error={
                 "code": "server_error", "message": f"Ingestion failed: {exc}"[:1000]})
             return "failed"
+        finally:
+            METRICS.file_ingested(outcome, time.perf_counter() - started)
         log.info("ingested %s into %s: %d chunks", file_id, store_id, chunks)
         return "completed"
     finally:
@@ -110,8 +118,10 @@ async def _ingest(tenant_id: str, store_id: str, file_id: str, chunking: dict[st
         size = settings.retrieval.embed_batch
         for i in range(0, len(chunks), size):
             batch = [c.text for c in chunks[i: i + size]]
+            sent = time.perf_counter()
             answer = await _call(session, "POST", f"{gateway}/v1/embeddings", {
                 "model": embedding.name, "input": batch, "encoding_format": "base64"})
+            METRICS.embedded(len(batch), time.perf_counter() - sent)
             dense += [d["embedding"] for d in sorted(answer["data"], key=lambda d: d["index"])]
         points = []
         for c, vector in zip(chunks, dense, strict=True):
@@ -123,6 +133,7 @@ async def _ingest(tenant_id: str, store_id: str, file_id: str, chunking: dict[st
         await _call(session, "PUT",
                     f"{gateway}/internal/vector_stores/{store_id}/files/{file_id}/points",
                     {"content_sha256": sha256, "points": points})
+    METRICS.upserted(len(points))
     return len(points)
 
 

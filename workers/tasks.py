@@ -5,23 +5,32 @@ from __future__ import annotations
 
 import asyncio
 
+from celery import Task
+
 from llmops.settings import Settings
+from observability.tracing import configure_tracing, task_span
 from workers.app import FINETUNE_TASK, INGEST_TASK, make_celery
 from workers.finetune_job import run_job
 from workers.ingest_job import run_ingest
+from workers.metrics import instrument_worker
 
 settings = Settings()
 app = make_celery(settings)
+configure_tracing("llmops-worker")  # before the pool forks: the span processor survives forks
+instrument_worker(settings)
 
 
-@app.task(name=FINETUNE_TASK)  # type: ignore[untyped-decorator]
-def finetune(job_id: str) -> str:
+@app.task(name=FINETUNE_TASK, bind=True)  # type: ignore[untyped-decorator]
+def finetune(self: Task, job_id: str) -> str:
     """Run (or resume) one fine-tuning job; returns the job's final status."""
-    return asyncio.run(run_job(job_id, settings))
+    with task_span(FINETUNE_TASK, self.request, {"llmops.job.id": job_id}):
+        return asyncio.run(run_job(job_id, settings))
 
 
 # Ingestion is idempotent, so a task whose worker died is simply delivered again.
-@app.task(name=INGEST_TASK, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
-def ingest(store_id: str, file_id: str) -> str:
+@app.task(name=INGEST_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+def ingest(self: Task, store_id: str, file_id: str) -> str:
     """Ingest one file into one vector store; returns what became of it."""
-    return asyncio.run(run_ingest(store_id, file_id, settings))
+    with task_span(INGEST_TASK, self.request,
+                   {"llmops.vector_store.id": store_id, "llmops.file.id": file_id}):
+        return asyncio.run(run_ingest(store_id, file_id, settings))

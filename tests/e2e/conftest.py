@@ -155,8 +155,10 @@ def gateway_factory(tmp_path_factory: pytest.TempPathFactory, logs: Path
     key_file.chmod(0o600)
     started: list[Gateway] = []
 
-    def make(models: list[dict[str, Any]], **settings: Any) -> Gateway:
-        """A gateway process; by default with its own SQLite store and Redis key prefix."""
+    def make(models: list[dict[str, Any]], env: dict[str, str] | None = None,
+             **settings: Any) -> Gateway:
+        """A gateway process; by default with its own SQLite store and Redis key prefix, with
+        `env` added to its environment."""
         port = free_port()
         config = folder / f"gateway-{port}.yaml"
         config.write_text(yaml.safe_dump({
@@ -174,7 +176,8 @@ def gateway_factory(tmp_path_factory: pytest.TempPathFactory, logs: Path
             **settings,
         }))
         service = gateway_service(port, config)
-        running = start(Service(service.name, service.argv, port, "/healthz", service.env), logs)
+        running = start(Service(service.name, service.argv, port, "/healthz",
+                                {**service.env, **(env or {})}), logs)
         wait_healthy([running], timeout_s=60)
         started.append(Gateway(running, config))
         return started[-1]

@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
-from llmops.stack import CHAT_MODEL, Service
+from llmops.stack import CHAT_MODEL, Service, free_port
 from tests.e2e.conftest import (
     API_KEY,
     Engines,
@@ -62,10 +63,13 @@ def stack(engines: Engines, gateway_factory: GatewayFactory, logs: Path,
                weights=str(engines.model_dirs["chat"]))],
         finetune={"adapters_root": str(tmp_path_factory.mktemp("adapters")),
                   "lease_s": 6.0, "heartbeat_s": 1.0, "min_examples": 10})
+    port = free_port()
     worker = start(Service("worker", [sys.executable, "-m", "celery", "-A", "workers.tasks",
                                       "worker", "-Q", "finetune", "--pool", "solo",
-                                      "--loglevel", "info"], 0, "/",
-                           {"LLMOPS_CONFIG": str(gateway.config)}), logs)
+                                      "--loglevel", "info"], port, "/metrics",
+                           {"LLMOPS_CONFIG": str(gateway.config),
+                            "LLMOPS_METRICS__WORKER_PORT": str(port)}), logs)
+    wait_healthy([worker], timeout_s=120)  # its /metrics answer once it started
     yield gateway, worker
     worker.stop()
 
@@ -85,6 +89,14 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+def worker_metrics(worker: Running) -> dict[str, float]:
+    """The worker's own /metrics: {sample name and labels as written: value}."""
+    resp = httpx.get(f"{worker.url}/metrics", timeout=10)
+    assert resp.status_code == 200, resp.text
+    return {s.name + "".join(f",{k}={v}" for k, v in sorted(s.labels.items())): s.value
+            for f in text_string_to_metric_families(resp.text) for s in f.samples}
+
+
 def ask(client: OpenAI, model_name: str) -> str:
     reply = client.chat.completions.create(
         model=model_name, temperature=0, max_tokens=24,
@@ -96,11 +108,12 @@ def ask(client: OpenAI, model_name: str) -> str:
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_fine_tuned_model_learns_the_fact(stack: tuple[Gateway, Running], quantization: str
                                           ) -> None:
-    gateway, _ = stack
+    gateway, worker = stack
     client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0, timeout=120)
     train = client.files.create(file=("train.jsonl", dataset(QUESTIONS)), purpose="fine-tune")
     valid = client.files.create(file=("valid.jsonl", dataset(QUESTIONS[:4])),
                                 purpose="fine-tune")
+    before = worker_metrics(worker)
     job = client.fine_tuning.jobs.create(
         model=CHAT_MODEL, training_file=train.id, validation_file=valid.id, suffix="zorblax",
         hyperparameters={"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 5},
@@ -118,6 +131,16 @@ def test_fine_tuned_model_learns_the_fact(stack: tuple[Gateway, Running], quanti
     assert [c.step_number for c in checkpoints] == [9, 6, 3]  # newest first
     losses = [c.metrics.valid_loss for c in reversed(checkpoints)]
     assert losses[-1] < losses[0]
+
+    # The worker's own metrics count this job's steps and tokens; its live gauges are gone.
+    after = worker_metrics(worker)
+    steps, tokens = (f"llmops_finetune_{n}_total,base_model={CHAT_MODEL}"
+                     for n in ("steps", "tokens"))
+    assert after[steps] - before.get(steps, 0) == 9
+    assert after[tokens] - before.get(tokens, 0) == done.trained_tokens
+    assert f"llmops_finetune_train_loss,base_model={CHAT_MODEL}" not in after
+    succeeded = "llmops_worker_tasks_total,outcome=succeeded,queue=finetune"
+    assert after[succeeded] - before.get(succeeded, 0) == 1
 
     # The gateway loads it into the engine within seconds.
     wait_until(lambda: done.fine_tuned_model in [m.id for m in client.models.list()], 30)
@@ -182,13 +205,18 @@ def long_job(client: OpenAI, suffix: str, epochs: int) -> Any:
 
 
 def test_cancel_stops_a_running_job(stack: tuple[Gateway, Running]) -> None:
-    gateway, _ = stack
+    gateway, worker = stack
     client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0)
     job = long_job(client, "cancelme", epochs=20)
     deadline = time.monotonic() + 120
     while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data):
         assert time.monotonic() < deadline
         time.sleep(0.5)
+    training = worker_metrics(worker)  # the live gauges of the job being trained
+    assert training[f"llmops_finetune_train_loss,base_model={CHAT_MODEL}"] > 0
+    assert training[f"llmops_finetune_tokens_per_second,base_model={CHAT_MODEL}"] > 0
+    assert 0 < training[f"llmops_finetune_progress_ratio,base_model={CHAT_MODEL}"] < 0.5
+    assert training["llmops_worker_tasks_in_progress,queue=finetune"] == 1
     client.fine_tuning.jobs.cancel(job.id)
     cancelled = wait_for(job.id, client, {"cancelled", "succeeded", "failed"}, timeout_s=30)
     assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None

@@ -63,8 +63,8 @@ class Client:
         return httpx.post(f"{self.gateway.base_url}{path}", headers=self.headers(kind),
                           json=None if content else body, content=content, timeout=timeout)
 
-    def stream(self, kind: str, body: dict[str, Any], *, read_events: int | None = None
-               ) -> list[str]:
+    def stream(self, kind: str, body: dict[str, Any], *, read_events: int | None = None,
+               hang_up_at_done: bool = False) -> list[str]:
         events = []
         with httpx.stream("POST", f"{self.gateway.base_url}/chat/completions",
                           headers=self.headers(kind), json={**body, "stream": True},
@@ -75,6 +75,8 @@ class Client:
                     events.append(line)
                     if read_events is not None and len(events) >= read_events:
                         break  # hang up mid-stream
+                    if hang_up_at_done and line == "data: [DONE]":
+                        break  # as the openai client does: the answer is complete
         return events
 
 
@@ -109,9 +111,9 @@ def test_every_request_leaves_exactly_one_matching_record(
                                           "max_tokens": 8,
                                           "stream_options": {"include_usage": True}})
     assert '"usage"' in with_usage[-2] and all('"usage"' not in e for e in with_usage[:-2])
-    for _ in range(2):
+    for hang_up in (False, True):
         events = client.stream("stream", {"model": CHAT_MODEL, "messages": HELLO,
-                                          "max_tokens": 8})
+                                          "max_tokens": 8}, hang_up_at_done=hang_up)
         assert events[-1] == "data: [DONE]" and all('"usage"' not in e for e in events)
 
     # Failed at the engine (beyond its context), refused by the gateway, and a bad key.

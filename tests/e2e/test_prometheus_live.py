@@ -1,12 +1,16 @@
 """The issue's key test: a real Prometheus scrapes a real gateway and the real vLLM engines
 under real traffic (chats, a stream, an embedding, a 404, a rate-limit rejection, fallbacks
-from a dead GPU pool to the CPU one, priced requests), and every dashboard query then returns
-data, but for the few whose metrics cannot exist here (`NO_DATA_HERE`, with the reason)."""
+from a dead GPU pool to the CPU one, priced requests from a tenant with a budget), and a real
+Celery ingestion worker ingesting a file; every dashboard query then returns data, but for the
+few whose metrics cannot exist here (`NO_DATA_HERE`, with the reason)."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,15 +18,30 @@ import openai
 import pytest
 from openai import OpenAI
 
-from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL, free_port
+from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
 from llmops.tenancy import ADMIN_TENANT
-from tests.e2e.conftest import API_KEY, Engines, Gateway, GatewayFactory, model, pool
+from tests.e2e.conftest import (
+    API_KEY,
+    Engines,
+    Gateway,
+    GatewayFactory,
+    Running,
+    model,
+    pool,
+    start,
+)
 from tests.observability.prom import Prometheus, prometheus
 from tests.observability.test_dashboards import FILES, load
 
+# Training is too slow for this test, and its gauges exist only while a job trains;
+# tests/e2e/test_finetune.py scrapes a real fine-tuning worker instead.
+_NO_TRAINING = "no fine-tuning worker runs here (see tests/e2e/test_finetune.py)"
 NO_DATA_HERE = {
     "llmops_upstream_retries_total": "healthy engines never fail mid-request, so no retry",
-    "llmops_drift_": "drift gauges are not exported yet (drift detection lands later)",
+    "llmops_finetune_train_loss": _NO_TRAINING,
+    "llmops_finetune_tokens_total": _NO_TRAINING,
+    "llmops_finetune_progress_ratio": _NO_TRAINING,
+    'llmops_worker_tasks_total{queue="finetune"}': _NO_TRAINING,
 }
 COUNT = [{"role": "user", "content": "Count from one to twenty."}]
 # 3600 USD an hour, so that requests cost something.
@@ -50,7 +69,8 @@ def drive_traffic(gw: Gateway) -> int:
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="no-such-model", messages=COUNT)
     with httpx.Client(base_url=gw.url, headers=gw.headers, timeout=120) as admin:
-        tenant = admin.post("/admin/tenants", json={"name": f"t-{uuid.uuid4().hex[:8]}"}).json()
+        tenant = admin.post("/admin/tenants", json={"name": f"t-{uuid.uuid4().hex[:8]}",
+                                                    "budget_usd": 1000.0}).json()
         key = admin.post("/admin/keys", json={"tenant_id": tenant["id"], "rpm_limit": 1})
         assert key.status_code == 201, key.text
         body = {"model": CHAT_MODEL, "messages": COUNT, "max_tokens": 2}
@@ -61,6 +81,35 @@ def drive_traffic(gw: Gateway) -> int:
     return 7
 
 
+def ingest_worker(gw: Gateway, logs: Path) -> Running:
+    """A real Celery ingestion worker serving its own /metrics."""
+    port = free_port()
+    return start(Service("ingester", [
+        sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "ingest",
+        "--pool", "threads", "--concurrency", "2", "-n", f"ingest-{uuid.uuid4().hex[:6]}@%h"],
+        port, "/metrics", {"LLMOPS_CONFIG": str(gw.config),
+                           "LLMOPS_PORT": str(gw.running.service.port),
+                           "LLMOPS_METRICS__WORKER_PORT": str(port)}), logs)
+
+
+def ingest_a_file(gw: Gateway) -> None:
+    with OpenAI(base_url=gw.base_url, api_key=API_KEY, max_retries=0, timeout=120) as client:
+        store = client.vector_stores.create(name="dashboards")
+        uploaded = client.files.create(file=("notes.txt", b"Dashboards show data. " * 40),
+                                       purpose="assistants")
+        done = client.vector_stores.files.create_and_poll(
+            vector_store_id=store.id, file_id=uploaded.id, poll_interval_ms=300)
+        assert done.status == "completed", done.last_error
+
+
+@contextlib.contextmanager
+def worker_stopped(worker: Running) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        worker.stop()
+
+
 def wait_for(prom: Prometheus, expr: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while not prom.result(expr):
@@ -69,22 +118,30 @@ def wait_for(prom: Prometheus, expr: str, timeout_s: float = 60) -> None:
 
 
 def test_every_dashboard_query_returns_data(engines: Engines, gateway_factory: GatewayFactory,
-                                            tmp_path: Path) -> None:
+                                            tmp_path: Path, logs: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     gw = gateway_factory(
         [model(CHAT_MODEL, "chat", pool("gpu", dead, priority=10),
                pool("cpu", engines.chat.url, **PRICED), context_length=2048),
          model(EMBEDDING_MODEL, "embedding", pool("cpu", engines.embedding.url),
-               context_length=256)],
-        metrics={"tenants": [ADMIN_TENANT]})
+               context_length=256, weights=str(engines.model_dirs["embedding"]))],
+        metrics={"tenants": [ADMIN_TENANT]},
+        # Every chat request sampled, tiny windows: the drift gauges exist after the traffic.
+        drift={"sample_rate": 1.0, "window": 2, "min_samples": 2, "interval_s": 0.5})
     wait_ready(gw)
+    worker = ingest_worker(gw, logs)  # starts up while the traffic runs
     jobs = {job: [url.removeprefix("http://") for url in urls] for job, urls in (
-        ("llmops", [gw.url]), ("vllm", [engines.chat.url, engines.embedding.url]))}
-    with prometheus(tmp_path / "prometheus", jobs) as prom:
+        ("llmops", [gw.url]), ("vllm", [engines.chat.url, engines.embedding.url]),
+        ("workers", [worker.url]))}
+    with worker_stopped(worker), prometheus(tmp_path / "prometheus", jobs) as prom:
         wait_for(prom, 'up{job="llmops"} == 1')
         wait_for(prom, 'count(up{job="vllm"} == 1) == 2')
         counted = drive_traffic(gw)
         wait_for(prom, f"sum(llmops_requests_total) >= {counted}")
+        wait_for(prom, 'up{job="workers"} == 1')
+        ingest_a_file(gw)
+        wait_for(prom, 'llmops_ingest_files_total{outcome="completed"} >= 1')
+        wait_for(prom, "llmops_drift_score")
         time.sleep(5)  # a few more scrapes: every rate has two samples after the traffic
 
         targets = [(path.stem, panel["title"], t["expr"]) for path in FILES
@@ -92,5 +149,6 @@ def test_every_dashboard_query_returns_data(engines: Engines, gateway_factory: G
         skipped = [t for t in targets if any(m in t[2] for m in NO_DATA_HERE)]
         empty = [t for t in targets if t not in skipped and not prom.result(t[2])]
         assert not empty, "queries without data:\n" + "\n".join(map(str, empty))
-        assert not prom.result("llmops_drift_score")  # an absent family does read as empty
+        assert not prom.result("llmops_no_such_family")  # an absent family does read as empty
         assert len(skipped) <= 5, skipped  # the allow-list stays short
+

@@ -5,6 +5,7 @@ used for cited answers by the real chat engine; tenants never see each other's s
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 import uuid
 import zlib
@@ -15,9 +16,10 @@ from typing import Any
 import httpx
 import pytest
 from openai import NotFoundError, OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.retrieval import NO_ANSWER
-from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL, Service
+from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
 from tests.e2e.conftest import (
     API_KEY,
     Engines,
@@ -74,6 +76,7 @@ DOCUMENTS = {  # filename -> (content, attributes)
     "lock.html": (LOCK.encode(), {"category": "bikes", "year": 2025}),
     "espresso.pdf": (pdf(ESPRESSO), {"category": "kitchen", "year": 2022}),
 }
+METRICS_TOKEN = "sk-scrape-0123456789"
 QUESTIONS = {
     "How long is the warranty of the Zorblax kettle?": "kettle.txt",
     "What water temperature can the Glimmerfin aquarium heater hold?": "heater.md",
@@ -88,12 +91,15 @@ def rag(engines: Engines, gateway_factory: GatewayFactory, logs: Path
     gateway = gateway_factory(
         [model(CHAT_MODEL, "chat", pool("cpu", engines.chat.url), context_length=2048),
          model(EMBEDDING_MODEL, "embedding", pool("cpu", engines.embedding.url),
-               context_length=256, weights=str(engines.model_dirs["embedding"]))])
+               context_length=256, weights=str(engines.model_dirs["embedding"]))],
+        metrics={"token": METRICS_TOKEN})
+    port = free_port()
     worker = start(Service("ingester", [
         sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "ingest",
         "--pool", "threads", "--concurrency", "2", "--loglevel", "info",
-        "-n", f"ingest-{uuid.uuid4().hex[:6]}@%h"], 0, "/",
-        {"LLMOPS_CONFIG": str(gateway.config), "LLMOPS_PORT": str(gateway.running.service.port)}),
+        "-n", f"ingest-{uuid.uuid4().hex[:6]}@%h"], port, "/metrics",
+        {"LLMOPS_CONFIG": str(gateway.config), "LLMOPS_PORT": str(gateway.running.service.port),
+         "LLMOPS_METRICS__WORKER_PORT": str(port)}),
         logs)
     yield gateway, worker
     worker.stop()
@@ -117,6 +123,32 @@ def store(client: OpenAI) -> dict[str, Any]:
         assert attached.status == "completed", attached.last_error
         ids[filename] = uploaded.id
     return {"id": vs.id, "files": ids}
+
+
+def test_the_worker_counts_what_it_ingested(rag: tuple[Gateway, Running],
+                                            store: dict[str, Any]) -> None:
+    """The worker's own /metrics, scraped behind the metrics token, agree with the store:
+    every chunk of the four files embedded and written, four files and tasks completed."""
+    gateway, worker = rag
+    url = f"{worker.url}/metrics"
+    assert httpx.get(url).status_code == 401
+    resp = httpx.get(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert resp.status_code == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(resp.text) for s in f.samples}
+    database = gateway.settings["database_url"].removeprefix("sqlite:///")
+    with sqlite3.connect(database) as conn:
+        [(chunks,)] = conn.execute("SELECT sum(chunks) FROM vector_store_files "
+                                   "WHERE store_id = ?", (store["id"],))
+    assert chunks >= len(DOCUMENTS)
+    assert samples[("llmops_ingest_chunks_embedded_total", ())] == chunks
+    assert samples[("llmops_ingest_chunks_upserted_total", ())] == chunks
+    assert samples[("llmops_ingest_files_total", (("outcome", "completed"),))] == len(DOCUMENTS)
+    assert samples[("llmops_ingest_file_duration_seconds_count", ())] == len(DOCUMENTS)
+    assert samples[("llmops_ingest_embedding_batch_seconds_count", ())] >= len(DOCUMENTS)
+    assert samples[("llmops_worker_tasks_total",
+                    (("outcome", "completed"), ("queue", "ingest")))] == len(DOCUMENTS)
+    assert samples[("llmops_worker_tasks_in_progress", (("queue", "ingest"),))] == 0
 
 
 def top_filenames(client: OpenAI, store_id: str, query: str, **options: Any) -> list[str]:

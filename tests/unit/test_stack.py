@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from llmops.stack import Service, StackLayout, free_port
+from llmops.stack import (
+    Service,
+    StackLayout,
+    free_port,
+    ingest_worker_service,
+    worker_service,
+)
 
 
 def http_server(port: int) -> Service:
@@ -47,3 +53,11 @@ def test_admin_key_is_made_once_and_private(tmp_path: Path) -> None:
     assert key.startswith("sk-llmops-") and len(key) > 40
     assert layout.admin_key() == key
     assert layout.key_file.stat().st_mode & 0o077 == 0
+
+
+def test_each_worker_gets_a_metrics_port_of_its_own(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    services = worker_service(config, 8103), ingest_worker_service(config, 8104)
+    assert [s.env["LLMOPS_METRICS__WORKER_PORT"] for s in services] == ["8103", "8104"]
+    assert all(s.env["LLMOPS_CONFIG"] == str(config) for s in services)
+    assert "LLMOPS_METRICS__WORKER_PORT" not in worker_service(config).env  # off
