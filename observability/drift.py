@@ -69,6 +69,7 @@ _PROMPT_CHARS = 2000  # of a prompt, to embed (the embedding model truncates any
 _EMBED_BATCH = 64
 _FLUSH_S = 1.0
 _STOP_S = 5.0
+_EMBED_TRIES = 3  # flush rounds a batch waits for the embedding model before going without
 _REFUSAL = re.compile(
     r"^\W*(?:i'?m sorry|i am sorry|i apologi[sz]e|sorry, (?:but )?i"
     r"|i(?: a|')m (?:not able|unable) to|i (?:can ?not|can't|won't|will not) "
@@ -295,6 +296,7 @@ class DriftDetector:
         self._rng = np.random.default_rng()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._embed_failures = 0
 
     # On the request path: cheap, never raising.
 
@@ -320,8 +322,15 @@ class DriftDetector:
                     vectors = await self.embed([p.prompt[:_PROMPT_CHARS] or " "
                                                 for _, p, _, _ in batch])
                     embeddings = [np.asarray(v, dtype=np.float16) for v in vectors]
-                except Exception as exc:  # the other signals still count
-                    log.warning("drift: prompt embeddings failed: %s", exc)
+                    self._embed_failures = 0
+                except Exception as exc:
+                    self._embed_failures += 1
+                    log.warning("drift: prompt embeddings failed (%d in a row): %s",
+                                self._embed_failures, exc)
+                    if self._embed_failures < _EMBED_TRIES:  # a blip: try again next round
+                        self._queue.extendleft(reversed(batch))
+                        return
+                    # The embedding model stays away: the other signals still count.
             by_model: dict[str, list[Record]] = defaultdict(list)
             for (model, probe, tokens, failed), emb in zip(batch, embeddings, strict=True):
                 by_model[model].append(Record(tokens, is_empty_or_refusal(probe.output),

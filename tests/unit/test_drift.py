@@ -11,7 +11,9 @@ from redis.asyncio import Redis
 
 from llmops.settings import DriftConfig, Settings
 from observability.drift import (
+    DriftDetector,
     DriftWindows,
+    Probe,
     Record,
     compare,
     is_empty_or_refusal,
@@ -134,3 +136,34 @@ async def test_setting_the_reference(windows: DriftWindows) -> None:
     assert (tokens(ref), tokens(recent)) == ([4, 5, 6], [7])  # it fills up first
     await windows.reset("m", "next")
     assert tokens((await windows.read("m"))[0]) == []
+
+
+async def test_a_blip_of_the_embedding_model_delays_samples_an_outage_drops_embeddings(
+        windows: DriftWindows) -> None:
+    calls = 0
+
+    async def flaky(texts: list[str]) -> list[list[float]]:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise ConnectionError("embedding engine restarting")
+        return [[1.0, 0.0]] * len(texts)
+
+    detector = DriftDetector(DriftConfig(), windows, flaky)
+    detector.record("m", Probe("a prompt", "an answer"), 5, failed=False)
+    for _ in range(3):  # two failed rounds keep the sample queued; the third embeds it
+        await detector.flush()
+    (record,), _, _ = await windows.read("m")
+    assert record.embedding is not None and calls == 3
+
+    async def down(texts: list[str]) -> list[list[float]]:
+        raise ConnectionError("embedding engine gone")
+
+    gone = DriftDetector(DriftConfig(), windows, down)
+    gone.record("m", Probe("another prompt", ""), 0, failed=False)
+    for _ in range(2):
+        await gone.flush()
+    assert len((await windows.read("m"))[0]) == 1  # still waiting
+    await gone.flush()
+    ref, _, _ = await windows.read("m")
+    assert len(ref) == 2 and ref[1].embedding is None and ref[1].empty_or_refusal
