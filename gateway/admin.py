@@ -7,8 +7,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from gateway.accounting import PriceBook
@@ -31,6 +32,25 @@ from observability.drift import DriftDetector, ReferenceSource
 __all__ = ["admin_router"]
 
 Period = Literal["day", "month"]
+# What the store's columns hold: a 32-bit INTEGER (PostgreSQL) and NUMERIC(20, 10).
+_INT_MAX = 2**31 - 1
+_MONEY_MAX = 1e9
+_METADATA_MAX_BYTES = 16 * 1024
+
+
+def _storable(value: dict[str, Any]) -> dict[str, Any]:
+    """Metadata is stored as JSON and served by orjson: a value orjson cannot write (an
+    integer beyond 64 bits) would make the record unreadable after it was stored."""
+    try:
+        size = len(orjson.dumps(value))
+    except TypeError as exc:
+        raise ValueError(f"metadata cannot be stored: {exc}") from None
+    if size > _METADATA_MAX_BYTES:
+        raise ValueError(f"metadata must be at most {_METADATA_MAX_BYTES} bytes as JSON")
+    return value
+
+
+Metadata = Annotated[dict[str, Any], AfterValidator(_storable)]
 
 
 class _Wire(BaseModel):
@@ -38,9 +58,9 @@ class _Wire(BaseModel):
 
 
 class LimitsIn(_Wire):
-    rpm_limit: int | None = Field(None, ge=1)
-    tpm_limit: int | None = Field(None, ge=1)
-    budget_usd: float | None = Field(None, ge=0)
+    rpm_limit: int | None = Field(None, ge=1, le=_INT_MAX)
+    tpm_limit: int | None = Field(None, ge=1, le=_INT_MAX)
+    budget_usd: float | None = Field(None, ge=0, le=_MONEY_MAX, allow_inf_nan=False)
     budget_period: Period = "month"
 
     def limits(self) -> Limits:
@@ -56,16 +76,16 @@ class DriftReferenceIn(_Wire):
 
 class TenantIn(LimitsIn):
     name: str = Field(min_length=1, max_length=128)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class TenantPatch(_Wire):
     name: str | None = Field(None, min_length=1, max_length=128)
-    rpm_limit: int | None = Field(None, ge=1)
-    tpm_limit: int | None = Field(None, ge=1)
-    budget_usd: float | None = Field(None, ge=0)
+    rpm_limit: int | None = Field(None, ge=1, le=_INT_MAX)
+    tpm_limit: int | None = Field(None, ge=1, le=_INT_MAX)
+    budget_usd: float | None = Field(None, ge=0, le=_MONEY_MAX, allow_inf_nan=False)
     budget_period: Period | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
 
 
 class KeyIn(LimitsIn):
@@ -74,23 +94,25 @@ class KeyIn(LimitsIn):
     role: Literal["admin", "member"] = "member"
     models: list[str] | None = Field(None, description="Allowed models or glob patterns.")
     expires_at: datetime | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class KeyPatch(_Wire):
     name: str | None = Field(None, max_length=128)
     models: list[str] | None = None
-    rpm_limit: int | None = Field(None, ge=1)
-    tpm_limit: int | None = Field(None, ge=1)
-    budget_usd: float | None = Field(None, ge=0)
+    rpm_limit: int | None = Field(None, ge=1, le=_INT_MAX)
+    tpm_limit: int | None = Field(None, ge=1, le=_INT_MAX)
+    budget_usd: float | None = Field(None, ge=0, le=_MONEY_MAX, allow_inf_nan=False)
     budget_period: Period | None = None
     expires_at: datetime | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
 
 
 class PriceIn(_Wire):
-    input_per_mtok: float = Field(ge=0, description="USD per million prompt tokens.")
-    output_per_mtok: float = Field(ge=0, description="USD per million completion tokens.")
+    input_per_mtok: float = Field(ge=0, le=_MONEY_MAX, allow_inf_nan=False,
+                                  description="USD per million prompt tokens.")
+    output_per_mtok: float = Field(ge=0, le=_MONEY_MAX, allow_inf_nan=False,
+                                   description="USD per million completion tokens.")
 
 
 def _tenant_out(t: Tenant) -> dict[str, Any]:

@@ -59,6 +59,7 @@ from workers.app import FINETUNE_QUEUE, FINETUNE_TASK, INGEST_QUEUE, make_celery
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
+_CHORES_STOP_S = 5.0
 
 CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "chat")
 COMPLETIONS = Endpoint("/v1/completions", CompletionRequest, "chat")
@@ -213,7 +214,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await asyncio.to_thread(retriever.index.close)
                 for task in tasks:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                # Bounded: redis-py can swallow a cancellation that lands in a blocking read
+                # (the ledger writer's XREADGROUP), which hung shutdown until SIGKILL. What
+                # the writer had not acknowledged stays in the stream for the next writer.
+                _, stuck = await asyncio.wait(tasks, timeout=_CHORES_STOP_S)
+                for task in stuck:
+                    log.warning("background chore %s did not stop in %.0f s; leaving it",
+                                task.get_coro(), _CHORES_STOP_S)
                 await writer_redis.aclose()
                 await redis.aclose()
                 await db.close()

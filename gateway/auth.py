@@ -1,20 +1,25 @@
 """Who is calling: API keys resolved to principals, with a short-lived cache so that the
 database is not asked on every request. Keys are compared by SHA-256 digest in constant time;
-the bootstrap admin key from the settings is known only by its digest."""
+the bootstrap admin key from the settings is known only by its digest. While the database is
+unreachable, a key looked up before is trusted as last seen, and an unknown one gets a 503."""
 
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from datetime import UTC
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 
-from gateway.errors import AuthenticationError, PermissionDeniedError
+from gateway.errors import AuthenticationError, PermissionDeniedError, ServiceUnavailableError
 from llmops.store import utcnow
 from llmops.tenancy import ADMIN_TENANT, Limits, Principal, Tenancy, hash_key
 
 __all__ = ["Authenticator", "require_admin"]
+
+log = logging.getLogger(__name__)
 
 _CACHE_MAX = 10_000
 
@@ -54,10 +59,22 @@ class Authenticator:
         if cached is not None and cached[0] > now:
             principal = cached[1]
         else:
-            principal = await self.tenancy.principal(key)
+            try:
+                principal = await self.tenancy.principal(key)
+            except (SQLAlchemyError, OSError):
+                if cached is not None:  # stale if error: the key store is down, not the key
+                    log.warning("key store unreachable; trusting a cached key lookup")
+                    return self._unexpired(cached[1])
+                raise ServiceUnavailableError(
+                    "The key store is unreachable; try again shortly.",
+                    headers={"retry-after": "1"}) from None
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()  # bounded: a flood of made-up keys cannot grow it
             self._cache[digest] = (now + self.ttl_s, principal)
+        return self._unexpired(principal)
+
+    @staticmethod
+    def _unexpired(principal: Principal | None) -> Principal | None:
         if principal is not None and principal.expires_at is not None:
             expires = principal.expires_at
             if (expires if expires.tzinfo else expires.replace(tzinfo=UTC)) <= utcnow():

@@ -16,6 +16,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ConflictError",
+    "InsufficientStorageError",
     "ModelNotFoundError",
     "NoHealthyBackendError",
     "NotFoundError",
@@ -123,6 +124,12 @@ class ServiceUnavailableError(APIError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class InsufficientStorageError(APIError):
+    status = 507
+    type = "server_error"
+    code = "insufficient_storage"
 
 
 class NoHealthyBackendError(APIError):

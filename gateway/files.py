@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -11,7 +12,12 @@ from starlette.datastructures import UploadFile
 from starlette.responses import FileResponse
 
 from gateway.auth import Authenticator
-from gateway.errors import BadRequestError, NotFoundError, RequestTooLargeError
+from gateway.errors import (
+    BadRequestError,
+    InsufficientStorageError,
+    NotFoundError,
+    RequestTooLargeError,
+)
 from llmops import tenancy
 from llmops.files import PURPOSES, Files, FileTooLargeError
 from llmops.store import StoredFile
@@ -19,6 +25,7 @@ from llmops.store import StoredFile
 __all__ = ["files_router"]
 
 _CHUNK = 1024 * 1024
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _file_out(row: StoredFile) -> dict[str, Any]:
@@ -70,6 +77,12 @@ def files_router(files: Files, auth: Authenticator, on_delete: OnDelete | None =
                                          upload.filename or "upload", purpose, chunks())
             except FileTooLargeError as exc:
                 raise RequestTooLargeError(str(exc), param="file") from None
+            except OSError as exc:
+                if exc.errno not in _NO_SPACE:
+                    raise
+                raise InsufficientStorageError(  # nothing of the upload was kept
+                    "The server has no space left to store this file; try again later.",
+                    param="file") from None
         return _file_out(row)
 
     @router.get("")

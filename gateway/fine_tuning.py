@@ -153,8 +153,11 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
     @router.get("")
     async def list_jobs(request: Request, limit: int = 20, after: str | None = None
                         ) -> dict[str, Any]:
-        rows, more = await jobs.list_jobs(request.state.principal.tenant_id,
-                                          limit=max(1, min(limit, 100)), after=after)
+        try:
+            rows, more = await jobs.list_jobs(request.state.principal.tenant_id,
+                                              limit=max(1, min(limit, 100)), after=after)
+        except tenancy.NotFoundError as exc:
+            raise NotFoundError(str(exc), param="after") from None
         return {"object": "list", "data": [job_out(j) for j in rows], "has_more": more}
 
     @router.get("/{job_id}")

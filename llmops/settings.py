@@ -162,6 +162,9 @@ class RetrievalConfig(_Strict):
         256 * 1024 * 1024, ge=1024, description="Largest batch of chunks a worker may write.")
     score_threshold: float = Field(
         0.3, ge=0, le=1, description="Default relevance floor for answers with retrieval.")
+    ingest_redelivery_s: float = Field(
+        600.0, gt=0, description="An ingestion task whose worker vanished (killed, host lost) "
+        "is delivered again after this long; keep it above the longest ingestion.")
 
 
 class MetricsConfig(_Strict):

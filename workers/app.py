@@ -31,8 +31,11 @@ def make_celery(settings: Settings) -> Celery:
         # (celery#5935). Ingestion is idempotent and acks late instead (see workers.tasks).
         task_acks_late=False,
         broker_connection_timeout=5,
-        # Celery's keys live under our prefix, like everything else we keep in Redis.
-        broker_transport_options={"global_keyprefix": f"{settings.redis_prefix}:celery:"},
+        # Celery's keys live under our prefix, like everything else we keep in Redis. A task
+        # taken but not acknowledged (ingestion acks late) whose worker died goes back on the
+        # queue after the visibility timeout: Redis's default of an hour stalls a file that long.
+        broker_transport_options={"global_keyprefix": f"{settings.redis_prefix}:celery:",
+                                  "visibility_timeout": settings.retrieval.ingest_redelivery_s},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
