@@ -34,7 +34,7 @@ from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.proxy import Endpoint, Proxy
 from gateway.retrieval import Retriever
-from gateway.routing import Pool, Router, build_scorers
+from gateway.routing import Pool, Router, build_affinity, build_scorers
 from gateway.routing.health import HealthMonitor
 from gateway.spans import TracingMiddleware
 from gateway.vector_stores import internal_router, vector_stores_router
@@ -126,7 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     catalog = Catalog(settings.models)
     scorers = build_scorers(settings.routing)
     routers = {
-        m.name: Router([Pool.from_config(p, settings.routing) for p in m.pools], scorers)
+        m.name: Router([Pool.from_config(p, settings.routing) for p in m.pools], scorers,
+                       affinity=build_affinity(settings.routing))
         for m in settings.models
     }
     limiter = Limiter(redis, db, settings.redis_prefix, settings.limits)

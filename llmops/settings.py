@@ -110,6 +110,12 @@ class RoutingConfig(_Strict):
     weight_outstanding: float = Field(1.0, ge=0)
     weight_queue: float = Field(1.0, ge=0)
     weight_kv_cache: float = Field(0.5, ge=0)
+    adapter_affinity: int = Field(
+        4, ge=0, description="Adapters remembered per replica as likely in vLLM's LoRA cache "
+        "(set it to --max-loras); an adapter's requests go where it was sent lately. 0: off.")
+    affinity_slack: int = Field(
+        4, ge=0, description="Outstanding requests a replica holding the adapter may have beyond "
+        "the least busy replica and still be preferred.")
 
 
 class LimitsConfig(_Strict):

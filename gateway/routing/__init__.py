@@ -4,16 +4,19 @@ chooses; pools are tried in priority order (GPU first, CPU as the fallback behin
 from gateway.routing.circuit import Circuit, CircuitState
 from gateway.routing.policy import (
     SCORERS,
+    AdapterAffinity,
     Filter,
     Router,
     Scorer,
     WeightedScorer,
+    build_affinity,
     build_scorers,
 )
 from gateway.routing.replica import Pool, Replica
 
 __all__ = [
     "SCORERS",
+    "AdapterAffinity",
     "Circuit",
     "CircuitState",
     "Filter",
@@ -22,5 +25,6 @@ __all__ = [
     "Router",
     "Scorer",
     "WeightedScorer",
+    "build_affinity",
     "build_scorers",
 ]

@@ -14,11 +14,13 @@ from llmops.settings import RoutingConfig
 
 __all__ = [
     "SCORERS",
+    "AdapterAffinity",
     "Filter",
     "RouteRequest",
     "Router",
     "Scorer",
     "WeightedScorer",
+    "build_affinity",
     "build_scorers",
 ]
 
@@ -46,6 +48,27 @@ def adapter_loaded(request: RouteRequest, replicas: Iterable[Replica]) -> list[R
     if request.adapter is None:
         return list(replicas)
     return [r for r in replicas if request.adapter in r.adapters]
+
+
+@dataclass(frozen=True)
+class AdapterAffinity:
+    """Sends an adapter's requests where it was sent lately, so that vLLM finds it in its
+    LoRA cache instead of loading it again (every replica lists every registered adapter, so
+    `adapter_loaded` cannot tell). The replicas that had it win unless the least busy of them
+    has `slack` more requests outstanding than the least busy of all, or none has room."""
+
+    keep: int  # adapters remembered per replica: vLLM's --max-loras
+    slack: int
+
+    def __call__(self, request: RouteRequest, replicas: Iterable[Replica]) -> list[Replica]:
+        fit = list(replicas)
+        if request.adapter is None or not fit:
+            return fit
+        homes = [r for r in fit if request.adapter in r.recent_adapters and r.has_capacity]
+        if homes and (min(r.outstanding for r in homes)
+                      <= min(r.outstanding for r in fit) + self.slack):
+            return homes
+        return fit
 
 
 def with_capacity(_: RouteRequest, replicas: Iterable[Replica]) -> list[Replica]:
@@ -87,6 +110,12 @@ def build_scorers(config: RoutingConfig) -> list[WeightedScorer]:
     return [WeightedScorer(n, SCORERS[n], w) for n, w in weights.items() if w > 0]
 
 
+def build_affinity(config: RoutingConfig) -> AdapterAffinity | None:
+    if config.adapter_affinity == 0:
+        return None
+    return AdapterAffinity(config.adapter_affinity, config.affinity_slack)
+
+
 def pick(
     replicas: Sequence[Replica],
     scorers: Sequence[WeightedScorer],
@@ -115,10 +144,12 @@ class Router:
         *,
         filters: Sequence[Filter] = (available, adapter_loaded),
         rng: random.Random | None = None,
+        affinity: AdapterAffinity | None = None,
     ) -> None:
         self.pools = sorted(pools, key=lambda p: -p.priority)
         self.scorers = list(scorers)
-        self.filters = list(filters)
+        self.filters = list(filters) + ([affinity] if affinity is not None else [])
+        self.affinity = affinity
         self.rng = rng or random.Random()
 
     @property
@@ -128,6 +159,12 @@ class Router:
     def choose(self, request: RouteRequest) -> Replica | None:
         """The highest-priority pool with a fit replica that has capacity wins. When every fit
         replica is full, the request queues at the highest-priority pool that has one."""
+        chosen = self._choose(request)
+        if chosen is not None and request.adapter is not None and self.affinity is not None:
+            chosen.sent_adapter(request.adapter, self.affinity.keep)
+        return chosen
+
+    def _choose(self, request: RouteRequest) -> Replica | None:
         overflow: list[Replica] | None = None
         for pool in self.pools:
             fit: list[Replica] = pool.replicas

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from gateway.routing.circuit import Circuit
@@ -23,6 +24,8 @@ class Replica:
     waiting: float = 0.0  # vllm:num_requests_waiting, scraped
     kv_cache_usage: float = 0.0  # vllm:kv_cache_usage_perc (0..1), scraped
     adapters: frozenset[str] = field(default_factory=frozenset)  # LoRA names loaded here
+    # Adapters this gateway sent here lately, most recent last: likely in vLLM's LoRA cache.
+    recent_adapters: OrderedDict[str, None] = field(default_factory=OrderedDict)
     config: PoolConfig | None = None  # the pool it belongs to (costs and throughput)
 
     @property
@@ -32,6 +35,13 @@ class Replica:
     @property
     def has_capacity(self) -> bool:
         return self.outstanding < self.max_concurrency and self.waiting < max(self.max_waiting, 1)
+
+    def sent_adapter(self, adapter: str, keep: int) -> None:
+        """Remember `adapter` as sent here, forgetting the oldest beyond `keep`."""
+        self.recent_adapters[adapter] = None
+        self.recent_adapters.move_to_end(adapter)
+        while len(self.recent_adapters) > keep:
+            self.recent_adapters.popitem(last=False)
 
     def acquire(self) -> None:
         self.outstanding += 1

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import random
 
-from gateway.routing import Circuit, CircuitState, Pool, Replica, Router, build_scorers
+from gateway.routing import (
+    Circuit,
+    CircuitState,
+    Pool,
+    Replica,
+    Router,
+    build_affinity,
+    build_scorers,
+)
 from gateway.routing.health import parse_vllm_metrics
 from gateway.routing.policy import RouteRequest, kv_cache_score, outstanding_score, queue_score
 from llmops.settings import RoutingConfig
@@ -168,3 +176,38 @@ vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
 vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5
 """
     assert parse_vllm_metrics(text) == (5.0, 0.5)
+
+
+def affine_router(pool: Pool, keep: int = 2, slack: int = 2) -> Router:
+    config = RoutingConfig(adapter_affinity=keep, affinity_slack=slack)
+    return Router([pool], build_scorers(config), rng=random.Random(0),
+                  affinity=build_affinity(config))
+
+
+def test_an_adapters_requests_go_where_it_was_sent_lately() -> None:
+    pool = Pool("gpu", 0, [replica(f"g{i}", "gpu", max_concurrency=64,
+                                   adapters=frozenset({"a", "b"})) for i in range(4)])
+    r = affine_router(pool)
+    first = r.choose(RouteRequest("a"))
+    assert first is not None
+    first.acquire()  # now the busiest: least-loaded alone would go elsewhere
+    assert r.choose(RouteRequest("a")) is first
+    assert r.choose(RouteRequest("b")) is not first  # another adapter spreads out
+
+
+def test_affinity_yields_to_load_beyond_the_slack_and_forgets_old_adapters() -> None:
+    pool = Pool("gpu", 0, [replica(f"g{i}", "gpu", max_concurrency=64,
+                                   adapters=frozenset("abc")) for i in range(2)])
+    r = affine_router(pool, keep=2, slack=2)
+    home = r.choose(RouteRequest("a"))
+    assert home is not None
+    home.outstanding = 3  # three more than the other replica: over the slack
+    assert r.choose(RouteRequest("a")) is not home
+    home.outstanding = 0
+    for adapter in ("b", "c"):  # two newer adapters sent there push "a" out
+        home.sent_adapter(adapter, keep=2)
+    assert "a" not in home.recent_adapters and list(home.recent_adapters) == ["b", "c"]
+
+
+def test_affinity_is_off_at_zero() -> None:
+    assert build_affinity(RoutingConfig(adapter_affinity=0)) is None
