@@ -31,6 +31,6 @@ async def test_openapi_document_describes_the_api() -> None:
 
 def test_routing_exports() -> None:
     assert set(gateway.routing.__all__) == {
-        "SCORERS", "Circuit", "CircuitState", "Filter", "Pool", "Replica", "Router", "Scorer",
-        "WeightedScorer", "build_scorers",
+        "SCORERS", "AdapterAffinity", "Circuit", "CircuitState", "Filter", "Pool", "Replica",
+        "Router", "Scorer", "WeightedScorer", "build_affinity", "build_scorers",
     }
