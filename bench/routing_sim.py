@@ -18,8 +18,8 @@ hashing with bounded loads, and resident-first among the least loaded); and the 
 `gateway.routing.Router` with the scorers `build_scorers(RoutingConfig())` makes, fed what the
 gateway would know: its own outstanding counts live, vLLM's waiting queue and KV use as
 scraped every `metrics_interval_s`, and the adapters each replica lists in `/v1/models` (all of
-them: `AdapterLoader` loads every adapter into every replica). A sixth policy is that same
-`Router` with one filter added (`RecentAdapters`), to show what affinity would take in it.
+them: `AdapterLoader` loads every adapter into every replica), with its adapter affinity off;
+a sixth policy is that same `Router` with the affinity on, as the gateway runs by default.
 
 The costs come from the real SmolLM2-135M vLLM-CPU engine (`bench/routing_vllm.py`, which also
 replays one arrival trace on it and on the simulator and compares TTFT); `--no-validate` uses
@@ -43,14 +43,14 @@ import os
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from bench.report import DOCS, machine, pct, table, write_section
-from gateway.routing import Circuit, Pool, Replica, Router, build_scorers
-from gateway.routing.policy import RouteRequest, adapter_loaded, available
+from gateway.routing import Circuit, Pool, Router, build_affinity, build_scorers
+from gateway.routing.policy import RouteRequest
 from llmops.settings import PoolConfig, RoutingConfig
 
 CALIBRATION = DOCS / "routing_sim_calibration.json"
@@ -323,9 +323,10 @@ class ResidentFirst(_Base):
 
 
 class GatewayPicker(_Base):
-    """The real `gateway.routing.Router`, fed the state the gateway would see."""
+    """The real `gateway.routing.Router` with its adapter affinity off, fed the state the
+    gateway would see."""
 
-    name = "gateway picker"
+    name = "gateway, affinity off"
 
     def __init__(self, n: int, seed: int, adapters: frozenset[str],
                  routing: RoutingConfig | None = None,
@@ -362,52 +363,17 @@ class GatewayPicker(_Base):
             gw.kv_cache_usage = sim.kv_used / sim.p.kv_tokens
 
 
-class RecentAdapters:
-    """A `gateway.routing.Filter` the gateway does not have (yet): keeps, per replica, the
-    adapters it sent there last (as many as the replica's LoRA cache holds), and narrows the
-    choice to the replicas that have the request's adapter, unless the least loaded of those
-    has `slack` more requests outstanding than the least loaded of all."""
-
-    def __init__(self, size: int, slack: int = 4) -> None:
-        self.size = size
-        self.slack = slack
-        self.recent: dict[int, OrderedDict[str, None]] = {}
-
-    def __call__(self, request: RouteRequest, replicas: Iterable[Replica]) -> list[Replica]:
-        fit = list(replicas)
-        if request.adapter is None or not fit:
-            return fit
-        homes = [r for r in fit if request.adapter in self.recent.get(id(r), ())]
-        if homes and (min(r.outstanding for r in homes)
-                      <= min(r.outstanding for r in fit) + self.slack):
-            return homes
-        return fit
-
-    def sent(self, replica: Replica, adapter: str | None) -> None:
-        if adapter is None:
-            return
-        recent = self.recent.setdefault(id(replica), OrderedDict())
-        recent[adapter] = None
-        recent.move_to_end(adapter)
-        while len(recent) > self.size:
-            recent.popitem(last=False)
-
-
 class GatewayAffine(GatewayPicker):
-    """The real `Router` with `RecentAdapters` added to its filters."""
+    """The real `Router` with the gateway's adapter affinity on (`routing.adapter_affinity`,
+    sized to the engine's LoRA cache), as the gateway builds it."""
 
-    name = "gateway + affinity filter"
+    name = "gateway + adapter affinity"
 
     def __init__(self, n: int, seed: int, adapters: frozenset[str], cache: int) -> None:
-        super().__init__(n, seed, adapters)
-        self.recent = RecentAdapters(cache)
-        self.router = Router([self.pool], build_scorers(self.routing), rng=self.rng,
-                             filters=(available, adapter_loaded, self.recent))
-
-    def choose(self, request: Request, replicas: Sequence[SimReplica], now: float) -> int:
-        i = super().choose(request, replicas, now)
-        self.recent.sent(self.replicas[i], request.adapter)
-        return i
+        routing = RoutingConfig(adapter_affinity=cache)
+        super().__init__(n, seed, adapters, routing=routing)
+        self.router = Router([self.pool], build_scorers(routing), rng=self.rng,
+                             affinity=build_affinity(routing))
 
 
 PolicyFactory = Callable[[int, int, frozenset[str]], Policy]
@@ -792,16 +758,16 @@ def summary(study: Study, profile: EngineProfile,
         f"adapter: affinity {verdict}. Lowest TTFT p99 at {n} replicas: {best}.",
         f"- At {n} replicas, TTFT p99 is {p99(rr, last):.1f} s with round-robin, "
         f"{p99(ll, last):.1f} s least-loaded, {p99(gw, last):.1f} s with the gateway's picker "
-        f"and {p99(affine, last):.1f} s with {affine}; adapter loads per request "
+        f"(affinity off) and {p99(affine, last):.1f} s with {affine}; adapter loads per request "
         f"{loads(ll, last):.2f} (least-loaded) against {loads(affine, last):.2f}.",
-        f"- The gateway's picker stays within {gap:.0%} of least-loaded at every size: it sees "
-        f"every adapter on every replica (`/v1/models` lists what `AdapterLoader` registered, "
-        f"not what is in vLLM's LoRA cache), and its scorers do not see the request, so it "
-        f"cannot prefer a replica that has the adapter loaded.",
-        f"- The same `Router` with one more filter (`{GatewayAffine.name}`: the adapters it "
-        f"sent to each replica lately, bounded by load) gets {p99(GatewayAffine.name, last):.1f}"
-        f" s p99 and {loads(GatewayAffine.name, last):.2f} loads per request at {n} "
-        f"replicas.",
+        f"- With its affinity off, the gateway's picker stays within {gap:.0%} of least-loaded "
+        f"at every size: every replica lists every adapter (`/v1/models` shows what "
+        f"`AdapterLoader` registered, not what is in vLLM's LoRA cache) and its scorers do not "
+        f"see the request, so nothing else prefers a replica that has the adapter loaded.",
+        f"- The same `Router` with its adapter affinity on (`{GatewayAffine.name}`: the "
+        f"adapters it sent to each replica lately, bounded by load) gets "
+        f"{p99(GatewayAffine.name, last):.1f} s p99 and "
+        f"{loads(GatewayAffine.name, last):.2f} loads per request at {n} replicas.",
     ]
 
 
