@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The stamp depends on pyproject.toml: editing dependencies reinstalls, re-running does not.
 
-.PHONY: install models prometheus up down status test lint typecheck clean
+.PHONY: install models prometheus up down status test soak lint typecheck clean bench-peers-setup
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,25 @@ typecheck: install
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
 test: install models prometheus lint typecheck
 	$(BIN)/pytest
+
+# The long reliability runs: scenarios too slow for `make test` (marked soak), then a soak of
+# mixed traffic for SOAK_SECONDS with the ledger reconciled and memory checked (a FAKE upstream).
+SOAK_SECONDS ?= 600
+soak: install models
+	$(BIN)/pytest -m soak tests/reliability
+	$(BIN)/python -m tests.reliability.soak --duration $(SOAK_SECONDS)
+
+# The LiteLLM proxy for bench/peers.py, in a virtual environment of its own (never 1.82.7 or
+# 1.82.8: those releases were compromised). Newer ones need a newer certifi than the index has.
+LITELLM_VERSION ?= 1.106.2
+LITELLM_VENV := .bench-venvs/litellm
+$(LITELLM_VENV)/.installed-$(LITELLM_VERSION):
+	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LITELLM_VENV)/bin/python -m pip install --quiet 'litellm[proxy]==$(LITELLM_VERSION)'
+	touch $@
+
+bench-peers-setup: $(LITELLM_VENV)/.installed-$(LITELLM_VERSION)
 
 clean: down
 	rm -rf $(VENV) .llmops .pytest_cache .mypy_cache .ruff_cache

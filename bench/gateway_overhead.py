@@ -13,73 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
-import yaml
 
+from bench.proxy_load import BODY, STREAM_BODY, gateway, latencies, ledger_writer, rate, start
+from bench.report import pct
 from llmops.stack import Service, free_port, stop_process_group
-
-KEY = "sk-bench"
-BODY = b'{"model":"fake","messages":[{"role":"user","content":"What is the capital of France?"}]}'
-STREAM_BODY = BODY[:-1] + b',"stream":true}'
-
-
-def start(service: Service, core: str | None) -> subprocess.Popen[bytes]:
-    argv = ["taskset", "-c", core, *service.argv] if core else service.argv
-    proc = subprocess.Popen(argv, env={**os.environ, **service.env}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not service.healthy():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError(f"{service.name} did not start")
-        time.sleep(0.1)
-    return proc
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-async def latencies(session: aiohttp.ClientSession, url: str, body: bytes, n: int,
-                    first_byte: bool = False) -> list[float]:
-    out = []
-    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
-    for _ in range(n):
-        t0 = time.perf_counter()
-        async with session.post(url, data=body, headers=headers) as resp:
-            if first_byte:
-                await resp.content.readany()
-                out.append(time.perf_counter() - t0)
-                await resp.read()
-            else:
-                await resp.read()
-                out.append(time.perf_counter() - t0)
-            assert resp.status == 200, resp.status
-    return out
-
-
-async def rate(url: str, concurrency: int, seconds: float) -> float:
-    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
-    done = 0
-    stop = time.perf_counter() + seconds
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < stop:
-                async with s.post(url, data=BODY, headers=headers) as resp:
-                    await resp.read()
-                    done += resp.status == 200
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return done / (time.perf_counter() - t0)
 
 
 async def measure(direct: str, proxied: str, args: argparse.Namespace) -> None:
@@ -110,7 +53,7 @@ async def measure(direct: str, proxied: str, args: argparse.Namespace) -> None:
           f"{med['ttfb_added']:.3f} ms (p50)")
     for c in (1, 16, 64):
         print(f"  requests/s through the gateway at {c:>2} connections: "
-              f"{await rate(proxied, c, args.seconds):,.0f}")
+              f"{(await rate(proxied, c, args.seconds)).rate:,.0f}")
 
 
 def main() -> None:
@@ -128,20 +71,11 @@ def main() -> None:
     upstream = Service("fake-upstream", [sys.executable, "-m", "bench.fake_upstream",
                                          str(up_port)], up_port, "/health")
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "gateway.yaml"
-        config.write_text(yaml.safe_dump({
-            "models": [{"name": "fake", "kind": "chat", "pools": [
-                {"device": "cpu", "urls": [f"http://127.0.0.1:{up_port}"]}]}],
-            "admin_key": KEY, "port": gw_port, "log_level": "warning",
-            "database_url": f"sqlite:///{tmp}/bench.db", "redis_prefix": f"bench-{up_port}",
-            "ledger": {"spool_path": f"{tmp}/spool", "writer": args.writer == "in-process"}}))
-        gateway = Service("gateway", [sys.executable, "-m", "gateway"], gw_port, "/readyz",
-                          {"LLMOPS_CONFIG": str(config)})
-        procs = [start(upstream, "1"), start(gateway, "0")]
+        gw = gateway(Path(tmp), f"http://127.0.0.1:{up_port}", gw_port,
+                     writer_in_process=args.writer == "in-process")
+        procs = [start(upstream, "1"), start(gw, "0")]
         if args.writer == "separate":
-            procs.append(subprocess.Popen(
-                ["taskset", "-c", "1", sys.executable, "-m", "llmops.cli", "ledger-writer"],
-                env={**os.environ, "LLMOPS_CONFIG": str(config)}, start_new_session=True))
+            procs.append(ledger_writer(gw, "1"))
         print(f"ledger writer: {args.writer}")
         try:
             asyncio.run(measure(f"http://127.0.0.1:{up_port}/v1/chat/completions",

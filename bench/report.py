@@ -47,10 +47,13 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(title: str, command: str, host: str, body: str) -> Path:
-    """Put `## title` (command, date, machine, then `body`) into docs/benchmarks.md."""
-    DOCS.mkdir(exist_ok=True)
-    path = DOCS / "benchmarks.md"
+def write_section(title: str, command: str, host: str, body: str,
+                  docs: Path | None = None) -> Path:
+    """Put `## title` (command, date, machine, then `body`) into docs/benchmarks.md (or into
+    `docs`/benchmarks.md)."""
+    docs = docs or DOCS
+    docs.mkdir(exist_ok=True)
+    path = docs / "benchmarks.md"
     text = path.read_text() if path.exists() else _HEADER
     today = datetime.date.today().isoformat()
     section = (f"## {title}\n\n```\n{command}\n```\n\nRun {today} on {host}.\n\n"
