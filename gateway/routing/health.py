@@ -126,12 +126,14 @@ class HealthMonitor:
             if base.kind != "chat":
                 continue
             replicas = [r for r in self.routers[base.name].replicas if r.healthy]
+            before = [r.adapters for r in replicas]
             found = await asyncio.gather(*(self._adapters_of(r, base.upstream_name)
                                            for r in replicas))
             names: set[str] = set()
-            for replica, adapters in zip(replicas, found, strict=True):
+            for replica, seen, adapters in zip(replicas, before, found, strict=True):
                 if adapters is not None:
-                    replica.adapters = adapters
+                    # An adapter loaded while the listing was on its way is not in it: keep it.
+                    replica.adapters = adapters | (replica.adapters - seen)
                 names |= replica.adapters
             self.catalog.set_adapters(base.name, sorted(names))
 

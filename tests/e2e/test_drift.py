@@ -63,9 +63,10 @@ def test_a_different_prompt_distribution_crosses_the_threshold(
                                     "empty_or_refusal_rate", "error_rate"}
     assert not same["signals"]["error_rate"]["drifted"]
 
-    mark = time.time()
     send(gw, prompts("python", WINDOW, seed=3))  # replaces the recent window entirely
-    other = chat_drift(gw, WINDOW, since=mark)
+    # The window was full before too: wait for a comparison that surely saw every new sample
+    # (each background round flushes the samples, then compares).
+    other = chat_drift(gw, WINDOW, since=time.time() + 1.0)
     moved = other["signals"]["prompt_embedding"]
     assert moved["drifted"] and moved["score"] > moved["threshold"], moved
     assert moved["score"] > 5 * prompt["score"]

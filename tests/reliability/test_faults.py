@@ -102,9 +102,10 @@ class Load:
                     self.results[rid] = (kind, status)
 
 
-def ledger_rows(database_url: str, expected: set[str], timeout_s: float = 60
-                ) -> dict[str, Any]:
-    """The usage rows once every expected request id has a final (status != 0) record."""
+def ledger_rows(database_url: str, expected: set[str], tenants: set[str],
+                timeout_s: float = 60) -> dict[str, Any]:
+    """The usage rows of these tenants (the database may be shared with other tests) once
+    every expected request id has a final (status != 0) record."""
     engine = sqlalchemy.create_engine(database_url.replace("postgresql://",
                                                           "postgresql+psycopg://"))
     deadline = time.monotonic() + timeout_s
@@ -112,7 +113,7 @@ def ledger_rows(database_url: str, expected: set[str], timeout_s: float = 60
         while True:
             with engine.connect() as conn:
                 rows = {r.request_id: r for r in conn.execute(
-                    sqlalchemy.text("SELECT * FROM usage_records"))}
+                    sqlalchemy.text("SELECT * FROM usage_records")) if r.tenant_id in tenants}
             final = {rid for rid, r in rows.items() if r.status != 0}
             if expected <= final or time.monotonic() > deadline:
                 return rows
@@ -157,7 +158,8 @@ def test_redis_killed_and_restarted_under_load_loses_nothing_and_limits_recover(
     settings = gateway_config(rel_folder, upstream.url, redis_url=redis_server.url)
     gateway = start_gateway(rel_folder, rel_folder, settings)
     try:
-        busy = gateway.new_key()["key"]
+        busy_key = gateway.new_key()
+        busy = busy_key["key"]
         limited = gateway.new_key(rpm_limit=3)["key"]
         with Load(gateway, busy) as load:
             wait_for(lambda: load.count() >= 30, 30, "no load before the fault")
@@ -174,7 +176,8 @@ def test_redis_killed_and_restarted_under_load_loses_nothing_and_limits_recover(
         # Limits fail open (the default) while Redis is down: everything was served.
         assert set(statuses) == {200}, ({s: statuses.count(s) for s in set(statuses)},
                                         load.refusals[:5])
-        rows = ledger_rows(settings["database_url"], set(load.results))
+        rows = ledger_rows(settings["database_url"], set(load.results),
+                           {busy_key["tenant_id"]})
         assert_ledger_matches(load, rows)
         spool = Path(settings["ledger"]["spool_path"])
         wait_for(lambda: not spool.exists() or spool.stat().st_size == 0, 30,
@@ -212,8 +215,8 @@ def test_database_path_cut_and_restored_under_load_loses_nothing(
                               database_url=database_url)
     gateway = start_gateway(rel_folder, rel_folder, settings)
     try:
-        key = gateway.new_key()["key"]
-        unseen = gateway.new_key()["key"]
+        key_row, unseen_row = gateway.new_key(), gateway.new_key()
+        key, unseen = key_row["key"], unseen_row["key"]
         chat = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}]}
         with Load(gateway, key) as load:
             wait_for(lambda: load.count() >= 30, 30, "no load before the fault")
@@ -240,7 +243,8 @@ def test_database_path_cut_and_restored_under_load_loses_nothing(
         with gateway.client(unseen) as client:
             assert client.post("/v1/chat/completions", json=chat,
                                headers={"x-request-id": "unseen-after"}).status_code == 200
-        rows = ledger_rows(database_url, {r for r, (_, s) in load.results.items() if s == 200})
+        rows = ledger_rows(database_url, {r for r, (_, s) in load.results.items() if s == 200},
+                           {key_row["tenant_id"], unseen_row["tenant_id"]})
         assert_ledger_matches(load, rows, also=frozenset({"unseen-after"}))
         report("database path cut and restored under load", requests=len(statuses),
                answered_while_cut=during, outage_s=4.0, statuses=counts,

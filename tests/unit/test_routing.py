@@ -13,9 +13,10 @@ from gateway.routing import (
     build_affinity,
     build_scorers,
 )
-from gateway.routing.health import parse_vllm_metrics
+from gateway.routing.health import HealthMonitor, parse_vllm_metrics
 from gateway.routing.policy import RouteRequest, kv_cache_score, outstanding_score, queue_score
-from llmops.settings import RoutingConfig
+from llmops.catalog import Catalog
+from llmops.settings import ModelConfig, PoolConfig, RoutingConfig
 
 
 class Clock:
@@ -211,3 +212,24 @@ def test_affinity_yields_to_load_beyond_the_slack_and_forgets_old_adapters() -> 
 
 def test_affinity_is_off_at_zero() -> None:
     assert build_affinity(RoutingConfig(adapter_affinity=0)) is None
+
+
+async def test_an_adapter_loaded_during_discovery_is_not_forgotten() -> None:
+    """The adapter loader adds an adapter while a `/v1/models` listing that predates it is
+    on its way back: the stale listing must not take it away (requests would get 503)."""
+    config = ModelConfig(name="m", kind="chat", pools=[PoolConfig(device="cpu", urls=["http://u"])])
+    pool = Pool.from_config(config.pools[0], RoutingConfig())
+    routers = {"m": Router([pool], build_scorers(RoutingConfig()))}
+    catalog = Catalog([config])
+    (served,) = pool.replicas
+    served.adapters = frozenset({"old"})
+
+    class Racing(HealthMonitor):
+        async def _adapters_of(self, replica: Replica, parent: str) -> frozenset[str] | None:
+            replica.adapters = replica.adapters | {"new"}  # the loader, meanwhile
+            return frozenset({"old"})  # listed before "new" was loaded
+
+    monitor = Racing(None, routers, catalog, RoutingConfig())  # type: ignore[arg-type]
+    await monitor.discover_adapters()
+    assert served.adapters == {"old", "new"}
+    assert catalog.resolve("new") is not None
