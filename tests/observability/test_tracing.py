@@ -36,6 +36,7 @@ from llmops.tenancy import ADMIN_TENANT
 from observability import tracing
 from retrieval import Hit
 from tests.observability.otlp import OtlpReceiver
+from tests.standin import serve_engine
 
 KEY = "sk-admin-unit-tracing"
 PROMPT = "What is the capital of France?"
@@ -100,19 +101,8 @@ async def upstream() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
         await stream.write(b"data: [DONE]\n\n")
         return stream
 
-    async def ok(_: web.Request) -> web.Response:
-        return web.Response(text="")
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/health", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}", seen
-    await runner.cleanup()
+    async with serve_engine(chat) as url:
+        yield url, seen
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from llmops.settings import MetricsConfig, ModelConfig, RoutingConfig, Settings
 from llmops.stack import free_port
 from llmops.tenancy import Limits, Principal
 from observability.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, GatewayMetrics, Reading
+from tests.standin import serve_engine
 from workers.app import FINETUNE_TASK, make_celery
 
 CHAT = ModelConfig(name="chat", kind="chat", pools=[
@@ -312,19 +313,8 @@ async def engine() -> AsyncIterator[str]:
         return web.json_response({"id": "x", "object": "chat.completion", "choices": [],
                                   "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
 
-    async def ok(_: web.Request) -> web.Response:
-        return web.Response(text="")
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/health", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serve_engine(chat) as url:
+        yield url
 
 
 async def test_metrics_on_their_own_port_with_celery_queue_lengths(engine: str, tmp_path: Path

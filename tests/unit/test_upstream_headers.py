@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from gateway.app import create_app
 from llmops.settings import Settings
+from tests.standin import serve_engine
 
 KEY = "sk-admin-unit-headers"
 
@@ -29,19 +30,8 @@ async def upstream() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
         return web.json_response({"id": "x", "object": "chat.completion", "choices": [],
                                   "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
 
-    async def ok(_: web.Request) -> web.Response:
-        return web.Response(text="")
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/health", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}", seen
-    await runner.cleanup()
+    async with serve_engine(chat) as url:
+        yield url, seen
 
 
 async def test_client_credentials_and_headers_never_reach_the_engine(
