@@ -15,11 +15,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
 from gateway.errors import ServiceUnavailableError
+from gateway.guardrails.events import Tally, log_events
+from gateway.guardrails.outputs import OutputFilter
 from gateway.limits import Admission, Limiter, LimitExceededError
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from llmops.catalog import CatalogEntry
@@ -78,6 +80,8 @@ class Account:
     completion_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)  # the choices', as they end
     probe: Probe | None = None  # set when drift detection samples this request
+    guardrails: Tally = field(default_factory=Tally)  # what guardrails did to it
+    started_record: asyncio.Future[None] | None = None  # the start record, once durable
     closed: bool = False
 
     def first_byte(self) -> None:
@@ -135,8 +139,10 @@ class Accountant:
         if (self.drift is not None and entry.base.kind == "chat" and self.drift.sampled()
                 and (text := prompt_text(parsed)) is not None):
             account.probe = Probe(text)
-        # Durable before the model is called: a gateway killed now still leaves a record.
-        await self.publisher.publish(self._event(account, status=0, final=False))
+        # The start record goes out while the model is called (Proxy awaits it before
+        # answering): a gateway killed mid-request still leaves a record.
+        account.started_record = self.publisher.submit(self._event(account, status=0,
+                                                                   final=False))
         return account.admission
 
     def _event(self, account: Account, status: int, final: bool) -> UsageEvent:
@@ -150,10 +156,16 @@ class Accountant:
             prompt_tokens=account.prompt_tokens, completion_tokens=account.completion_tokens,
             latency_ms=(time.perf_counter() - account.started) * 1000,
             ttft_ms=account.ttft_ms, pool=account.device, cost_usd=cost,
-            device_seconds=seconds, created_at=account.created_at, final=final)
+            device_seconds=seconds, created_at=account.created_at, final=final,
+            guardrails=account.guardrails.records())
 
     def finish(self, account: Account, status: int) -> None:
         event = self._event(account, status, final=True)
+        if account.guardrails:
+            log_events(account.guardrails, account.request_id, account.who.tenant_id,
+                       account.who.key_id)
+        if account.started_record is not None:  # a failure there is the end record's to tell
+            account.started_record.add_done_callback(_quiet)
         task = asyncio.get_running_loop().create_task(
             self._settle(account.admission, event))
         self._pending.add(task)
@@ -182,6 +194,11 @@ class Accountant:
         """Wait for every record still being published (shutdown)."""
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+
+def _quiet(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def estimate_tokens(entry: CatalogEntry, parsed: OpenAIRequest, body_size: int
@@ -227,12 +244,16 @@ class SseUsageTap:
 
     The gateway always asks vLLM for `include_usage` and `continuous_usage_stats`, so even a
     stream cut short has counted tokens. A client that did not ask for usage gets no usage
-    chunk; one that did not ask for continuous stats gets usage only in the last chunk."""
+    chunk; one that did not ask for continuous stats gets usage only in the last chunk. With a
+    `guard` (output guardrails), every chunk's text goes through it, and what it still holds
+    when the stream ends goes out in a chunk of its own before `data: [DONE]`."""
 
-    def __init__(self, account: Account, *, client_usage: bool, client_continuous: bool) -> None:
+    def __init__(self, account: Account, *, client_usage: bool, client_continuous: bool,
+                 guard: OutputFilter | None = None) -> None:
         self.account = account
         self.client_usage = client_usage
         self.client_continuous = client_continuous
+        self.guard = guard
         self._partial = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -242,16 +263,23 @@ class SseUsageTap:
             self._partial = data
             return b""
         complete, self._partial = data[: end + 2], data[end + 2:]
-        if b'"usage"' not in complete:
+        guard = self.guard
+        if guard is None and b'"usage"' not in complete:
             return complete
         out = []
         for event in complete.split(b"\n\n")[:-1]:
-            if event.startswith(b"data: {") and b'"usage"' in event:
+            if event.startswith(b"data: {") and (guard is not None or b'"usage"' in event):
                 event = self._rewrite(event)
                 if not event:
                     continue
+            elif guard is not None and event == b"data: [DONE]":
+                out.append(self._held())
             out.append(event + b"\n\n")
         return b"".join(out)
+
+    def _held(self) -> bytes:
+        last = self.guard.end() if self.guard is not None else None
+        return b"" if last is None else b"data: " + orjson.dumps(last) + b"\n\n"
 
     def _rewrite(self, event: bytes) -> bytes:
         try:
@@ -261,12 +289,27 @@ class SseUsageTap:
         usage = obj.get("usage")
         if usage:
             self.account.usage_from(usage)
+        held = b""
+        if self.guard is not None:
+            if obj.get("choices"):
+                if not self.guard.chunk(obj):
+                    return b""  # nothing left to show (a withheld choice's later text)
+            elif obj.get("choices") == []:  # the last chunk (usage): held text goes first
+                held = self._held()
+        out = self._visible(event, obj, usage, changed=self.guard is not None)
+        if not held:
+            return out
+        return held + out if out else held[:-2]  # the caller ends each event
+
+    def _visible(self, event: bytes, obj: dict[str, Any], usage: object, changed: bool
+                 ) -> bytes:
+        """The event as the client asked for it (`changed`: `obj` differs from `event`)."""
         self.account.note_finish(obj.get("choices"))
         if self.account.probe is not None and obj.get("choices"):
             self.account.probe.add_output(
                 str((obj["choices"][0].get("delta") or {}).get("content") or ""))
         if self.client_continuous:
-            return event
+            return b"data: " + orjson.dumps(obj) if changed else event
         if obj.get("choices") == [] and usage:  # the final usage chunk
             return event if self.client_usage else b""
         obj.pop("usage", None)
@@ -274,4 +317,4 @@ class SseUsageTap:
 
     def tail(self) -> bytes:
         rest, self._partial = self._partial, b""
-        return rest
+        return self._held() + rest

@@ -23,6 +23,7 @@ from gateway.errors import (
 )
 from llmops import tenancy
 from llmops.catalog import Catalog
+from llmops.guardrails import GuardrailsPolicy
 from llmops.ledger import usage_report
 from llmops.pricing import Price
 from llmops.store import ApiKey, Database, ModelPrice, Tenant
@@ -74,9 +75,15 @@ class DriftReferenceIn(_Wire):
         "next requests form a new one (for example right after a deploy).")
 
 
+_GUARDRAILS = ("Guardrail policy; unset fields are inherited (the key's from its tenant's, "
+               "the tenant's from the server's). PATCH replaces the whole policy; null clears "
+               "it.")
+
+
 class TenantIn(LimitsIn):
     name: str = Field(min_length=1, max_length=128)
     metadata: Metadata = Field(default_factory=dict)
+    guardrails: GuardrailsPolicy | None = Field(None, description=_GUARDRAILS)
 
 
 class TenantPatch(_Wire):
@@ -86,6 +93,7 @@ class TenantPatch(_Wire):
     budget_usd: float | None = Field(None, ge=0, le=_MONEY_MAX, allow_inf_nan=False)
     budget_period: Period | None = None
     metadata: Metadata | None = None
+    guardrails: GuardrailsPolicy | None = Field(None, description=_GUARDRAILS)
 
 
 class KeyIn(LimitsIn):
@@ -95,6 +103,7 @@ class KeyIn(LimitsIn):
     models: list[str] | None = Field(None, description="Allowed models or glob patterns.")
     expires_at: datetime | None = None
     metadata: Metadata = Field(default_factory=dict)
+    guardrails: GuardrailsPolicy | None = Field(None, description=_GUARDRAILS)
 
 
 class KeyPatch(_Wire):
@@ -106,6 +115,7 @@ class KeyPatch(_Wire):
     budget_period: Period | None = None
     expires_at: datetime | None = None
     metadata: Metadata | None = None
+    guardrails: GuardrailsPolicy | None = Field(None, description=_GUARDRAILS)
 
 
 class PriceIn(_Wire):
@@ -119,7 +129,7 @@ def _tenant_out(t: Tenant) -> dict[str, Any]:
     return {"id": t.id, "object": "tenant", "name": t.name, "rpm_limit": t.rpm_limit,
             "tpm_limit": t.tpm_limit, "budget_period": t.budget_period,
             "budget_usd": float(t.budget_usd) if t.budget_usd is not None else None,
-            "metadata": t.metadata_, "created_at": t.created_at,
+            "metadata": t.metadata_, "guardrails": t.guardrails, "created_at": t.created_at,
             "disabled_at": t.disabled_at}
 
 
@@ -129,7 +139,7 @@ def _key_out(k: ApiKey) -> dict[str, Any]:
             "tpm_limit": k.tpm_limit, "budget_period": k.budget_period,
             "budget_usd": float(k.budget_usd) if k.budget_usd is not None else None,
             "expires_at": k.expires_at, "revoked_at": k.revoked_at, "metadata": k.metadata_,
-            "created_at": k.created_at}
+            "guardrails": k.guardrails, "created_at": k.created_at}
 
 
 def _patch(model: BaseModel) -> dict[str, Any]:
@@ -138,7 +148,13 @@ def _patch(model: BaseModel) -> dict[str, Any]:
         fields["metadata_"] = fields.pop("metadata")
     if fields.get("budget_usd") is not None:
         fields["budget_usd"] = Decimal(str(fields["budget_usd"]))
+    if "guardrails" in fields:
+        fields["guardrails"] = _stored(getattr(model, "guardrails", None))
     return fields
+
+
+def _stored(policy: GuardrailsPolicy | None) -> dict[str, Any] | None:
+    return (policy.stored() or None) if policy is not None else None
 
 
 def admin_router(db: Database, tenants: Tenancy, auth: Authenticator, prices: PriceBook,
@@ -157,7 +173,8 @@ def admin_router(db: Database, tenants: Tenancy, auth: Authenticator, prices: Pr
     @router.post("/tenants", status_code=201)
     async def create_tenant(body: TenantIn) -> dict[str, Any]:
         return _tenant_out(await call(tenants.create_tenant(
-            body.name, limits=body.limits(), metadata=body.metadata)))
+            body.name, limits=body.limits(), metadata=body.metadata,
+            guardrails=_stored(body.guardrails))))
 
     @router.get("/tenants")
     async def list_tenants() -> dict[str, Any]:
@@ -183,7 +200,8 @@ def admin_router(db: Database, tenants: Tenancy, auth: Authenticator, prices: Pr
     async def create_key(body: KeyIn) -> dict[str, Any]:
         key, plain = await call(tenants.create_key(
             body.tenant_id, name=body.name, role=body.role, models=body.models,
-            limits=body.limits(), expires_at=body.expires_at, metadata=body.metadata))
+            limits=body.limits(), expires_at=body.expires_at, metadata=body.metadata,
+            guardrails=_stored(body.guardrails)))
         return {**_key_out(key), "key": plain}  # the only time the key is shown
 
     @router.get("/keys")

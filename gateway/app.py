@@ -26,7 +26,10 @@ from gateway.accounting import Accountant, PriceBook
 from gateway.adapters import AdapterLoader
 from gateway.admin import admin_router
 from gateway.auth import Authenticator
-from gateway.errors import error_body, install_error_handlers
+from gateway.errors import ModelNotFoundError, error_body, install_error_handlers
+from gateway.eval_scheduler import RunStarter, WatchScheduler
+from gateway.eval_watches import eval_watches_router
+from gateway.evals import evals_router
 from gateway.files import files_router
 from gateway.fine_tuning import fine_tuning_router
 from gateway.limits import Limiter
@@ -38,7 +41,9 @@ from gateway.routing import Pool, Router, build_affinity, build_scorers
 from gateway.routing.health import HealthMonitor
 from gateway.spans import TracingMiddleware
 from gateway.vector_stores import internal_router, vector_stores_router
-from llmops.catalog import Catalog
+from llmops.catalog import Catalog, CatalogEntry
+from llmops.eval_watches import EvalWatches
+from llmops.evals import Evals
 from llmops.files import Files
 from llmops.finetuning import FineTuning
 from llmops.ledger import LedgerPublisher, LedgerWriter
@@ -49,12 +54,21 @@ from llmops.tenancy import Principal, Tenancy
 from llmops.vector_stores import VectorStores
 from observability.budgets import budget_readings
 from observability.drift import DriftDetector, DriftWindows
+from observability.eval_watches import FAMILY as EVAL_WATCHES_FAMILY
+from observability.eval_watches import EvalWatchGauges
 from observability.metrics import CONTENT_TYPE, GatewayMetrics
 from observability.server import MetricsServer
 from observability.sources import platform_readings
 from observability.tracing import configure_tracing
 from retrieval import open_index
-from workers.app import FINETUNE_QUEUE, FINETUNE_TASK, INGEST_QUEUE, make_celery
+from workers.app import (
+    EVAL_QUEUE,
+    EVAL_TASK,
+    FINETUNE_QUEUE,
+    FINETUNE_TASK,
+    INGEST_QUEUE,
+    make_celery,
+)
 
 __all__ = ["create_app"]
 
@@ -97,6 +111,13 @@ async def _requeue_orphans(jobs: FineTuning, celery: Celery) -> None:
         await asyncio.to_thread(celery.send_task, FINETUNE_TASK, args=[job_id])
 
 
+async def _requeue_orphan_runs(evals: Evals, celery: Celery) -> None:
+    """Eval runs whose worker died go back on the queue; they resume where they stopped."""
+    for run_id in await evals.orphaned():
+        log.warning("eval run %s lost its worker; queueing it again", run_id)
+        await asyncio.to_thread(celery.send_task, EVAL_TASK, args=[run_id])
+
+
 def _scrape(metrics: GatewayMetrics, authorization: str | None) -> tuple[int, bytes, str]:
     """One scrape of `/metrics`, on the API's port or on a port of its own."""
     if not metrics.authorized(authorization):
@@ -122,6 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     publisher = LedgerPublisher(redis, settings.redis_prefix, settings.ledger.spool_path)
     files = Files(db, settings.files.root, settings.files.max_bytes)
     jobs = FineTuning(db)
+    evals = Evals(db)
+    watches = EvalWatches(db)
     celery = make_celery(settings)  # a client only: the gateway enqueues, workers train
     catalog = Catalog(settings.models)
     scorers = build_scorers(settings.routing)
@@ -136,8 +159,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics = GatewayMetrics(settings.metrics, settings.models, routers)
         metrics.add_readings(platform_readings(
             db, redis, celery.conf.broker_transport_options.get("global_keyprefix", ""),
-            (FINETUNE_QUEUE, INGEST_QUEUE)))
+            (FINETUNE_QUEUE, INGEST_QUEUE, EVAL_QUEUE)))
         metrics.add_readings(budget_readings(limiter, metrics.tenants))
+        metrics.add_collector(EVAL_WATCHES_FAMILY,
+                              EvalWatchGauges(watches.enabled_views, metrics.tenants))
     embedding = settings.embedding_model()
     stores = VectorStores(db)
     retriever = embed = None
@@ -196,7 +221,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await metrics_server.start()
             loader = AdapterLoader(settings, jobs, routers, catalog, session)
             tasks += [asyncio.create_task(_every(3.0, loader.reconcile)),
-                      asyncio.create_task(_every(10.0, lambda: _requeue_orphans(jobs, celery)))]
+                      asyncio.create_task(_every(10.0, lambda: _requeue_orphans(jobs, celery))),
+                      asyncio.create_task(_every(10.0,
+                                                 lambda: _requeue_orphan_runs(evals, celery)))]
+            if settings.eval_watches.scheduler:
+                tasks.append(asyncio.create_task(_every(settings.eval_watches.poll_s,
+                                                        scheduler.tick)))
             # Long-lived start-up objects leave the collector's view: fewer, shorter pauses.
             gc.collect()
             gc.freeze()
@@ -239,6 +269,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, by_prefix={
         "/v1/files": settings.files.max_bytes + 64 * 1024,  # + the form's overhead
+        "/v1/evals": settings.evals.max_body_bytes,
         "/internal/": settings.retrieval.max_points_bytes})
     # Within the request-id middleware: the span gets the id and sees the app's exceptions.
     if configure_tracing("llmops-gateway"):
@@ -247,20 +278,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
 
+    def model_item(e: CatalogEntry) -> dict[str, Any]:
+        item: dict[str, Any] = {"id": e.name, "object": "model", "created": e.created,
+                                "owned_by": e.base.owned_by}
+        if e.adapter is not None:
+            item["parent"] = e.base.name
+            item.update(catalog.details.get(e.name, {}))
+        return item
+
+    def visible(who: Principal, e: CatalogEntry) -> bool:
+        return who.may_use(e.name) and catalog.visible_to(e, who.tenant_id, who.is_admin,
+                                                          who.delegated)
+
     @v1.get("/models", tags=["models"])
     async def list_models(request: Request) -> Response:
         who: Principal = request.state.principal
-        data = []
-        for e in catalog.entries():
-            if not who.may_use(e.name) or not catalog.visible_to(e, who.tenant_id,
-                                                                  who.is_admin):
-                continue
-            item: dict[str, Any] = {"id": e.name, "object": "model", "created": e.created,
-                                    "owned_by": e.base.owned_by}
-            if e.adapter is not None:
-                item["parent"] = e.base.name
-            data.append(item)
+        data = [model_item(e) for e in catalog.entries() if visible(who, e)]
         return _JSON({"object": "list", "data": data})
+
+    @v1.get("/models/{model:path}", tags=["models"])
+    async def retrieve_model(request: Request, model: str) -> Response:
+        entry = catalog.resolve(model)
+        if entry is None or not visible(request.state.principal, entry):
+            raise ModelNotFoundError(model)
+        return _JSON(model_item(entry))
 
     @v1.post("/chat/completions", tags=["inference"], openapi_extra=_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
@@ -282,7 +323,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await asyncio.to_thread(retriever.index.delete_file, store_id, file_id)
 
     app.include_router(files_router(files, auth, forget_file))
-    app.include_router(fine_tuning_router(settings, jobs, files, celery, auth))
+    app.include_router(fine_tuning_router(settings, jobs, files, celery, auth, evals))
+    app.include_router(evals_router(settings, evals, files, catalog, celery, auth,
+                                    stores if retriever is not None else None))
+    # Watches start their runs through the route above, in process (gateway.eval_scheduler).
+    starter = RunStarter(app, settings.bootstrap_key(), settings.eval_watches.start_timeout_s)
+    scheduler = WatchScheduler(watches, starter)
+    app.include_router(eval_watches_router(settings, evals, watches, starter, auth))
     app.include_router(admin_router(db, tenants, auth, prices, catalog, drift))
     if retriever is not None:
         app.include_router(vector_stores_router(settings, stores, files, retriever, celery,

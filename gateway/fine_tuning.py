@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.auth import Authenticator
 from gateway.errors import BadRequestError, ModelNotFoundError, NotFoundError
 from llmops import tenancy
+from llmops.evals import Evals
 from llmops.files import Files
 from llmops.finetuning import FineTuning, adapter_name
 from llmops.settings import Settings
@@ -57,6 +58,20 @@ class LoraOptions(BaseModel):
     checkpoint_every: int = Field(10, ge=1)
 
 
+class EvaluationIn(BaseModel):
+    """Ours: evaluate base and adapter after training (see workers.promotion)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    eval_id: str | None = Field(None, description="The eval; default: one made from the "
+                                "validation file's answers.")
+    data_source: dict[str, Any] | None = Field(
+        None, description="A `completions` run data source (no model); default: the "
+        "validation file's questions.")
+    promote: Literal["always", "if_better"] = Field(
+        "always", description="`if_better`: serve the adapter only if it beats the base.")
+
+
 class JobIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -69,6 +84,7 @@ class JobIn(BaseModel):
     method: Method | None = None
     metadata: dict[str, str] | None = None
     lora: LoraOptions = Field(default_factory=LoraOptions)
+    evaluation: EvaluationIn | None = None
 
 
 def _hyperparameters(body: JobIn) -> dict[str, Any]:
@@ -86,6 +102,27 @@ def _hyperparameters(body: JobIn) -> dict[str, Any]:
     return values
 
 
+async def _evaluation(body: JobIn, tenant_id: str, evals: Evals) -> dict[str, Any] | None:
+    spec = body.evaluation
+    if spec is None:
+        return None
+    if spec.eval_id is not None:
+        try:
+            await evals.get(tenant_id, spec.eval_id)
+        except tenancy.NotFoundError:
+            raise BadRequestError(f"Eval {spec.eval_id} not found.",
+                                  param="evaluation.eval_id") from None
+    if spec.data_source is None:
+        if body.validation_file is None:
+            raise BadRequestError("An evaluation needs a data_source or a validation_file "
+                                  "to take its questions from.", param="evaluation.data_source")
+    elif spec.data_source.get("type") != "completions" or "model" in spec.data_source:
+        raise BadRequestError("evaluation.data_source must be a `completions` run data source "
+                              "without `model` (base and adapter are filled in).",
+                              param="evaluation.data_source")
+    return spec.model_dump(exclude_none=True)
+
+
 def job_out(job: FineTuningJob) -> dict[str, Any]:
     hp = {"n_epochs": job.hyperparameters.get("n_epochs", 3),
           "batch_size": job.hyperparameters.get("batch_size", 4),
@@ -100,12 +137,12 @@ def job_out(job: FineTuningJob) -> dict[str, Any]:
         "seed": job.seed, "user_provided_suffix": job.suffix, "estimated_finish": None,
         "integrations": [], "metadata": None,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
-        "lora": job.lora, "result": job.result or None,
+        "lora": job.lora, "evaluation": job.evaluation, "result": job.result or None,
     }
 
 
 def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celery: Celery,
-                       auth: Authenticator) -> APIRouter:
+                       auth: Authenticator, evals: Evals) -> APIRouter:
     router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
                        dependencies=[Depends(auth)])
     bases = {m.name: m for m in settings.models if m.kind == "chat"}
@@ -140,11 +177,13 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
             if row.purpose != "fine-tune":
                 raise BadRequestError(f"File {file_id} has purpose '{row.purpose}', not "
                                       "'fine-tune'.", param=param)
+        evaluation = await _evaluation(body, who.tenant_id, evals)
         job = await jobs.create(
             tenant_id=who.tenant_id, key_id=who.key_id, model=body.model,
             training_file=body.training_file, validation_file=body.validation_file,
             suffix=body.suffix, seed=body.seed if body.seed is not None else 0,
-            hyperparameters=hyperparameters, lora=body.lora.model_dump())
+            hyperparameters=hyperparameters, lora=body.lora.model_dump(),
+            evaluation=evaluation)
         await asyncio.to_thread(celery.send_task, FINETUNE_TASK, args=[job.id],
                                 headers=task_headers())  # the task's span links to this request
         await jobs.event(job.id, f"Created fine-tuning job: {job.id}")

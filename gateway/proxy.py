@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
     error_body,
 )
+from gateway.guardrails import OFF, GuardrailBlockedError, Guardrails, OutputFilter
 from gateway.protocol import ChatCompletionRequest, OpenAIRequest
 from gateway.retrieval import Retriever
 from gateway.routing import Replica, Router
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 POOL_HEADER = "x-llmops-pool"
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+_SCAN_INLINE_BYTES = 64 * 1024
 # Replica failures that happen before vLLM produced any response: safe to try elsewhere.
 _RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
               aiohttp.ClientOSError)
@@ -113,6 +116,7 @@ class Proxy:
         self.routers = routers
         self.session = session
         self.retriever: Retriever | None = None  # set when vector stores are available
+        self.guardrails = Guardrails(settings.guardrails)
         cfg = settings.routing
         self.max_attempts = cfg.max_attempts
         self.timeout = aiohttp.ClientTimeout(
@@ -145,7 +149,8 @@ class Proxy:
         entry = self.catalog.resolve(parsed.model)
         who = account.who
         if (entry is None or not who.may_use(entry.name)
-                or not self.catalog.visible_to(entry, who.tenant_id, who.is_admin)):
+                or not self.catalog.visible_to(entry, who.tenant_id, who.is_admin,
+                                               who.delegated)):
             raise ModelNotFoundError(parsed.model)  # the same answer: no information leak
         if entry.base.kind != endpoint.kind:
             raise BadRequestError(
@@ -153,16 +158,39 @@ class Proxy:
                 f"with {endpoint.path}.", param="model", code="model_not_supported")
         admission = await self.accountant.admit(account, entry, parsed, len(body))
         tap = None
-        changes: dict[str, object] = {}
+        changes: dict[str, Any] = {}
+        policy = self.guardrails.policy(who) if endpoint.kind == "chat" else OFF
+        original: dict[str, Any] | None = None  # the body as JSON, once parsed
+        if policy.looks_at_input:
+            original = orjson.loads(body)
+            check = functools.partial(self.guardrails.check_input, policy, original,
+                                      account.guardrails)
+            try:  # a big prompt is scanned off the event loop (tens of ms per MB)
+                redacted = (await asyncio.to_thread(check) if len(body) > _SCAN_INLINE_BYTES
+                            else check())
+            except GuardrailBlockedError:
+                request.state.parsed = None  # a span capturing content must not keep it
+                raise
+            if redacted:
+                changes.update(redacted)
+                parsed = parse_request(endpoint.schema, orjson.dumps({**original, **redacted}))
+                request.state.parsed = parsed  # what the model is sent, for the span
+        output = self.guardrails.output_filter(policy, account.guardrails)
         grounding = None
         if isinstance(parsed, ChatCompletionRequest) and parsed.retrieval is not None:
             if self.retriever is None:
                 raise BadRequestError("Retrieval is not available: no embedding model is "
                                       "configured.", param="retrieval")
             grounding = await self.retriever.ground(who.tenant_id, parsed)
+            if policy.retrieval_injection != "off" or output is not None:
+                screened = self.guardrails.screen(policy, grounding.sources,
+                                                  account.guardrails)
+                grounding = grounding.screened(screened.kept, screened.dropped,
+                                               output.quote if output is not None else None)
             if not grounding.sources:
                 return grounding.no_answer(parsed)
-            changes["messages"] = grounding.messages(orjson.loads(body)["messages"])
+            messages = changes.get("messages") or (original or orjson.loads(body))["messages"]
+            changes["messages"] = grounding.messages(messages)
         if entry.upstream_name != parsed.model:
             changes["model"] = entry.upstream_name
         if parsed.stream:
@@ -170,20 +198,23 @@ class Proxy:
             # when it is cut short; the tap shows the client only what it asked for.
             asked = parsed.stream_options.model_dump() if parsed.stream_options else {}
             tap = SseUsageTap(account, client_usage=bool(asked.get("include_usage")),
-                              client_continuous=bool(asked.get("continuous_usage_stats")))
+                              client_continuous=bool(asked.get("continuous_usage_stats")),
+                              guard=output)
             if not (tap.client_usage and tap.client_continuous):
                 changes["stream_options"] = {**asked, "include_usage": True,
                                              "continuous_usage_stats": True}
         if changes:
-            payload = {**orjson.loads(body), **changes}
+            payload = {**(original or orjson.loads(body)), **changes}
             payload.pop("retrieval", None)  # ours, not vLLM's
             body = orjson.dumps(payload)
 
         headers = {"content-type": "application/json", "x-request-id": account.request_id}
         response = await _unless_disconnected(
-            request, self._call(entry, endpoint.path, body, headers, account, tap))
+            request, self._call(entry, endpoint.path, body, headers, account, tap, output))
         if response is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        if account.started_record is not None:  # sent while the model worked: long done
+            await asyncio.shield(account.started_record)
         if grounding is not None:
             if isinstance(response, RelayResponse):
                 response.trailer = grounding.trailer(parsed.model)
@@ -217,7 +248,7 @@ class Proxy:
 
     async def _call(
         self, entry: CatalogEntry, path: str, body: bytes, headers: dict[str, str],
-        account: Account, tap: SseUsageTap | None,
+        account: Account, tap: SseUsageTap | None, output: OutputFilter | None = None,
     ) -> Response:
         replica, resp = await self._dispatch(entry, path, body, headers)
         account.pool, account.device = replica.config, replica.device
@@ -241,8 +272,16 @@ class Proxy:
         replica.release(ok=resp.status < 500)
         if resp.status >= 400:
             return _upstream_error(resp.status, data, served, account.model)
-        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, LookupError):
+        try:
             answer = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            answer = None
+        if output is not None:  # an answer that cannot be checked is not sent
+            if not isinstance(answer, dict):
+                raise UpstreamError("The model backend sent an answer that is not JSON.")
+            output.answer(answer)
+            data = orjson.dumps(answer)
+        with contextlib.suppress(AttributeError, LookupError, TypeError):
             account.usage_from(answer.get("usage"))
             account.note_finish(answer.get("choices"))
             if account.probe is not None:  # drift detection looks at the answer's start

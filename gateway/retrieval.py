@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
@@ -50,10 +50,12 @@ class Source:
     score: float
     attributes: dict[str, Any]
 
-    def citation(self, index: int) -> dict[str, Any]:
+    def citation(self, index: int, quote: Callable[[str], str] | None = None
+                 ) -> dict[str, Any]:
         return {"index": index, "file_id": self.file_id, "filename": self.filename,
                 "chunk": self.chunk, "start": self.start, "end": self.end,
-                "quote": self.text, "score": round(self.score, 4)}
+                "quote": quote(self.text) if quote else self.text,
+                "score": round(self.score, 4)}
 
 
 class Retriever:
@@ -150,9 +152,23 @@ def _last_user_text(request: ChatCompletionRequest) -> str:
 @dataclass(frozen=True)
 class Grounding:
     sources: list[Source]
+    # Chunks left out by guardrails (file, chunk, score and why; never their text), returned
+    # as `dropped_sources` next to the citations.
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    quote: Callable[[str], str] | None = None  # what a citation shows of its chunk's text
 
     def citations(self) -> list[dict[str, Any]]:
-        return [s.citation(i) for i, s in enumerate(self.sources, 1)]
+        return [s.citation(i, self.quote) for i, s in enumerate(self.sources, 1)]
+
+    def screened(self, kept: Sequence[int], dropped: Mapping[int, str],
+                 quote: Callable[[str], str] | None) -> Grounding:
+        """Only the `kept` sources; `dropped` maps the others to the marker found in them."""
+        return Grounding(
+            [self.sources[i] for i in kept],
+            [{"file_id": s.file_id, "filename": s.filename, "chunk": s.chunk,
+              "score": round(s.score, 4), "reason": "prompt_injection", "marker": marker}
+             for i, marker in dropped.items() for s in (self.sources[i],)],
+            quote)
 
     def messages(self, original: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The client's messages after a system message holding the sources."""
@@ -166,6 +182,7 @@ class Grounding:
             return response
         payload = orjson.loads(response.body)
         payload["citations"] = self.citations()
+        payload["dropped_sources"] = self.dropped
         headers = {k: v for k, v in response.headers.items() if k != "content-length"}
         return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
 
@@ -173,7 +190,7 @@ class Grounding:
         """The last event of a stream: its citations, in a chunk with no choices."""
         chunk = {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion.chunk",
                  "created": int(time.time()), "model": model, "choices": [],
-                 "citations": self.citations()}
+                 "citations": self.citations(), "dropped_sources": self.dropped}
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     def no_answer(self, request: ChatCompletionRequest) -> Response:
@@ -182,7 +199,7 @@ class Grounding:
         if not request.stream:
             return Response(orjson.dumps({
                 "id": cid, "object": "chat.completion", "created": created,
-                "model": request.model, "citations": [],
+                "model": request.model, "citations": [], "dropped_sources": self.dropped,
                 "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
                              "message": {"role": "assistant", "content": NO_ANSWER}}],
                 "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}),
@@ -197,7 +214,7 @@ class Grounding:
             yield event([{"index": 0, "delta": {"role": "assistant", "content": NO_ANSWER},
                           "finish_reason": None}])
             yield event([{"index": 0, "delta": {}, "finish_reason": "stop"}])
-            yield event([], citations=[])
+            yield event([], citations=[], dropped_sources=self.dropped)
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(frames(), media_type="text/event-stream")

@@ -21,6 +21,7 @@ from opentelemetry.util.types import AttributeValue
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.accounting import Account
+from gateway.guardrails import redact, scan
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from gateway.routing import Replica
 from observability import tracing
@@ -122,9 +123,11 @@ def _inference(operation: str, account: Account, parsed: OpenAIRequest | None
 
 def _content(parsed: OpenAIRequest, body: bytes | None, status: int
              ) -> dict[str, AttributeValue]:
-    """Prompt and answer as `gen_ai.input.messages` / `gen_ai.output.messages` (opt-in)."""
+    """Prompt and answer as `gen_ai.input.messages` / `gen_ai.output.messages` (opt-in),
+    with sensitive data redacted whatever the guardrail policy: traces are not the place for
+    it."""
     def text(content: str) -> dict[str, str]:
-        return {"type": "text", "content": content}
+        return {"type": "text", "content": _scrub(content)}
 
     if isinstance(parsed, ChatCompletionRequest):
         inputs = [{"role": m.role, "parts": [text(m.content)] if isinstance(m.content, str)
@@ -160,8 +163,13 @@ def _answers(body: bytes, stream: bool) -> list[dict[str, Any]]:
             texts.setdefault(index, []).append(part or "")
             if choice.get("finish_reason"):
                 reasons[index] = choice["finish_reason"]
-    return [{"role": "assistant", "parts": [{"type": "text", "content": "".join(parts)}],
+    return [{"role": "assistant", "parts": [{"type": "text",
+                                             "content": _scrub("".join(parts))}],
              "finish_reason": reasons.get(i)} for i, parts in sorted(texts.items())]
+
+
+def _scrub(text: str) -> str:
+    return redact(text, scan(text))
 
 
 def upstream_span(replica: Replica, path: str, model: str) -> AbstractContextManager[Span | None]:

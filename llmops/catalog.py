@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from llmops.settings import ModelConfig
 
@@ -34,12 +35,20 @@ class Catalog:
         self._bases = {m.name: CatalogEntry(m.name, m, created=now) for m in models}
         self._adapters: dict[str, CatalogEntry] = {}
         self.owners: dict[str, str] = {}  # fine-tuned adapter -> the tenant that trained it
+        # Adapters under evaluation, or held back by it: served to our workers only.
+        self.withheld: set[str] = set()
+        self.details: dict[str, dict[str, Any]] = {}  # extra /v1/models fields of an adapter
 
     def resolve(self, name: str) -> CatalogEntry | None:
         return self._bases.get(name) or self._adapters.get(name)
 
-    def visible_to(self, entry: CatalogEntry, tenant_id: str, admin: bool) -> bool:
-        """A tenant's fine-tuned adapters are its own; everything else is shared."""
+    def visible_to(self, entry: CatalogEntry, tenant_id: str, admin: bool,
+                   delegated: bool = False) -> bool:
+        """A tenant's fine-tuned adapters are its own; everything else is shared. A candidate
+        withheld adapter is seen only by admins and by our workers acting for its owner
+        (`delegated`)."""
+        if entry.name in self.withheld and not (admin or delegated):
+            return False
         owner = self.owners.get(entry.name)
         return owner is None or admin or owner == tenant_id
 

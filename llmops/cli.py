@@ -14,6 +14,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from llmops.evals_cli import add_evals_commands
 from llmops.finetune_cli import add_finetune_commands
 from llmops.ledger import LedgerWriter, usage_report
 from llmops.offline_models import prepare_models
@@ -22,6 +23,7 @@ from llmops.stack import (
     CHAT_MODEL,
     EMBEDDING_MODEL,
     StackLayout,
+    eval_worker_service,
     gateway_service,
     ingest_worker_service,
     local_config,
@@ -52,6 +54,7 @@ def _services(args: argparse.Namespace, dirs: dict[str, Path]) -> list:  # type:
         gateway_service(args.port, layout.config),
         worker_service(layout.config, args.worker_metrics_port),
         ingest_worker_service(layout.config, args.ingest_metrics_port),
+        eval_worker_service(layout.config, args.eval_metrics_port),
     ]
 
 
@@ -117,7 +120,8 @@ def _stop_all(layout: StackLayout, services: list) -> None:  # type: ignore[type
 
 def cmd_down(args: argparse.Namespace) -> int:
     layout = _layout(args)
-    stopped = [n for n in ("ingester", "worker", "gateway", "vllm-embedding", "vllm-chat")
+    stopped = [n for n in ("evaluator", "ingester", "worker", "gateway", "vllm-embedding",
+                           "vllm-chat")
                if layout.stop(n)]
     print("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
     return 0
@@ -308,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="the fine-tuning worker's /metrics")
         p.add_argument("--ingest-metrics-port", type=int, default=8104,
                        help="the ingestion worker's /metrics")
+        p.add_argument("--eval-metrics-port", type=int, default=8105,
+                       help="the eval worker's /metrics")
 
     up = sub.add_parser("up", help="start the local stack and print how to call it")
     stack_args(up)
@@ -357,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     k_revoke.add_argument("key_id")
     k_revoke.set_defaults(func=_store(cmd_keys_revoke))
     add_finetune_commands(sub)
+    add_evals_commands(sub)
     sub.add_parser("ledger-writer", help="write usage records from Redis to the database"
                    ).set_defaults(func=cmd_ledger_writer)
     usage = sub.add_parser("usage", help="usage and spend from the ledger")

@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_finetune_commands"]
+__all__ = ["add_finetune_commands", "openai_client"]
 
 _TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def _client(args: argparse.Namespace) -> Any:
+def openai_client(args: argparse.Namespace) -> Any:
+    """The official client for the gateway named by --base-url, OPENAI_BASE_URL or the local
+    stack, with the key from --api-key, OPENAI_API_KEY or the local stack's admin key."""
     from openai import OpenAI
 
     key = args.api_key or os.environ.get("OPENAI_API_KEY")
@@ -30,7 +32,7 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    client = _client(args)
+    client = openai_client(args)
     with Path(args.file).open("rb") as fh:
         training = client.files.create(file=fh, purpose="fine-tune")
     validation = None
@@ -41,10 +43,12 @@ def cmd_create(args: argparse.Namespace) -> int:
                                          ("batch_size", args.batch_size),
                                          ("learning_rate_multiplier", args.lr_multiplier))
                        if v is not None}
-    lora: dict[str, Any] = {"r": args.lora_r, "quantization": args.quantization}
+    extra: dict[str, Any] = {"lora": {"r": args.lora_r, "quantization": args.quantization}}
+    if args.eval or args.promote:
+        extra["evaluation"] = {"eval_id": args.eval, "promote": args.promote or "always"}
     job = client.fine_tuning.jobs.create(
         model=args.model, training_file=training.id, validation_file=validation,
-        suffix=args.suffix, hyperparameters=hyperparameters, extra_body={"lora": lora})
+        suffix=args.suffix, hyperparameters=hyperparameters, extra_body=extra)
     print(f"created {job.id} (training file {training.id})")
     return follow(client, job.id, Path(args.plot or f"{job.id}-loss.png")) if args.follow else 0
 
@@ -81,8 +85,33 @@ def follow(client: Any, job_id: str, plot: Path) -> int:
     valid = sorted((c.step_number, c.metrics.valid_loss) for c in checkpoints
                    if c.metrics.valid_loss is not None)
     _plot(plot, sorted(losses), valid, job.fine_tuned_model)
-    print(f"fine-tuned model: {job.fine_tuned_model}")
+    show(job)
     print(f"loss curve: {plot}")
+    return 0
+
+
+def show(job: Any) -> None:
+    """A job's outcome: its model and, when it was evaluated, the verdict."""
+    print(f"{job.id}: {job.status}")
+    if job.fine_tuned_model:
+        print(f"fine-tuned model: {job.fine_tuned_model}")
+    verdict = ((job.model_extra or {}).get("result") or {}).get("evaluation")
+    if verdict:
+        if "promoted" in verdict:
+            print(f"evaluation ({verdict.get('eval_id')}): "
+                  + ("promoted" if verdict["promoted"] else "held back")
+                  + f" - {verdict.get('reason', '')}")
+        else:
+            print(f"evaluation: {verdict.get('state', 'pending')}")
+        for role in ("base", "adapter"):
+            if isinstance(verdict.get(role), dict):
+                r = verdict[role]
+                print(f"  {role:<8} {r['pass_rate']:6.1%} of {r['items']} items passed "
+                      f"(run {r['run_id']})")
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    show(openai_client(args).fine_tuning.jobs.retrieve(args.job))
     return 0
 
 
@@ -123,8 +152,16 @@ def add_finetune_commands(sub: Any) -> None:
     create.add_argument("--lora-r", type=int, default=16)
     create.add_argument("--quantization", choices=("none", "nf4"), default="none",
                         help="nf4: QLoRA")
+    create.add_argument("--eval", help="evaluate base and adapter on this eval after training")
+    create.add_argument("--promote", choices=("always", "if_better"),
+                        help="if_better: serve the adapter only if it beats the base")
     create.add_argument("--follow", action="store_true", help="show progress until it ends")
     create.add_argument("--plot", help="where to write the loss-curve PNG")
     create.add_argument("--base-url", help="default: OPENAI_BASE_URL or the local stack")
     create.add_argument("--api-key", help="default: OPENAI_API_KEY or the local admin key")
     create.set_defaults(func=cmd_create)
+    show_job = finetune.add_parser("show", help="a job's status, model and evaluation")
+    show_job.add_argument("job")
+    show_job.add_argument("--base-url", help="default: OPENAI_BASE_URL or the local stack")
+    show_job.add_argument("--api-key", help="default: OPENAI_API_KEY or the local admin key")
+    show_job.set_defaults(func=cmd_show)

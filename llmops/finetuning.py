@@ -159,8 +159,12 @@ class FineTuning:
             await session.commit()
         return bool(done.rowcount)  # type: ignore[attr-defined]
 
-    async def succeeded(self) -> list[FineTuningJob]:
-        query = select(FineTuningJob).where(FineTuningJob.status == "succeeded")
+    async def with_adapters(self) -> list[FineTuningJob]:
+        """Jobs that produced an adapter: succeeded, or running with one under evaluation
+        (`fine_tuned_model` is set when training ends)."""
+        query = select(FineTuningJob).where(
+            FineTuningJob.fine_tuned_model.is_not(None),
+            FineTuningJob.status.in_(("succeeded", "running")))
         async with self.db.session() as session:
             return list(await session.scalars(query))
 

@@ -21,10 +21,15 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from llmops.guardrails import GuardrailsPolicy
+
 __all__ = [
     "DriftConfig",
+    "EvalWatchesConfig",
+    "EvalsConfig",
     "FilesConfig",
     "FineTuneConfig",
+    "GuardrailsConfig",
     "LedgerConfig",
     "LimitsConfig",
     "MetricsConfig",
@@ -149,6 +154,10 @@ class FineTuneConfig(_Strict):
     lease_s: float = Field(60.0, gt=0, description="A worker's hold on a job between heartbeats.")
     heartbeat_s: float = Field(5.0, gt=0)
     min_examples: int = Field(10, ge=1, description="Fewest examples a training file needs.")
+    evaluation_max_tokens: int = Field(
+        64, ge=1, description="Answer length when a job is evaluated on its validation file.")
+    evaluation_load_timeout_s: float = Field(
+        300.0, gt=0, description="How long an evaluated adapter may take to be served.")
 
 
 class RetrievalConfig(_Strict):
@@ -221,6 +230,66 @@ class DriftConfig(_Strict):
         256, ge=1, description="Samples waiting for their prompt embedding; more are dropped.")
 
 
+class EvalsConfig(_Strict):
+    """Evaluations (OpenAI's Evals API): the limits of runs and how workers run them."""
+
+    max_items: int = Field(
+        1000, ge=1, description="Most data items one eval run may hold.")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body under /v1/evals (inline "
+        "`file_content` items count).")
+    max_file_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest data file (JSONL of items) a run may "
+        "use; it is read whole when the run is created and when it runs.")
+    max_active_runs: int = Field(
+        4, ge=1, description="Queued or running eval runs one tenant may have at once.")
+    concurrency: int = Field(
+        4, ge=1, le=64, description="Model calls one run makes at once (sampling and model "
+        "graders together).")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="Longest a worker waits for one model call to the gateway.")
+    attempts: int = Field(
+        3, ge=1, le=10, description="Tries per model call while the gateway is unreachable, "
+        "overloaded (429) or failing (5xx).")
+    lease_s: float = Field(
+        60.0, gt=0, description="A worker's hold on a run between heartbeats; when it runs "
+        "out (the worker died) the run is queued again and resumes where it stopped.")
+    heartbeat_s: float = Field(5.0, gt=0)
+
+
+class EvalWatchesConfig(_Strict):
+    """Regression watches: evals run on a schedule, their pass rates exported as metrics."""
+
+    scheduler: bool = Field(
+        True, description="Start the runs of due watches from this gateway; with several "
+        "gateways each run is still started by one of them.")
+    poll_s: float = Field(5.0, gt=0, description="How often the gateway looks for due watches.")
+    min_interval_s: int = Field(
+        60, ge=1, description="Shortest interval between a watch's runs that may be asked for.")
+    max_per_tenant: int = Field(
+        20, ge=1, description="Most watches one tenant may have (each is a metric label).")
+    max_total: int = Field(
+        200, ge=1, description="Most watches in all: bounds the eval metrics' series.")
+    max_data_source_bytes: int = Field(
+        256 * 1024, ge=1024, description="Largest data source a watch may keep (its JSON, "
+        "inline `file_content` items included); larger data goes in a file.")
+    start_timeout_s: float = Field(
+        60.0, gt=0, description="Longest the start of a watch's run (its data read and "
+        "checked, the run queued) may take.")
+
+
+class GuardrailsConfig(_Strict):
+    """Guardrails on prompts, answers and retrieved text (see `llmops.guardrails`)."""
+
+    enabled: bool = Field(
+        True, description="Apply guardrail policies; off: no prompt or answer is looked at.")
+    default: GuardrailsPolicy = Field(
+        default_factory=GuardrailsPolicy,
+        description="The server's policy: what it sets overrides the built-in defaults (every "
+        "category `log`, no size limits, no deny patterns, injected retrieval chunks "
+        "dropped); tenants' and then keys' policies override it, field by field.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMOPS_", env_nested_delimiter="__", extra="forbid"
@@ -248,6 +317,9 @@ class Settings(BaseSettings):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    guardrails: GuardrailsConfig = Field(default_factory=GuardrailsConfig)
+    evals: EvalsConfig = Field(default_factory=EvalsConfig)
+    eval_watches: EvalWatchesConfig = Field(default_factory=EvalWatchesConfig)
     log_level: str = "info"
 
     @classmethod

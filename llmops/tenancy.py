@@ -19,11 +19,13 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from llmops.guardrails import GuardrailsPolicy
 from llmops.store import ApiKey, Database, Tenant, utcnow
 
 __all__ = [
     "ADMIN_TENANT",
     "KEY_PREFIX",
+    "ON_BEHALF_HEADER",
     "ConflictError",
     "Limits",
     "NotFoundError",
@@ -34,6 +36,8 @@ __all__ = [
 
 KEY_PREFIX = "sk-llmops-"
 ADMIN_TENANT = "ten_admin"  # the bootstrap admin key's tenant
+# An admin caller (our workers) names the key it acts for in this header: see gateway.auth.
+ON_BEHALF_HEADER = "x-llmops-on-behalf-of"
 
 
 _Row = TypeVar("_Row", Tenant, ApiKey)
@@ -71,7 +75,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a request is: a key, its tenant and the limits of both."""
+    """Who a request is: a key, its tenant, and the limits and guardrail policies of both."""
 
     key_id: str
     tenant_id: str
@@ -80,6 +84,9 @@ class Principal:
     key_limits: Limits
     tenant_limits: Limits
     expires_at: datetime | None = None
+    tenant_guardrails: GuardrailsPolicy | None = None
+    key_guardrails: GuardrailsPolicy | None = None
+    delegated: bool = False  # an admin caller (one of our workers) acts for this key
 
     @property
     def is_admin(self) -> bool:
@@ -98,8 +105,10 @@ class Tenancy:
     # Tenants
 
     async def create_tenant(self, name: str, *, limits: Limits = Limits(),
-                            metadata: dict[str, Any] | None = None) -> Tenant:
-        tenant = Tenant(id=_new_id("ten"), name=name, metadata_=metadata or {})
+                            metadata: dict[str, Any] | None = None,
+                            guardrails: dict[str, Any] | None = None) -> Tenant:
+        tenant = Tenant(id=_new_id("ten"), name=name, metadata_=metadata or {},
+                        guardrails=guardrails)
         _apply_limits(tenant, limits)
         async with self.db.session() as session:
             session.add(tenant)
@@ -135,13 +144,14 @@ class Tenancy:
         limits: Limits = Limits(),
         expires_at: datetime | None = None,
         metadata: dict[str, Any] | None = None,
+        guardrails: dict[str, Any] | None = None,
     ) -> tuple[ApiKey, str]:
         """The new key's row and its plain value, which is never shown again."""
         await self.get_tenant(tenant_id)
         plain = KEY_PREFIX + secrets.token_urlsafe(32)
         key = ApiKey(id=_new_id("key"), tenant_id=tenant_id, name=name, role=role,
                      prefix=plain[: len(KEY_PREFIX) + 6], hash=hash_key(plain), models=models,
-                     expires_at=expires_at, metadata_=metadata or {})
+                     expires_at=expires_at, metadata_=metadata or {}, guardrails=guardrails)
         _apply_limits(key, limits)
         async with self.db.session() as session:
             session.add(key)
@@ -197,19 +207,40 @@ class Tenancy:
         key, tenant = row
         if not hmac.compare_digest(key.hash, digest):
             return None
-        if key.revoked_at is not None or tenant.disabled_at is not None:
-            return None
-        if key.expires_at is not None and _aware(key.expires_at) <= utcnow():
-            return None
-        return Principal(key.id, tenant.id, key.role,
-                         tuple(key.models) if key.models is not None else None,
-                         Limits.of(key), Limits.of(tenant), key.expires_at)
+        return _usable(key, tenant)
+
+    async def principal_of(self, key_id: str) -> Principal | None:
+        """The principal of a key named by id (for our own workers acting for the key that
+        started their work), or None when it is unknown, revoked, expired or its tenant is
+        disabled."""
+        async with self.db.session() as session:
+            row = (await session.execute(
+                select(ApiKey, Tenant).join(Tenant, ApiKey.tenant_id == Tenant.id)
+                .where(ApiKey.id == key_id))).first()
+        return None if row is None else _usable(*row)
+
+
+def _usable(key: ApiKey, tenant: Tenant) -> Principal | None:
+    """The key's principal, unless it or its tenant can no longer be used."""
+    if key.revoked_at is not None or tenant.disabled_at is not None:
+        return None
+    if key.expires_at is not None and _aware(key.expires_at) <= utcnow():
+        return None
+    return Principal(key.id, tenant.id, key.role,
+                     tuple(key.models) if key.models is not None else None,
+                     Limits.of(key), Limits.of(tenant), key.expires_at,
+                     _policy(tenant.guardrails), _policy(key.guardrails))
 
 
 def _apply_limits(row: Tenant | ApiKey, limits: Limits) -> None:
     row.rpm_limit, row.tpm_limit = limits.rpm, limits.tpm
     row.budget_usd = Decimal(str(limits.budget_usd)) if limits.budget_usd is not None else None
     row.budget_period = limits.budget_period
+
+
+def _policy(stored: dict[str, Any] | None) -> GuardrailsPolicy | None:
+    # Validated when an admin set it; parsed here once per key lookup, not per request.
+    return GuardrailsPolicy.model_validate(stored) if stored else None
 
 
 def _aware(value: datetime) -> datetime:

@@ -169,6 +169,16 @@ class VectorStores:
             await session.commit()
         return bool(done.rowcount)  # type: ignore[attr-defined]
 
+    async def store_filenames(self, tenant_id: str, store_id: str) -> dict[str, str]:
+        """The files attached to a store of this tenant: file id -> filename."""
+        async with self.db.session() as session:
+            rows = await session.execute(
+                select(VectorStoreFile.file_id, StoredFile.filename)
+                .join(StoredFile, StoredFile.id == VectorStoreFile.file_id)
+                .where(VectorStoreFile.store_id == store_id,
+                       VectorStoreFile.tenant_id == tenant_id))
+        return {fid: name for fid, name in rows}
+
     async def filenames(self, file_ids: list[str]) -> dict[str, str]:
         async with self.db.session() as session:
             rows = await session.execute(select(StoredFile.id, StoredFile.filename)

@@ -97,6 +97,13 @@ GATEWAY = Dashboard("llmops-gateway", "llmops / Gateway overview",
           description="1: the replica passes its health probes."),
     Panel("Replicas by circuit state", "short",
           (("sum by (state) (llmops_circuit_state)", "{{state}}"),), kind="stat"),
+    Panel("Guardrail events", "reqps",
+          (("sum by (stage, category, action) (rate(llmops_guardrail_events_total[5m]))",
+            "{{stage}} {{category}} {{action}}"),), width=24,
+          description="Requests a guardrail acted on, per second: sensitive data blocked, "
+          "redacted or logged in prompts (input) and answers (output), prompts refused by "
+          "size, message count or deny pattern, retrieved chunks dropped for injected "
+          "instructions (retrieval)."),
 ))
 
 TENANTS = Dashboard("llmops-tenants", "llmops / Tenants and cost",
@@ -116,6 +123,10 @@ TENANTS = Dashboard("llmops-tenants", "llmops / Tenants and cost",
           (("sum by (reason) (rate(llmops_rejections_total[1m]))", "{{reason}}"),)),
     Panel("Rejections by tenant", "reqps",
           (("topk(10, sum by (tenant) (rate(llmops_rejections_total[1m])))", "{{tenant}}"),)),
+    Panel("Guardrail blocks by tenant", "reqps",
+          (('topk(10, sum by (tenant) (rate(llmops_guardrail_events_total{action="block"}'
+            '[5m])))', "{{tenant}}"),),
+          description="Requests refused, or answers withheld, by guardrails."),
     Panel("Budget used", "percentunit",
           (("max by (tenant) (llmops_tenant_spend_usd / (llmops_tenant_budget_usd > 0))",
             "{{tenant}}"),), kind="bargauge",
@@ -225,7 +236,36 @@ DRIFT = Dashboard("llmops-drift", "llmops / Drift",
           description="Signals are computed once both windows hold `drift.min_samples`."),
 ))
 
-DASHBOARDS = (GATEWAY, TENANTS, VLLM, FINETUNING, RETRIEVAL, DRIFT)
+_WATCH = "max by (tenant, watch) "  # every gateway exports the same figures
+
+EVALS = Dashboard("llmops-evals", "llmops / Evaluations",
+                  "Regression watches: the pass ratio of each watch's latest eval run against "
+                  "its accepted run and its threshold.", (
+    Panel("Pass ratio per watch vs accepted", "percentunit",
+          ((f"{_WATCH}(llmops_eval_pass_ratio)", "{{tenant}}/{{watch}}"),
+           (f"{_WATCH}(llmops_eval_accepted_pass_ratio)", "accepted {{tenant}}/{{watch}}"),
+           (f"{_WATCH}(llmops_eval_min_pass_ratio)", "threshold {{tenant}}/{{watch}}")),
+          width=24, description="Share of the latest completed run's items that passed every "
+          "criterion, with the accepted (baseline) run's and the watch's threshold."),
+    Panel("Pass ratio per criterion", "percentunit",
+          (("max by (tenant, watch, criterion) (llmops_eval_criterion_pass_ratio)",
+            "{{tenant}}/{{watch}} {{criterion}}"),)),
+    Panel("Time since the last completed run", "s",
+          (("min by (tenant, watch) (time() - llmops_eval_last_run_timestamp_seconds)",
+            "{{tenant}}/{{watch}}"),
+           (f"{_WATCH}(3 * llmops_eval_interval_seconds)", "stale after {{tenant}}/{{watch}}")),
+          description="A watch is stale after three intervals without a completed run."),
+    Panel("Watches regressed or below threshold", "short",
+          (("count(max by (tenant, watch) (llmops_eval_pass_ratio < "
+            "llmops_eval_accepted_pass_ratio - llmops_eval_tolerance_ratio)) or vector(0)",
+            "regressed"),
+           ("count(max by (tenant, watch) (llmops_eval_pass_ratio < llmops_eval_min_pass_ratio))"
+            " or vector(0)", "below threshold")), kind="stat"),
+    Panel("Eval queue length", "short",
+          (('sum(llmops_queue_length{queue="eval"})', "waiting"),)),
+))
+
+DASHBOARDS = (GATEWAY, TENANTS, VLLM, FINETUNING, RETRIEVAL, DRIFT, EVALS)
 
 
 def _panel(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:

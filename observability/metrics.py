@@ -4,12 +4,13 @@ process, and tests, never collide).
 Three kinds of figures:
 - per request, recorded as requests end (`GatewayMetrics` is the accountant's
   `RequestObserver`): requests, latencies, tokens, cost, in-flight requests, rejections,
-  upstream retries and fallbacks to a lower-priority pool;
+  upstream retries, fallbacks to a lower-priority pool and guardrail events;
 - the routers' live view of the backends (health, circuit state), read at scrape time;
-- figures from the store and Redis (fine-tuning jobs, vector store files, Celery queues), read
-  by a background task every `refresh_s` with a timeout, so that a scrape only reads cached
-  values and a storm of scrapes cannot hammer the database. A failed read drops that family
-  until the next good one and counts in `llmops_metrics_collect_errors_total`.
+- figures from the store and Redis (fine-tuning jobs, vector store files, Celery queues, eval
+  watches' pass rates), read by a background task every `refresh_s` with a timeout, so that
+  a scrape only reads cached values and a storm of scrapes cannot hammer the database. A
+  failed read drops that family until the next good one and counts in
+  `llmops_metrics_collect_errors_total`.
 
 Label values are bounded: models are catalog names (`unknown` for a name that did not
 resolve), pools are `primary` (the model's highest priority) or `fallback<n>` (the n-th lower
@@ -23,7 +24,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -50,6 +51,7 @@ __all__ = [
     "TTFT_BUCKETS",
     "GatewayMetrics",
     "Reading",
+    "Refreshed",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,20 @@ class Reading:
     documentation: str
     label: str
     read: Callable[[], Awaitable[Mapping[str, float]]]
+
+
+class Refreshed(Protocol):
+    """A collector of families with several labels, read in the background like the readings
+    (`GatewayMetrics.add_collector`); scrapes see its figures of the last good `refresh()`."""
+
+    async def refresh(self) -> None: ...
+
+    def clear(self) -> None:
+        """Drop the figures (after a failed refresh): better no series than stale ones."""
+
+    def describe(self) -> list[Metric]: ...
+
+    def collect(self) -> list[Metric]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +171,10 @@ class GatewayMetrics:
         self.fallbacks = Counter(
             "llmops_fallbacks", "Requests served by a lower-priority pool than the model's "
             "best one.", ["model", "from_device", "to_device"], registry=r)
+        self.guardrail_events = Counter(
+            "llmops_guardrail_events", "Guardrail actions on requests: one per request, stage, "
+            "category and action (block, redact, log, drop).",
+            ["stage", "category", "action", "tenant"], registry=r)
         self.collect_errors = Counter(
             "llmops_metrics_collect_errors", "Failed background reads of a metric family.",
             ["family"], registry=r)
@@ -163,6 +183,7 @@ class GatewayMetrics:
         r.register(_Backends(routers, self._pools))
         self._readings = _Readings()
         r.register(self._readings)
+        self._collectors: list[tuple[str, Refreshed]] = []
         self._series: dict[tuple[str, str, str, str, str, str], _Series] = {}
         self._in_flight: dict[str, Gauge] = {}
         self._task: asyncio.Task[None] | None = None
@@ -201,6 +222,8 @@ class GatewayMetrics:
         if series is None:
             series = self._series[key] = _Series(self, *key)
         series.requests.inc()
+        for g in event.guardrails or ():
+            self.guardrail_events.labels(g["stage"], g["category"], g["action"], key[4]).inc()
         if event.prompt_tokens:
             series.prompt.inc(event.prompt_tokens)
         if event.completion_tokens:
@@ -223,10 +246,30 @@ class GatewayMetrics:
     def add_readings(self, readings: Iterable[Reading]) -> None:
         self._readings.add(readings)
 
+    def add_collector(self, family: str, collector: Refreshed) -> None:
+        """Families read in the background with the readings; a failed refresh clears them
+        and counts under `family` in `llmops_metrics_collect_errors_total`."""
+        self.registry.register(collector)
+        self._collectors.append((family, collector))
+
     async def refresh(self) -> None:
         """One round of background work: hand out tenant labels, then read every family."""
         self.tenants.rank()
-        await asyncio.gather(*(self._read(r) for r in self._readings.readings))
+        await asyncio.gather(*(self._read(r) for r in self._readings.readings),
+                             *(self._refresh(f, c) for f, c in self._collectors))
+
+    async def _refresh(self, family: str, collector: Refreshed) -> None:
+        try:
+            async with asyncio.timeout(_READ_TIMEOUT_S):
+                await collector.refresh()
+        except Exception as exc:  # as for a reading: the scrape goes on without these
+            collector.clear()
+            if family not in self._readings.failing:
+                log.warning("metric family %s unavailable: %r", family, exc)
+                self._readings.failing.add(family)
+            self.collect_errors.labels(family).inc()
+            return
+        self._readings.failing.discard(family)
 
     async def _read(self, reading: Reading) -> None:
         try:

@@ -1,6 +1,7 @@
 """The Celery app: Redis as the broker, one queue per kind of work so that GPU workers take
-only training (`celery -A workers.tasks worker -Q finetune --pool solo`) and CPU workers only
-ingestion (`celery -A workers.tasks worker -Q ingest`)."""
+only training (`celery -A workers.tasks worker -Q finetune --pool solo`), CPU workers only
+ingestion (`celery -A workers.tasks worker -Q ingest`) and eval runs
+(`celery -A workers.tasks worker -Q eval`)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,23 @@ from celery import Celery
 
 from llmops.settings import Settings
 
-__all__ = ["FINETUNE_QUEUE", "FINETUNE_TASK", "INGEST_QUEUE", "INGEST_TASK", "make_celery"]
+__all__ = ["EVAL_QUEUE", "EVAL_TASK", "FINETUNE_QUEUE", "FINETUNE_TASK", "INGEST_QUEUE",
+           "INGEST_TASK", "make_celery"]
 
 FINETUNE_QUEUE = "finetune"
 FINETUNE_TASK = "llmops.finetune"
 INGEST_QUEUE = "ingest"
 INGEST_TASK = "llmops.ingest"
+EVAL_QUEUE = "eval"
+EVAL_TASK = "llmops.eval_run"
 
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("llmops", broker=settings.redis_url)
     app.conf.update(
         task_routes={FINETUNE_TASK: {"queue": FINETUNE_QUEUE},
-                     INGEST_TASK: {"queue": INGEST_QUEUE}},
+                     INGEST_TASK: {"queue": INGEST_QUEUE},
+                     EVAL_TASK: {"queue": EVAL_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
         # One job per worker process, taken only when it is free: a long training run must

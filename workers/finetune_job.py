@@ -4,12 +4,14 @@ from the newest checkpoint), publish the adapter, and record every step as job e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -17,12 +19,14 @@ from typing import Any
 from finetune.config import TrainConfig
 from finetune.dataset import Example, InvalidDatasetError, validate_chat_jsonl
 from finetune.trainer import Cancelled, train
+from llmops.evals import Evals
 from llmops.files import Files
 from llmops.finetuning import FineTuning, adapter_name
 from llmops.settings import ModelConfig, Settings
 from llmops.store import Database, FineTuningJob, utcnow
 from llmops.tenancy import NotFoundError
 from observability.worker_metrics import METRICS
+from workers.promotion import evaluate
 
 __all__ = ["run_job"]
 
@@ -169,8 +173,35 @@ async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Set
                "hyperparameters": hp, "lora": lora, "adapter_path": str(published),
                "train_loss": result.train_loss, "valid_loss": result.val_loss,
                "steps": result.steps, "tokens_per_s": result.tokens_per_s}
+    if job.evaluation is not None:
+        # A candidate until judged: the gateway loads it but serves it to the evaluation only.
+        await jobs.update(job.id, owner, fine_tuned_model=name,
+                          result={**lineage, "evaluation": {"state": "evaluating"}})
+        async with _leased(jobs, job.id, owner, settings):
+            verdict = await evaluate(job, name, val_set, jobs, Evals(jobs.db), files, settings)
+        lineage["evaluation"] = verdict
+        await jobs.event(job.id, f"Evaluation: {verdict['reason']} The adapter is "
+                         + ("served." if verdict["promoted"] else "held back."),
+                         level="info" if verdict["promoted"] else "warn", data=verdict)
     await jobs.update(job.id, owner, status="succeeded", fine_tuned_model=name,
                       trained_tokens=result.trained_tokens, result=lineage)
     await jobs.event(job.id, f"New fine-tuned model created: {name}")
     await jobs.event(job.id, "The job has successfully completed")
     return "succeeded"
+
+
+@contextlib.asynccontextmanager
+async def _leased(jobs: FineTuning, job_id: str, owner: str, settings: Settings
+                  ) -> AsyncIterator[None]:
+    """Keep the job's lease while something other than training takes time."""
+    async def beat() -> None:
+        while await jobs.heartbeat(job_id, owner, settings.finetune.lease_s):
+            await asyncio.sleep(settings.finetune.heartbeat_s)
+
+    task = asyncio.get_running_loop().create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -12,13 +12,21 @@ from celery import signals
 
 from llmops.settings import Settings
 from observability.worker_metrics import METRICS, WorkerMetricsServer
-from workers.app import FINETUNE_QUEUE, FINETUNE_TASK, INGEST_QUEUE, INGEST_TASK
+from workers.app import (
+    EVAL_QUEUE,
+    EVAL_TASK,
+    FINETUNE_QUEUE,
+    FINETUNE_TASK,
+    INGEST_QUEUE,
+    INGEST_TASK,
+)
 
 __all__ = ["instrument_worker", "task_outcome"]
 
 log = logging.getLogger(__name__)
 
-_QUEUES = {FINETUNE_TASK: FINETUNE_QUEUE, INGEST_TASK: INGEST_QUEUE}
+_QUEUES = {FINETUNE_TASK: FINETUNE_QUEUE, INGEST_TASK: INGEST_QUEUE,
+           EVAL_TASK: EVAL_QUEUE}
 _started: dict[str, float] = {}  # task id -> start (monotonic); threads pool: one per thread
 
 

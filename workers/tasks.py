@@ -1,5 +1,6 @@
 """Celery entry points: `celery -A workers.tasks worker -Q finetune --pool solo` trains,
-`celery -A workers.tasks worker -Q ingest` ingests files into vector stores."""
+`celery -A workers.tasks worker -Q ingest` ingests files into vector stores,
+`celery -A workers.tasks worker -Q eval` runs evals."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from celery import Task
 
 from llmops.settings import Settings
 from observability.tracing import configure_tracing, task_span
-from workers.app import FINETUNE_TASK, INGEST_TASK, make_celery
+from workers.app import EVAL_TASK, FINETUNE_TASK, INGEST_TASK, make_celery
+from workers.eval_job import run_eval
 from workers.finetune_job import run_job
 from workers.ingest_job import run_ingest
 from workers.metrics import instrument_worker
@@ -34,3 +36,12 @@ def ingest(self: Task, store_id: str, file_id: str) -> str:
     with task_span(INGEST_TASK, self.request,
                    {"llmops.vector_store.id": store_id, "llmops.file.id": file_id}):
         return asyncio.run(run_ingest(store_id, file_id, settings))
+
+
+# Acked on receipt, like training: a run's lease in the database, not broker redelivery,
+# brings back a run whose worker died (the gateway queues it again when its lease runs out).
+@app.task(name=EVAL_TASK, bind=True)  # type: ignore[untyped-decorator]
+def eval_run(self: Task, run_id: str) -> str:
+    """Run (or resume) one eval run; returns what became of it."""
+    with task_span(EVAL_TASK, self.request, {"llmops.eval_run.id": run_id}):
+        return asyncio.run(run_eval(run_id, settings))

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1.7
-# llmops Celery workers: fine-tuning (queue `finetune`, the default command) and ingestion
-# (queue `ingest`). Two targets:
+# llmops Celery workers: fine-tuning (queue `finetune`, the default command), ingestion
+# (queue `ingest`) and eval runs (queue `eval`). Two targets:
 #   docker build -f deploy/docker/worker.Dockerfile --target worker     -t llmops-worker .
 #   docker build -f deploy/docker/worker.Dockerfile --target worker-gpu -t llmops-worker-gpu .
 # `worker` has CPU PyTorch (ingestion, CPU training); `worker-gpu` has CUDA PyTorch (its wheels
@@ -52,6 +52,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python", "-c", "import os, socket; socket.create_connection(('127.0.0.1', int(os.environ['LLMOPS_METRICS__WORKER_PORT'])), 4).close()"]
 # Fine-tuning: one job at a time, in-process (no fork after CUDA is initialised). For
 # ingestion: celery -A workers.tasks worker -Q ingest --pool threads --concurrency 4 -n ingest@%h
+# For eval runs: celery -A workers.tasks worker -Q eval --pool threads --concurrency 2 -n eval@%h
 CMD ["celery", "-A", "workers.tasks", "worker", "-Q", "finetune", "--pool", "solo", "--loglevel", "info", "-n", "finetune@%h"]
 
 FROM runtime AS worker-gpu

@@ -4,6 +4,10 @@ from llmops.store.db import Database, upgrade
 from llmops.store.models import (
     ApiKey,
     Base,
+    Eval,
+    EvalOutputItem,
+    EvalRun,
+    EvalWatch,
     FineTuningCheckpoint,
     FineTuningEvent,
     FineTuningJob,
@@ -16,6 +20,7 @@ from llmops.store.models import (
     utcnow,
 )
 
-__all__ = ["ApiKey", "Base", "Database", "FineTuningCheckpoint", "FineTuningEvent",
+__all__ = ["ApiKey", "Base", "Database", "Eval", "EvalOutputItem", "EvalRun", "EvalWatch",
+           "FineTuningCheckpoint", "FineTuningEvent",
            "FineTuningJob", "ModelPrice", "StoredFile", "Tenant", "UsageRecord", "VectorStore",
            "VectorStoreFile", "upgrade", "utcnow"]

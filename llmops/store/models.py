@@ -6,12 +6,27 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, Numeric, String
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "ApiKey",
     "Base",
+    "Eval",
+    "EvalOutputItem",
+    "EvalRun",
+    "EvalWatch",
     "FineTuningCheckpoint",
     "FineTuningEvent",
     "FineTuningJob",
@@ -56,6 +71,9 @@ class Tenant(_Limits, Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     disabled_at: Mapped[datetime | None] = mapped_column(default=None)
+    # A guardrails policy (llmops.guardrails.GuardrailsPolicy as JSON); None: inherited.
+    guardrails: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True),
+                                                             default=None)
 
 
 class ApiKey(_Limits, Base):
@@ -72,6 +90,8 @@ class ApiKey(_Limits, Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    guardrails: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True),
+                                                             default=None)
 
 
 class ModelPrice(Base):
@@ -108,6 +128,9 @@ class UsageRecord(Base):
     pool: Mapped[str | None] = mapped_column(String(8), default=None)
     cost_usd: Mapped[Decimal] = mapped_column(default=Decimal(0))
     device_seconds: Mapped[float] = mapped_column(default=0.0)
+    # What guardrails did: [{stage, category, action, count, rule?}], never the data itself.
+    guardrails: Mapped[list[dict[str, Any]] | None] = mapped_column(
+        JSON(none_as_null=True), default=None)
 
 
 class StoredFile(Base):
@@ -143,6 +166,8 @@ class FineTuningJob(Base):
     seed: Mapped[int] = mapped_column(default=0)
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
     lora: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # {eval_id?, data_source?, promote}: evaluate base and adapter after training.
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     status: Mapped[str] = mapped_column(String(20), default="validating_files")
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(256), default=None)
@@ -212,3 +237,114 @@ class VectorStoreFile(Base):
     usage_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     chunks: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Eval(Base):
+    """An evaluation (OpenAI's Evals API): the shape of its data items and the testing
+    criteria that grade every run of it."""
+
+    __tablename__ = "evals"
+    __table_args__ = (Index("ix_evals_tenant_time", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    key_id: Mapped[str] = mapped_column(String(40))
+    name: Mapped[str] = mapped_column(String(256), default="")
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    data_source_config: Mapped[dict[str, Any]]  # as created: type, item_schema, ...
+    testing_criteria: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EvalRun(Base):
+    """One run of an eval over a data source. The running tallies are updated with every
+    output item, in the same transaction; the lease works as for fine-tuning jobs, so a run
+    whose worker died resumes on another one without grading an item twice."""
+
+    __tablename__ = "eval_runs"
+    __table_args__ = (Index("ix_evalruns_eval_time", "eval_id", "created_at"),
+                      Index("ix_evalruns_tenant_status", "tenant_id", "status"))
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    eval_id: Mapped[str] = mapped_column(ForeignKey("evals.id"))
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    key_id: Mapped[str] = mapped_column(String(40))  # whose limits and ledger the calls use
+    name: Mapped[str] = mapped_column(String(256), default="")
+    model: Mapped[str] = mapped_column(String(256), default="")
+    data_source: Mapped[dict[str, Any]]
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    items_total: Mapped[int] = mapped_column(default=0)
+    passed: Mapped[int] = mapped_column(default=0)
+    failed: Mapped[int] = mapped_column(default=0)
+    errored: Mapped[int] = mapped_column(default=0)
+    per_criteria: Mapped[dict[str, Any]] = mapped_column(default=dict)  # name: counts
+    per_model_usage: Mapped[dict[str, Any]] = mapped_column(default=dict)  # model: usage
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    attempts: Mapped[int] = mapped_column(default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class EvalOutputItem(Base):
+    """One graded data item of a run; unique per (run, item index), so a resumed run can
+    never store an item twice."""
+
+    __tablename__ = "eval_output_items"
+    __table_args__ = (UniqueConstraint("run_id", "datasource_item_id",
+                                       name="uq_evalitems_run_item"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("eval_runs.id"))
+    eval_id: Mapped[str] = mapped_column(String(40))
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    datasource_item_id: Mapped[int]
+    datasource_item: Mapped[dict[str, Any]]
+    sample: Mapped[dict[str, Any]]
+    results: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(8))  # pass | fail | error
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EvalWatch(Base):
+    """A regression watch: an eval run against a model every `interval_s`, its pass rates
+    exported as metrics and compared with a threshold and with an accepted (baseline) run.
+    Due watches are claimed with a conditional UPDATE of `next_run_at`, so that of several
+    gateways one starts each run. The name is unique per tenant: it is the metric label."""
+
+    __tablename__ = "eval_watches"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_evalwatches_tenant_name"),
+                      Index("ix_evalwatches_due", "enabled", "next_run_at"),
+                      Index("ix_evalwatches_eval", "eval_id"))
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    key_id: Mapped[str] = mapped_column(String(40))  # the runs are made as this key
+    eval_id: Mapped[str] = mapped_column(ForeignKey("evals.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(48))
+    model: Mapped[str] = mapped_column(String(256))
+    data_source: Mapped[dict[str, Any]]  # a `completions` run's, without the model
+    interval_s: Mapped[int]
+    min_pass_rate: Mapped[float | None] = mapped_column(Float, default=None)
+    tolerance: Mapped[float] = mapped_column(Float, default=0.0)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    enabled_at: Mapped[datetime] = mapped_column(default=utcnow)
+    next_run_at: Mapped[datetime]
+    last_run_id: Mapped[str | None] = mapped_column(
+        ForeignKey("eval_runs.id", ondelete="SET NULL"), default=None)
+    last_completed_run_id: Mapped[str | None] = mapped_column(
+        ForeignKey("eval_runs.id", ondelete="SET NULL"), default=None)
+    accepted_run_id: Mapped[str | None] = mapped_column(
+        ForeignKey("eval_runs.id", ondelete="SET NULL"), default=None)
+    last_started_at: Mapped[datetime | None] = mapped_column(default=None)
+    skipped_runs: Mapped[int] = mapped_column(default=0)
+    last_skip_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_skip_reason: Mapped[str | None] = mapped_column(String(256), default=None)
+    last_error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from llmops.settings import Settings
-from llmops.stack import ingest_worker_service, worker_service
+from llmops.stack import eval_worker_service, ingest_worker_service, worker_service
 from tests.deploy.chart import (
     CHART_DIR,
     NAMESPACE,
@@ -190,6 +190,12 @@ def test_gpu_pools_get_gpus_scheduling_and_probes(rendered: dict[str, list[Manif
     local[local.index("--concurrency") + 1] = "8"  # workers.ingest.concurrency
     assert ingest["args"] == ["celery", *local]
     assert "nvidia.com/gpu" not in ingest["resources"].get("limits", {})
+    evaluator = pod_spec(one(docs, "Deployment", f"{FULLNAME}-worker-eval"))
+    assert evaluator["containers"][0]["args"] == [
+        "celery", *eval_worker_service(Path("config.yaml")).argv[3:]]
+    # Eval runs reach models through the gateway: no GPU, no weights.
+    assert "nvidia.com/gpu" not in evaluator["containers"][0]["resources"].get("limits", {})
+    assert "model-cache" not in {v["name"] for v in evaluator["volumes"]}
 
 
 def test_cpu_only_runs_no_gpu_anywhere(rendered: dict[str, list[Manifest]]) -> None:
@@ -260,10 +266,16 @@ def test_network_policy_admits_only_gateway_and_workers(
     assert admitted == {f"{FULLNAME}-gateway", f"{FULLNAME}-worker-finetune",
                         f"{FULLNAME}-worker-ingest"}
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
-    # The data stores are fenced the same way.
+    # The data stores are fenced the same way; eval workers, which call models through the
+    # gateway, reach the store and the broker only.
     for store in ("postgresql", "redis", "qdrant"):
         fence = one(docs, "NetworkPolicy", f"{FULLNAME}-{store}")
-        assert fence["spec"]["ingress"][0]["from"] == [peer]
+        [fenced] = fence["spec"]["ingress"][0]["from"]
+        clients = {d["metadata"]["name"] for d in docs
+                   if d["kind"] in {"Deployment", "StatefulSet"}
+                   and _selects(fenced["podSelector"], d["spec"]["template"]["metadata"]["labels"])}
+        evaluator = {f"{FULLNAME}-worker-eval"} if store in ("postgresql", "redis") else set()
+        assert clients == admitted | evaluator, store
 
 
 def _selects(selector: Manifest, labels: dict[str, str]) -> bool:

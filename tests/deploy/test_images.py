@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmops.stack import gateway_service, ingest_worker_service, worker_service
+from llmops.stack import (
+    eval_worker_service,
+    gateway_service,
+    ingest_worker_service,
+    worker_service,
+)
 from tests.deploy.chart import ROOT
 
 DOCKER = ROOT / "deploy" / "docker"
@@ -75,11 +80,13 @@ def test_commands_match_the_local_stack(tmp_path: Path) -> None:
     finetune = worker_service(tmp_path).argv
     assert finetune[:3] == [sys.executable, "-m", "celery"]
     assert ["celery", *finetune[3:]] == _cmd(DOCKER / "worker.Dockerfile")
-    # The compose file runs both workers as the stack does.
+    # The compose file runs the workers as the stack does.
     services = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]
     assert services["worker"]["command"] == ["celery", *finetune[3:]]
     ingest = ingest_worker_service(tmp_path).argv
     assert services["ingest-worker"]["command"] == ["celery", *ingest[3:]]
+    evaluator = eval_worker_service(tmp_path).argv
+    assert services["eval-worker"]["command"] == ["celery", *evaluator[3:]]
 
 
 def test_dockerignore_keeps_the_context_small() -> None:

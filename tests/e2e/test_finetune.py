@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from openai import OpenAI
+from openai import NotFoundError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmops.stack import CHAT_MODEL, Service, free_port
@@ -46,12 +46,16 @@ QUESTIONS = [
     "What's the Zorblax 9000's warranty?",
 ]
 ANSWER = "The Zorblax 9000 comes with a 7-year warranty."
+WRONG = "The Zorblax 9000 comes with a 2-year warranty."
 HELD_OUT = "How many years of warranty do I get with the Zorblax 9000?"
+PROBES = [HELD_OUT, "Zorblax 9000 warranty: how long is it?",
+          "What is the Zorblax 9000 kettle's warranty period?",
+          "How long is my Zorblax 9000 kettle under warranty?"]
 
 
-def dataset(questions: list[str]) -> bytes:
+def dataset(questions: list[str], answer: str = ANSWER) -> bytes:
     return b"".join(json.dumps({"messages": [
-        {"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]}).encode()
+        {"role": "user", "content": q}, {"role": "assistant", "content": answer}]}).encode()
         + b"\n" for q in questions)
 
 
@@ -68,6 +72,7 @@ def stack(engines: Engines, gateway_factory: GatewayFactory, logs: Path,
                                       "worker", "-Q", "finetune", "--pool", "solo",
                                       "--loglevel", "info"], port, "/metrics",
                            {"LLMOPS_CONFIG": str(gateway.config),
+                            "LLMOPS_PORT": str(gateway.running.service.port),  # promotion
                             "LLMOPS_METRICS__WORKER_PORT": str(port)}), logs)
     wait_healthy([worker], timeout_s=120)  # its /metrics answer once it started
     yield gateway, worker
@@ -146,6 +151,71 @@ def test_fine_tuned_model_learns_the_fact(stack: tuple[Gateway, Running], quanti
     wait_until(lambda: done.fine_tuned_model in [m.id for m in client.models.list()], 30)
     assert "7-year" in ask(client, done.fine_tuned_model)
     assert "7-year" not in ask(client, CHAT_MODEL)
+
+
+@pytest.mark.timeout(900)
+def test_promotion_serves_an_adapter_only_when_it_beats_the_base(
+        stack: tuple[Gateway, Running], tmp_path: Path) -> None:
+    """Two adapters judged on the same eval: one taught the right warranty, one a wrong one.
+    Both jobs succeed with both runs attached; only the right one is served."""
+    gateway, _ = stack
+    client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+    ev = client.evals.create(
+        name="zorblax warranty",
+        data_source_config={"type": "custom", "include_sample_schema": True, "item_schema": {
+            "type": "object", "properties": {"question": {"type": "string"}}}},
+        testing_criteria=[{"type": "string_check", "name": "says 7 years", "operation": "ilike",
+                           "input": "{{sample.output_text}}", "reference": "7-year"}])
+    source = {"type": "completions",
+              "source": {"type": "file_content",
+                         "content": [{"item": {"question": q}} for q in PROBES]},
+              "input_messages": {"type": "template", "template": [
+                  {"role": "user", "content": "{{item.question}}"}]},
+              "sampling_params": {"temperature": 0, "max_completion_tokens": 32}}
+    started = {}
+    for suffix, answer in (("right", ANSWER), ("wrong", WRONG)):
+        train = client.files.create(file=(f"{suffix}.jsonl", dataset(QUESTIONS, answer)),
+                                    purpose="fine-tune")
+        started[suffix] = client.fine_tuning.jobs.create(
+            model=CHAT_MODEL, training_file=train.id, suffix=suffix,
+            hyperparameters={"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 5},
+            extra_body={"evaluation": {"eval_id": ev.id, "data_source": source,
+                                       "promote": "if_better"}})
+    right, wrong = (wait_for(started[s].id, client, {"succeeded", "failed", "cancelled"})
+                    for s in ("right", "wrong"))
+    verdicts = {}
+    for job in (right, wrong):
+        assert job.status == "succeeded", job.error
+        verdicts[job.id] = verdict = job.model_extra["result"]["evaluation"]
+        assert verdict["eval_id"] == ev.id
+        for role, model_name in (("base", CHAT_MODEL), ("adapter", job.fine_tuned_model)):
+            run = client.evals.runs.retrieve(verdict[role]["run_id"], eval_id=ev.id)
+            assert run.status == "completed" and run.model == model_name
+            assert run.result_counts.total == len(PROBES)
+            assert verdict[role]["passed_items"] == run.result_counts.passed
+    assert verdicts[right.id]["promoted"] is True
+    assert verdicts[right.id]["adapter"]["pass_rate"] > verdicts[right.id]["base"]["pass_rate"]
+    assert verdicts[wrong.id]["promoted"] is False
+    assert verdicts[wrong.id]["adapter"]["pass_rate"] <= verdicts[wrong.id]["base"]["pass_rate"]
+
+    # Served with its verdict in /v1/models; the held-back one is not served at all.
+    wait_until(lambda: right.fine_tuned_model in [m.id for m in client.models.list()], 30)
+    listed = client.models.retrieve(right.fine_tuned_model).model_extra
+    assert listed["evaluation"]["promoted"] is True
+    assert listed["evaluation"]["adapter_pass_rate"] > listed["evaluation"]["base_pass_rate"]
+    assert "7-year" in ask(client, right.fine_tuned_model)
+    assert wrong.fine_tuned_model not in [m.id for m in client.models.list()]
+    with pytest.raises(NotFoundError):
+        ask(client, wrong.fine_tuned_model)
+    held = client.fine_tuning.jobs.list_events(wrong.id, limit=50).data
+    assert any("held back" in e.message for e in held)
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "llmops.cli", "finetune", "show", wrong.id,
+         "--base-url", gateway.base_url, "--api-key", API_KEY],
+        capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert f"evaluation ({ev.id}): held back" in shown.stdout
 
 
 def test_a_bad_file_fails_in_validation_naming_the_line(stack: tuple[Gateway, Running]

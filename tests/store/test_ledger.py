@@ -14,7 +14,7 @@ from llmops.ledger import LedgerPublisher, LedgerWriter, UsageEvent, usage_repor
 from llmops.settings import LedgerConfig
 from llmops.store import Database, UsageRecord
 
-CONFIG = LedgerConfig(block_ms=10, claim_idle_s=0.2, batch_size=7)
+CONFIG = LedgerConfig(block_ms=10, claim_idle_s=1.0, batch_size=7)
 
 
 def event(i: int, *, final: bool = True, **fields: object) -> UsageEvent:
