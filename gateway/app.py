@@ -33,7 +33,7 @@ from gateway.evals import evals_router
 from gateway.files import files_router
 from gateway.fine_tuning import fine_tuning_router
 from gateway.limits import Limiter
-from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from gateway.middleware import BodyLimitMiddleware, InferenceRoutes, RequestIdMiddleware
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.proxy import Endpoint, Proxy
 from gateway.retrieval import Retriever
@@ -267,6 +267,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.routers = routers
     install_error_handlers(app)
+
+    def inference(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            await auth(request)
+            return await app.state.proxy.forward(request, endpoint)  # type: ignore[no-any-return]
+        return handle
+
+    app.add_middleware(InferenceRoutes, endpoints={
+        e.path: inference(e) for e in (CHAT, COMPLETIONS, EMBEDDINGS)})
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, by_prefix={
         "/v1/files": settings.files.max_bytes + 64 * 1024,  # + the form's overhead
         "/v1/evals": settings.evals.max_body_bytes,
