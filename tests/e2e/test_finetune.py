@@ -69,7 +69,7 @@ def stack(engines: Engines, gateway_factory: GatewayFactory, logs: Path,
                   "lease_s": 6.0, "heartbeat_s": 1.0, "min_examples": 10})
     port = free_port()
     worker = start(Service("worker", [sys.executable, "-m", "celery", "-A", "workers.tasks",
-                                      "worker", "-Q", "finetune", "--pool", "solo",
+                                      "worker", "-Q", "finetune,eval", "--pool", "solo",
                                       "--loglevel", "info"], port, "/metrics",
                            {"LLMOPS_CONFIG": str(gateway.config),
                             "LLMOPS_PORT": str(gateway.running.service.port),  # promotion
@@ -209,6 +209,46 @@ def test_promotion_serves_an_adapter_only_when_it_beats_the_base(
         ask(client, wrong.fine_tuned_model)
     held = client.fine_tuning.jobs.list_events(wrong.id, limit=50).data
     assert any("held back" in e.message for e in held)
+
+    # Every grader type, through the Evals API, on the base model and the promoted adapter.
+    every = client.evals.create(
+        name="zorblax, every grader",
+        data_source_config={"type": "custom", "include_sample_schema": True, "item_schema": {
+            "type": "object", "properties": {"question": {"type": "string"}}}},
+        testing_criteria=[
+            {"type": "string_check", "name": "says 7 years", "operation": "ilike",
+             "input": "{{sample.output_text}}", "reference": "7-year"},
+            {"type": "text_similarity", "name": "close to the answer", "pass_threshold": 0.5,
+             "evaluation_metric": "rouge_l", "input": "{{sample.output_text}}",
+             "reference": ANSWER},
+            {"type": "score_model", "name": "judged helpful", "model": CHAT_MODEL,
+             "range": [0, 1], "pass_threshold": 0.5, "input": [{"role": "user", "content":
+                 "Question: {{item.question}}\nAnswer: {{sample.output_text}}\n"
+                 "How well does the answer answer the question?"}]},
+            {"type": "label_model", "name": "states a length", "model": CHAT_MODEL,
+             "labels": ["yes", "no"], "passing_labels": ["yes"], "input": [
+                 {"role": "user", "content": "Does this text state how long a warranty "
+                  "lasts? {{sample.output_text}}"}]}])
+    names = [c.name for c in every.testing_criteria]
+    says = {}
+    for model_name in (CHAT_MODEL, right.fine_tuned_model):
+        run = client.evals.runs.create(every.id, data_source={**source, "model": model_name})
+        deadline = time.monotonic() + 240
+        while (done := client.evals.runs.retrieve(run.id, eval_id=every.id)).status in (
+                "queued", "in_progress"):
+            assert time.monotonic() < deadline, "eval run stuck"
+            time.sleep(1.0)
+        assert done.status == "completed", done.error
+        counts = done.result_counts
+        assert counts.total == len(PROBES) == counts.passed + counts.failed + counts.errored
+        assert [r.testing_criteria for r in done.per_testing_criteria_results] == names
+        items = list(client.evals.runs.output_items.list(run.id, eval_id=every.id))
+        assert len(items) == len(PROBES)
+        for output in items:
+            assert [r["name"] for r in output.results] == names
+            assert output.sample.output[0].content  # the evaluated model's answer
+        says[model_name] = done.per_testing_criteria_results[0].passed
+    assert says[right.fine_tuned_model] > says[CHAT_MODEL]
 
     shown = subprocess.run(
         [sys.executable, "-m", "llmops.cli", "finetune", "show", wrong.id,

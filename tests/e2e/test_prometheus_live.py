@@ -78,14 +78,25 @@ def drive_traffic(gw: Gateway) -> int:
         first = admin.post("/v1/chat/completions", json=body, headers=auth)
         second = admin.post("/v1/chat/completions", json=body, headers=auth)
         assert (first.status_code, second.status_code) == (200, 429), second.text
+        # A guardrail blocking a card number for one key (events of every other kind are
+        # logged by the default policy).
+        guarded = admin.post("/admin/keys", json={"tenant_id": tenant["id"], "guardrails": {
+            "input": {"card": "block"}}})
+        assert guarded.status_code == 201, guarded.text
+        card = {**body, "messages": [{"role": "user", "content": "Pay with 4111 1111 1111 "
+                                      "1111 and mail me at ana@example.com"}]}
+        blocked = admin.post("/v1/chat/completions", json=card, headers={
+            "Authorization": f"Bearer {guarded.json()['key']}"})
+        assert blocked.status_code == 400 and blocked.json()["error"]["code"] == \
+            "guardrail_blocked", blocked.text
     return 7
 
 
 def ingest_worker(gw: Gateway, logs: Path) -> Running:
-    """A real Celery ingestion worker serving its own /metrics."""
+    """A real Celery worker for ingestion and evals, serving its own /metrics."""
     port = free_port()
     return start(Service("ingester", [
-        sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "ingest",
+        sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "ingest,eval",
         "--pool", "threads", "--concurrency", "2", "-n", f"ingest-{uuid.uuid4().hex[:6]}@%h"],
         port, "/metrics", {"LLMOPS_CONFIG": str(gw.config),
                            "LLMOPS_PORT": str(gw.running.service.port),
@@ -100,6 +111,28 @@ def ingest_a_file(gw: Gateway) -> None:
         done = client.vector_stores.files.create_and_poll(
             vector_store_id=store.id, file_id=uploaded.id, poll_interval_ms=300)
         assert done.status == "completed", done.last_error
+
+
+def watch_an_eval(gw: Gateway) -> None:
+    """An eval watched every second: the evaluation panels get a real run to show."""
+    with OpenAI(base_url=gw.base_url, api_key=API_KEY, max_retries=0, timeout=120) as client:
+        ev = client.evals.create(
+            name="dashboards", testing_criteria=[{  # type: ignore[list-item]
+                "type": "string_check", "name": "answers", "operation": "ne",
+                "input": "{{sample.output_text}}", "reference": ""}],
+            data_source_config={"type": "custom", "include_sample_schema": True,
+                                "item_schema": {"type": "object",
+                                                "properties": {"q": {"type": "string"}}}})
+    watch = httpx.post(f"{gw.url}/v1/evals/{ev.id}/watches", headers=gw.headers, timeout=60,
+                       json={"name": "dashboards", "model": CHAT_MODEL, "interval_s": 1,
+                             "min_pass_rate": 0.5, "data_source": {
+                                 "type": "completions", "sampling_params": {
+                                     "temperature": 0, "max_completion_tokens": 4},
+                                 "source": {"type": "file_content",
+                                            "content": [{"item": {"q": "Say hi."}}]},
+                                 "input_messages": {"type": "template", "template": [
+                                     {"role": "user", "content": "{{item.q}}"}]}}})
+    assert watch.status_code == 200, watch.text
 
 
 @contextlib.contextmanager
@@ -125,9 +158,10 @@ def test_every_dashboard_query_returns_data(engines: Engines, gateway_factory: G
                pool("cpu", engines.chat.url, **PRICED), context_length=2048),
          model(EMBEDDING_MODEL, "embedding", pool("cpu", engines.embedding.url),
                context_length=256, weights=str(engines.model_dirs["embedding"]))],
-        metrics={"tenants": [ADMIN_TENANT]},
+        metrics={"tenants": [ADMIN_TENANT], "refresh_s": 1.0},
         # Every chat request sampled, tiny windows: the drift gauges exist after the traffic.
-        drift={"sample_rate": 1.0, "window": 2, "min_samples": 2, "interval_s": 0.5})
+        drift={"sample_rate": 1.0, "window": 2, "min_samples": 2, "interval_s": 0.5},
+        eval_watches={"min_interval_s": 1, "poll_s": 0.5})
     wait_ready(gw)
     worker = ingest_worker(gw, logs)  # starts up while the traffic runs
     jobs = {job: [url.removeprefix("http://") for url in urls] for job, urls in (
@@ -142,6 +176,8 @@ def test_every_dashboard_query_returns_data(engines: Engines, gateway_factory: G
         ingest_a_file(gw)
         wait_for(prom, 'llmops_ingest_files_total{outcome="completed"} >= 1')
         wait_for(prom, "llmops_drift_score")
+        watch_an_eval(gw)
+        wait_for(prom, "llmops_eval_pass_ratio")
         time.sleep(5)  # a few more scrapes: every rate has two samples after the traffic
 
         targets = [(path.stem, panel["title"], t["expr"]) for path in FILES
