@@ -245,7 +245,7 @@ def test_promotion_serves_an_adapter_only_when_it_beats_the_base(
         items = list(client.evals.runs.output_items.list(run.id, eval_id=every.id))
         assert len(items) == len(PROBES)
         for output in items:
-            assert [r["name"] for r in output.results] == names
+            assert [r.name for r in output.results] == names
             assert output.sample.output[0].content  # the evaluated model's answer
         says[model_name] = done.per_testing_criteria_results[0].passed
     assert says[right.fine_tuned_model] > says[CHAT_MODEL]
