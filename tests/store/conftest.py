@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 import sqlalchemy
 from redis.asyncio import Redis
 
+from gateway.app import create_app
+from llmops.settings import Settings
 from llmops.store import Database, upgrade
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -52,3 +56,20 @@ async def prefix(redis: Redis) -> AsyncIterator[str]:
     keys = [k async for k in redis.scan_iter(f"{value}:*")]
     if keys:
         await redis.delete(*keys)
+
+
+@contextlib.asynccontextmanager
+async def in_process_gateway(settings: Settings, admin_key: str
+                             ) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway app in this process (real store and Redis), called as its admin; its Redis
+    keys are removed afterwards."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw",
+            headers={"authorization": f"Bearer {admin_key}"}) as client:
+        yield client
+    redis = Redis.from_url(REDIS_URL)
+    keys = [k async for k in redis.scan_iter(f"{settings.redis_prefix}:*")]
+    if keys:
+        await redis.delete(*keys)
+    await redis.aclose()

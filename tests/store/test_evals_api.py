@@ -14,13 +14,11 @@ import pytest
 from openai.types import EvalCreateResponse
 from openai.types.evals import RunCreateResponse
 from openai.types.evals.runs import OutputItemListResponse
-from redis.asyncio import Redis
 
-from gateway.app import create_app
 from llmops.evals import Evals, ItemOutcome
 from llmops.settings import Settings
 from llmops.store import Database
-from tests.store.conftest import REDIS_URL
+from tests.store.conftest import in_process_gateway
 
 ADMIN = "sk-unit-evals"
 EVAL = {"name": "capitals", "metadata": {"suite": "unit"},
@@ -47,16 +45,8 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Settings
                         files={"root": tmp_path / "files"}, evals={"max_active_runs": 2},
                         models=[{"name": "chat", "kind": "chat", "pools": [
                             {"device": "cpu", "urls": ["http://127.0.0.1:9"]}]}])
-    app = create_app(settings)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gw",
-            headers={"authorization": f"Bearer {ADMIN}"}) as client:
+    async with in_process_gateway(settings, ADMIN) as client:
         yield client, settings
-    redis = Redis.from_url(REDIS_URL)
-    keys = [k async for k in redis.scan_iter(f"{settings.redis_prefix}:*")]
-    if keys:
-        await redis.delete(*keys)
-    await redis.aclose()
 
 
 def openai_shape(payload: dict[str, Any], model: Any) -> None:

@@ -13,13 +13,11 @@ from typing import Any
 import httpx
 import pytest
 from openai.types.evals import RunCreateResponse
-from redis.asyncio import Redis
 
-from gateway.app import create_app
 from llmops.evals import Evals, ItemOutcome
 from llmops.settings import Settings
 from llmops.store import Database
-from tests.store.conftest import REDIS_URL
+from tests.store.conftest import in_process_gateway
 from tests.store.test_evals_api import openai_shape
 
 ADMIN = "sk-unit-retrieval-evals"
@@ -45,16 +43,8 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
                                  "pools": [{"device": "cpu", "urls": [dead]}]},
                                 {"name": "embed", "kind": "embedding",
                                  "pools": [{"device": "cpu", "urls": [dead]}]}])
-    app = create_app(settings)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gw",
-            headers={"authorization": f"Bearer {ADMIN}"}) as client:
+    async with in_process_gateway(settings, ADMIN) as client:
         yield client, settings
-    redis = Redis.from_url(REDIS_URL)
-    keys = [k async for k in redis.scan_iter(f"{settings.redis_prefix}:*")]
-    if keys:
-        await redis.delete(*keys)
-    await redis.aclose()
 
 
 async def store_with_file(client: httpx.AsyncClient) -> tuple[str, str]:
