@@ -99,7 +99,10 @@ def vllm_service(
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
     if embedding:
-        argv += ["--runner", "pooling"]
+        # vLLM serves pooling models in float16 unless told; on the CPU that is emulated:
+        # MiniLM embedded 2.2 Cranfield chunks/s in float16 and 10.8 in float32 here, with
+        # the same vectors (cosine 0.999999).
+        argv += ["--runner", "pooling", "--dtype", "float32"]
     else:
         # Runtime LoRA: fine-tuned adapters are loaded into running engines. Tool calls use
         # the Hermes format (<tool_call> tags), which ChatML-style templates such as SmolLM2's
