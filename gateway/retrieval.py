@@ -71,22 +71,25 @@ class Retriever:
 
     async def search(self, tenant_id: str, store_ids: Sequence[str], queries: Sequence[str], *,
                      limit: int, filters: dict[str, Any] | None, threshold: float,
-                     mode: str = "hybrid") -> list[Source]:
+                     mode: str = "hybrid", ranker: str = "auto") -> list[Source]:
         """The best chunks for any of `queries`, best first; unknown or foreign stores are
-        reported as missing."""
+        reported as missing. Ranker `none` is plain fusion in hybrid mode; any other is the
+        feedback ranker (retrieval.feedback)."""
         with tracing.span("vector_stores.search", attributes={
                 "llmops.retrieval.stores": len(store_ids), "llmops.retrieval.queries": len(queries),
-                "llmops.retrieval.mode": mode, "llmops.retrieval.limit": limit,
+                "llmops.retrieval.mode": mode, "llmops.retrieval.ranker": ranker,
+                "llmops.retrieval.limit": limit,
                 "llmops.retrieval.filtered": filters is not None}) as span:
             sources = await self._search(tenant_id, store_ids, queries, limit=limit,
-                                         filters=filters, threshold=threshold, mode=mode)
+                                         filters=filters, threshold=threshold, mode=mode,
+                                         feedback=ranker != "none")
             if span is not None:
                 span.set_attribute("llmops.retrieval.results", len(sources))
             return sources
 
     async def _search(self, tenant_id: str, store_ids: Sequence[str], queries: Sequence[str], *,
                       limit: int, filters: dict[str, Any] | None, threshold: float,
-                      mode: str) -> list[Source]:
+                      mode: str, feedback: bool) -> list[Source]:
         for store_id in store_ids:
             try:
                 await self.stores.get(tenant_id, store_id)
@@ -106,7 +109,8 @@ class Retriever:
         for text, vector in zip(texts, dense, strict=True):
             sparse = None if mode == "dense" else self.encoder.encode_query(text)
             hits = await asyncio.to_thread(self.index.search, tenant_id, list(store_ids),
-                                           vector, sparse, mode, limit, filters, threshold)
+                                           vector, sparse, mode, limit, filters, threshold,
+                                           feedback=feedback)
             for rank, hit in enumerate(hits):
                 if hit.id not in best or rank < best[hit.id][0]:
                     best[hit.id] = (rank, hit)

@@ -264,7 +264,7 @@ def vector_stores_router(settings: Settings, stores: VectorStores, files: Files,
         sources = await retriever.search(
             request.state.principal.tenant_id, [store_id], queries,
             limit=body.max_num_results, filters=body.filters, mode=body.search_mode,
-            threshold=body.ranking_options.score_threshold)
+            threshold=body.ranking_options.score_threshold, ranker=body.ranking_options.ranker)
         return {"object": "vector_store.search_results.page", "search_query": queries,
                 "has_more": False, "next_page": None, "data": [
                     {"file_id": s.file_id, "filename": s.filename, "score": s.score,

@@ -33,7 +33,9 @@ from retrieval.index import (
     Point,
     QdrantIndex,
     Query,
+    stored_dense,
 )
+from retrieval.sparse import SparseVector
 
 __all__ = ["EdgeIndex"]
 
@@ -111,8 +113,9 @@ class EdgeIndex(QdrantIndex):
                 ],
                 # The stubs type `query` as Fusion, but fusions are its nested classes.
                 query=qe.Fusion.Rrf(k=RRF_K),  # type: ignore[arg-type]
-                filter=scope, with_payload=True,
-                with_vector=[DENSE_VECTOR])
+                filter=scope, with_payload=["file"] if query.candidates_only else True,
+                with_vector=[DENSE_VECTOR, SPARSE_VECTOR] if query.candidates_only
+                else [DENSE_VECTOR])
         elif query.mode == "dense":
             assert query.dense is not None
             request = qe.QueryRequest(
@@ -146,8 +149,10 @@ def _found(point: qe.ScoredPoint) -> Found:
     payload.pop(_BOOLS, None)
     vectors = point.vector
     dense = vectors.get(DENSE_VECTOR) if isinstance(vectors, dict) else None
-    floats = [x for x in dense if isinstance(x, float)] if isinstance(dense, list) else None
-    return Found(str(point.id), point.score, payload, floats)
+    bm25 = vectors.get(SPARSE_VECTOR) if isinstance(vectors, dict) else None
+    sparse = (SparseVector(list(bm25.indices), list(bm25.values))
+              if isinstance(bm25, qe.SparseVector) else None)
+    return Found(str(point.id), point.score, payload, stored_dense(dense), sparse)
 
 
 def _filter(condition: Condition) -> qe.Filter:

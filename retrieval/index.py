@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from retrieval import feedback as feedback_ranker
 from retrieval.chunking import Chunk
 from retrieval.filters import And, Condition, HasId, Match, MatchAny, Not, parse_filters
 from retrieval.sparse import SparseVector
@@ -127,9 +128,11 @@ class VectorIndex(Protocol):
 
     def search(self, tenant: str, stores: Sequence[str], dense: Sequence[float] | None,
                sparse: SparseVector | None, mode: str, limit: int,
-               filters: Mapping[str, Any] | None, score_threshold: float = 0.0) -> list[Hit]:
+               filters: Mapping[str, Any] | None, score_threshold: float = 0.0, *,
+               feedback: bool = False) -> list[Hit]:
         """At most `limit` hits of `tenant`'s `stores`, best first; `mode` is "hybrid",
-        "dense" or "sparse"; `filters` is OpenAI's search filter over file attributes."""
+        "dense" or "sparse"; `filters` is OpenAI's search filter over file attributes;
+        `feedback` refines a hybrid ranking (retrieval.feedback)."""
         ...
 
     def close(self) -> None:
@@ -148,16 +151,18 @@ class Query:
     idf_corpus: Condition
     limit: int
     prefetch_limit: int
+    candidates_only: bool = False  # hybrid: ids, scores, both vectors and only `file`
 
 
 @dataclass(frozen=True)
 class Found:
-    """An adapter's raw result: the engine's score, and the stored dense vector in hybrid."""
+    """An adapter's raw result: the engine's score, and the stored vectors in hybrid."""
 
     id: str
     score: float
     payload: dict[str, Any]
     dense: list[float] | None = None
+    sparse: SparseVector | None = None
 
 
 def _scope(tenant: str, stores: Sequence[str], filters: Mapping[str, Any] | None) -> Condition:
@@ -221,10 +226,12 @@ class QdrantIndex(ABC):
 
     def search(self, tenant: str, stores: Sequence[str], dense: Sequence[float] | None,
                sparse: SparseVector | None, mode: str, limit: int,
-               filters: Mapping[str, Any] | None, score_threshold: float = 0.0) -> list[Hit]:
+               filters: Mapping[str, Any] | None, score_threshold: float = 0.0, *,
+               feedback: bool = False) -> list[Hit]:
         """The best `limit` chunks of `stores` owned by `tenant`, best first.
 
         `dense` is needed for dense and hybrid mode, `sparse` for sparse and hybrid mode.
+        `feedback` refines hybrid rankings (retrieval.feedback: two searches instead of one).
         Raises InvalidFilterError for malformed `filters`, ValueError for other bad input.
         """
         if mode not in SEARCH_MODES:
@@ -248,11 +255,35 @@ class QdrantIndex(ABC):
         query = Query(mode, query_dense, None if mode == "dense" else sparse, scope,
                       _scope(tenant, stores, None), prefetch if deeper else limit, prefetch)
         with self._lock.read():
-            found = self._query(query)
+            if feedback and mode == "hybrid":
+                found = self._feedback(query, max(limit, feedback_ranker.CANDIDATES))
+            else:
+                found = self._query(query)
         for f in found:
             f.payload.pop(SCOPE_FIELD, None)
-        hits = [Hit(f.id, self._score(query, f), f.payload) for f in found]
-        return [h for h in hits if h.score >= score_threshold][:limit]
+        hits: list[Hit] = []
+        for f in found:  # scored lazily: a hybrid score is a cosine computed here
+            hit = Hit(f.id, self._score(query, f), f.payload)
+            if hit.score >= score_threshold:
+                hits.append(hit)
+                if len(hits) == limit:
+                    break
+        return hits
+
+    def _feedback(self, query: Query, candidates: int) -> list[Found]:
+        """Hybrid search with the feedback ranker; scores stay those of `query`."""
+        assert query.dense is not None and query.sparse is not None
+        first = _regularized(self._query(replace(
+            query, limit=candidates, prefetch_limit=max(query.prefetch_limit, 2 * candidates),
+            candidates_only=True)), query.dense)
+        if not first:
+            return []
+        dense, sparse = feedback_ranker.expand(query.dense, query.sparse, [
+            (f.dense, f.sparse) for f in first[:feedback_ranker.FEEDBACK_CHUNKS]
+            if f.dense is not None and f.sparse is not None])
+        return _regularized(self._query(replace(
+            query, dense=dense, sparse=sparse, limit=candidates,
+            prefetch_limit=max(query.prefetch_limit, 2 * candidates))), query.dense)
 
     @abstractmethod
     def close(self) -> None:
@@ -328,6 +359,22 @@ class ReadWriteLock:
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()
+
+
+def stored_dense(vector: object) -> list[float] | None:
+    """An adapter's stored dense vector, if that is what `vector` is (checking one element
+    is enough: a vector holds one type)."""
+    if isinstance(vector, list) and (not vector or isinstance(vector[0], float)):
+        return vector
+    return None
+
+
+def _regularized(found: list[Found], query: Sequence[float]) -> list[Found]:
+    if any(f.dense is None for f in found):
+        return found
+    order = feedback_ranker.regularize([f.score for f in found], [f.dense or [] for f in found],
+                                       [str(f.payload.get("file", f.id)) for f in found], query)
+    return [found[i] for i in order]
 
 
 def _cosine(a: Sequence[float], b: Sequence[float]) -> float:

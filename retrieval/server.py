@@ -22,7 +22,9 @@ from retrieval.index import (
     Point,
     QdrantIndex,
     Query,
+    stored_dense,
 )
+from retrieval.sparse import SparseVector
 
 __all__ = ["ServerIndex"]
 
@@ -115,7 +117,9 @@ class ServerIndex(QdrantIndex):
                                     params=idf, limit=query.prefetch_limit),
                 ],
                 query=models.RrfQuery(rrf=models.Rrf(k=RRF_K)), query_filter=scope,
-                limit=query.limit, with_payload=True, with_vectors=[DENSE_VECTOR])
+                limit=query.limit, with_payload=["file"] if query.candidates_only else True,
+                with_vectors=[DENSE_VECTOR, SPARSE_VECTOR] if query.candidates_only
+                else [DENSE_VECTOR])
         elif query.mode == "dense":
             response = self.client.query_points(
                 self.collection, query=query.dense, using=DENSE_VECTOR, query_filter=scope,
@@ -130,8 +134,11 @@ class ServerIndex(QdrantIndex):
 def _found(point: models.ScoredPoint) -> Found:
     vectors = point.vector
     dense = vectors.get(DENSE_VECTOR) if isinstance(vectors, dict) else None
-    floats = [x for x in dense if isinstance(x, float)] if isinstance(dense, list) else None
-    return Found(str(point.id), point.score, dict(point.payload or {}), floats)
+    bm25 = vectors.get(SPARSE_VECTOR) if isinstance(vectors, dict) else None
+    sparse = (SparseVector(list(bm25.indices), list(bm25.values))
+              if isinstance(bm25, models.SparseVector) else None)
+    return Found(str(point.id), point.score, dict(point.payload or {}), stored_dense(dense),
+                 sparse)
 
 
 def _filter(condition: Condition) -> models.Filter:

@@ -165,6 +165,10 @@ def test_each_format_is_ingested_and_the_right_document_ranks_first(
             found = top_filenames(client, store["id"], question, max_num_results=3,
                                   extra_body={"search_mode": mode})
             assert found[0] == expected, (mode, question, found)
+        # The default ranker (feedback) and plain fusion.
+        found = top_filenames(client, store["id"], question, max_num_results=3,
+                              ranking_options={"ranker": "none"})
+        assert found[0] == expected, ("ranker none", question, found)
 
 
 def test_search_results_point_into_the_original_text(client: OpenAI, store: dict[str, Any]

@@ -321,7 +321,7 @@ class _Stores:
 
 
 class _Index:
-    def search(self, *args: Any) -> list[Hit]:
+    def search(self, *args: Any, **options: Any) -> list[Hit]:
         return [Hit("p1", 0.8, {"file": "file-1", "chunk": 0, "start": 0, "end": 5,
                                 "text": "Paris"})]
 
@@ -340,5 +340,6 @@ async def test_a_search_is_a_span_of_the_request(exporter: InMemorySpanExporter)
     assert search.parent is not None and search.parent.span_id == request.context.span_id
     assert (search.name, dict(search.attributes or {})) == ("vector_stores.search", {
         "llmops.retrieval.stores": 2, "llmops.retrieval.queries": 1,
-        "llmops.retrieval.mode": "dense", "llmops.retrieval.limit": 3,
+        "llmops.retrieval.mode": "dense", "llmops.retrieval.ranker": "auto",
+        "llmops.retrieval.limit": 3,
         "llmops.retrieval.filtered": False, "llmops.retrieval.results": 1})

@@ -66,9 +66,12 @@ def point(text: str, dense: list[float], *, tenant: str = "t1", store: str = "vs
 def search(index: QdrantIndex, mode: str = "dense", dense: list[float] = E0, text: str = "",
            *, tenant: str = "t1", stores: tuple[str, ...] = ("vs_a",), limit: int = 10,
            filters: dict[str, Any] | None = None, threshold: float = 0.0) -> list[Hit]:
+    """`mode` "feedback" is hybrid with the feedback ranker."""
+    feedback = mode == "feedback"
+    mode = "hybrid" if feedback else mode
     return index.search(tenant, list(stores), None if mode == "sparse" else dense,
                         None if mode == "dense" else ENCODER.encode_query(text), mode, limit,
-                        filters, threshold)
+                        filters, threshold, feedback=feedback)
 
 
 def texts(hits: list[Hit]) -> list[str]:
@@ -112,7 +115,7 @@ def test_delete_file_and_store(index: QdrantIndex) -> None:
     assert search(index, stores=("vs_a", "vs_b"))[0].payload["file"] == "f3"
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse", "hybrid"])
+@pytest.mark.parametrize("mode", ["dense", "sparse", "hybrid", "feedback"])
 def test_a_tenant_never_sees_another_tenants_chunks(index: QdrantIndex, mode: str) -> None:
     index.replace_file("t1", "vs_a", "f1", [point("secret launch plan", E0, file="f1")])
     index.replace_file("t2", "vs_b", "f2", [point("public launch plan", E0, tenant="t2",
@@ -161,7 +164,7 @@ def test_attribute_filters(index: QdrantIndex) -> None:
         index.replace_file("t1", "vs_a", file, [point("report", E0, file=file,
                                                       attributes=attributes)])
     for filters, expected in FILTER_CASES:
-        for mode in ("dense", "sparse", "hybrid"):
+        for mode in ("dense", "sparse", "hybrid", "feedback"):
             found = {h.payload["file"] for h in search(index, mode, text="report",
                                                        filters=filters)}
             assert found == expected, (mode, filters)
@@ -226,8 +229,31 @@ def test_score_threshold_drops_weak_hits(corpus: QdrantIndex) -> None:
     assert files(search(corpus, "dense", text=QUERY, threshold=0.9)) == ["B", "A"]
     assert files(search(corpus, "hybrid", text=QUERY, threshold=0.9)) == ["A", "B"]
     assert files(search(corpus, "hybrid", text=QUERY, threshold=0.9, limit=1)) == ["A"]
+    assert files(search(corpus, "feedback", text=QUERY, threshold=0.9)) == ["A", "B"]
+    assert files(search(corpus, "feedback", text=QUERY, threshold=0.9, limit=1)) == ["A"]
     assert search(corpus, "sparse", text=QUERY, threshold=0.999) == []
     assert len(search(corpus, "dense", text=QUERY, limit=2)) == 2
+
+
+def test_feedback_finds_relevant_chunks_in_other_words(index: QdrantIndex) -> None:
+    """Five chunks match the query and share a vocabulary; "R" shares only that vocabulary,
+    "U" is unrelated but nearer the query in the dense space. Plain fusion ranks U first;
+    feedback learns the vocabulary (and direction) from the five and ranks R first."""
+    docs = {f"M{i}": (f"wing flutter test {i}: aeroelastic divergence of the panel",
+                      vec(0.8, 0.6, 0.05 * i)) for i in range(5)}
+    docs["R"] = ("aeroelastic divergence of thin panels", vec(0.3, 0.95))
+    docs["U"] = ("cooking pasta at altitude", vec(0.5, 0.0, 0.0, 0.87))
+    for file, (text, dense) in docs.items():
+        index.replace_file("t1", "vs_a", file, [point(text, dense, file=file)])
+    plain = files(search(index, "hybrid", text="wing flutter"))
+    found = search(index, "feedback", text="wing flutter")
+    assert set(plain[:5]) == set(files(found)[:5]) == {f"M{i}" for i in range(5)}
+    assert plain.index("U") < plain.index("R")
+    assert files(found).index("R") < files(found).index("U")
+    # Scores stay the cosine to the query as asked, whatever the ranker.
+    cosine = {h.payload["file"]: h.score for h in search(index, "dense", text="wing flutter")}
+    assert all(h.score == pytest.approx(cosine[h.payload["file"]], abs=1e-6) for h in found)
+    assert len(search(index, "feedback", text="wing flutter", limit=3)) == 3
 
 
 def test_edge_shard_persists_and_checks_its_size(tmp_path: Path) -> None:
