@@ -32,7 +32,6 @@ class AdapterLoader:
         self.timeout = aiohttp.ClientTimeout(total=120)
 
     async def reconcile(self) -> None:
-        changed: set[str] = set()
         for job in await self.jobs.with_adapters():
             name, path = job.fine_tuned_model, job.result.get("adapter_path")
             router = self.routers.get(job.model)
@@ -51,16 +50,17 @@ class AdapterLoader:
                     for replica in router.replicas:
                         if name in replica.adapters and await self._unload(replica.url, name):
                             replica.adapters = replica.adapters - {name}
-                            changed.add(job.model)
+                            self._publish(job.model)
                     continue
             for replica in router.replicas:
                 if replica.healthy and name not in replica.adapters \
                         and await self._load(replica.url, name, path):
                     replica.adapters = replica.adapters | {name}
-                    changed.add(job.model)
-        for base in changed:
-            names = set().union(*(r.adapters for r in self.routers[base].replicas))
-            self.catalog.set_adapters(base, sorted(names))
+                    self._publish(job.model)  # now, not after the other adapters' loads
+
+    def _publish(self, base: str) -> None:
+        names = set().union(*(r.adapters for r in self.routers[base].replicas))
+        self.catalog.set_adapters(base, sorted(names))
 
     async def _unload(self, url: str, name: str) -> bool:
         try:

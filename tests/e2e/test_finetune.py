@@ -356,7 +356,8 @@ def test_adapters_are_reloaded_after_an_engine_restart(stack: tuple[Gateway, Run
     engines.chat = start(engines.chat.service, logs)
     wait_healthy([engines.chat], timeout_s=420)
     wait_until(engine_has_it, timeout_s=30)  # the gateway loaded it again on its own
-    assert name in [m.id for m in client.models.list()]
+    # and lists it once its warm-up request, slow on a busy CPU, has been answered
+    wait_until(lambda: name in [m.id for m in client.models.list()], timeout_s=60)
     ask(client, name)  # served through the gateway
 
 
