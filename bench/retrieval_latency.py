@@ -8,8 +8,9 @@ nearest neighbours mean something and HNSW recall can be measured), BM25 vectors
 `SparseEncoder` over ~110 words of Zipf-distributed synthetic vocabulary, and a 400-character
 text payload. 10 tenants with one store each, files of 100 chunks written through
 `replace_file`, as the gateway does. Queries: a random tenant, a noisy copy of one of its
-chunks' vectors and 6 Zipf-drawn words; each query runs in the three modes, in shuffled order,
-so that the machine's background load hits them alike. Every search goes through
+chunks' vectors and 6 Zipf-drawn words; each query runs in the three modes and in hybrid
+with the feedback ranker (retrieval/feedback.py, the API's default), in shuffled order, so
+that the machine's background load hits them alike. Every search goes through
 `QdrantIndex.search` (tenant scope, IDF over the scope, scores), limit 10.
 
 Edge (the embedded default): the shard is written, then copied, and the copy optimized
@@ -48,7 +49,7 @@ from retrieval.sparse import SparseVector
 DIM = 384
 TENANTS = 10
 FILE_CHUNKS = 100
-MODES = ("dense", "sparse", "hybrid")
+MODES = ("dense", "sparse", "hybrid", "feedback")  # feedback: hybrid, the API's default ranker
 FILTERS = ("scope field", "tenant AND store")
 
 
@@ -141,7 +142,9 @@ def run_queries(indexes: Mapping[str, QdrantIndex], data: Corpus, n: int, scope:
         for name, f, mode in shuffle.sample(runs, len(runs)):
             scope.compound = f != FILTERS[0]
             t0 = time.perf_counter()
-            hits = indexes[name].search(tenant, [f"vs_{tenant}"], dense, sparse, mode, 10, None)
+            hits = indexes[name].search(tenant, [f"vs_{tenant}"], dense, sparse,
+                                        "hybrid" if mode == "feedback" else mode, 10, None,
+                                        feedback=mode == "feedback")
             latencies[f"{name}, {f}"][mode].append(time.perf_counter() - t0)
             if mode == "dense" and f == FILTERS[0]:
                 dense_top[name].append([h.id for h in hits])

@@ -8,8 +8,8 @@ as vLLM serves it) and vectors cached, so that a variant takes seconds, not a st
 Each row is nDCG@10 over all 225 queries, and over the odd and even halves: a setting worth
 keeping helps on both halves, not only on the whole. Variants: BM25 k1/b/avg_len, chunk size,
 fusion of the dense and sparse candidate lists (RRF constant and weights, Qdrant's DBSF,
-min-max) and pseudo-relevance feedback (a second search with the query moved towards its
-first hits), which the library does not do.
+min-max), and the feedback ranker (retrieval/feedback.py: score regularization and
+pseudo-relevance feedback) with each of its constants changed alone.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from bench.report import machine, table, write_section
 from bench.retrieval_quality import CRANFIELD, documents, judgments, ndcg, queries
 from llmops.cli import models_home
 from llmops.offline_models import prepare_models
-from retrieval import EdgeIndex, Hit, Point, SparseEncoder, SparseVector, chunk_text
+from retrieval import EdgeIndex, Hit, Point, SparseEncoder, chunk_text
+from retrieval import feedback as feedback_ranker
 
 CACHE = Path.home() / ".cache" / "llmops" / "bench-retrieval-tuning"
 Run = list[list[int]]  # per query, document ids best first
@@ -104,13 +105,10 @@ Ranked = list[tuple[str, int, float]]  # (point id, document, engine score)
 
 
 def candidates(index: EdgeIndex, col: Collection, encoder: SparseEncoder, mode: str,
-               depth: int, dense: np.ndarray | None = None,
-               sparse: Sequence[SparseVector] | None = None) -> list[Ranked]:
+               depth: int) -> list[Ranked]:
     out = []
-    for i, text in enumerate(col.query_texts):
-        q = (col.query_vectors if dense is None else dense)[i].tolist()
-        s = encoder.encode_query(text) if sparse is None else sparse[i]
-        hits = index.search("t", ["s"], q, s, mode, depth, None)
+    for q, text in zip(col.query_vectors, col.query_texts, strict=True):
+        hits = index.search("t", ["s"], q.tolist(), encoder.encode_query(text), mode, depth, None)
         if mode == "sparse":  # undo the library's s / (s + 10) to get the BM25 score
             out.append([(h.id, int(h.payload["file"]), 10 * h.score / (1 - h.score))
                         for h in hits])
@@ -140,33 +138,38 @@ def fuse(lists: Sequence[tuple[Ranked, float]], how: str, k: int = 60) -> list[i
     return ranked_docs
 
 
-def feedback(index: EdgeIndex, col: Collection, encoder: SparseEncoder, chunks: int,
-             beta: float, lam: float, terms: int) -> Run:
-    """Rocchio on the dense query and RM3-like expansion of the sparse one, from the first
-    `chunks` hybrid hits, then hybrid search again with both."""
-    row_of = {(str(d), c.index): i for i, (d, c) in enumerate(col.rows)}
-    sparse_rows = [encoder.encode_document(c.text) for _, c in col.rows]
-    dense, sparse = [], []
-    for i, text in enumerate(col.query_texts):
-        q = col.query_vectors[i]
-        first = index.search("t", ["s"], q.tolist(), encoder.encode_query(text), "hybrid",
-                             chunks, None)
-        rows = [row_of[(h.payload["file"], h.payload["chunk"])] for h in first]
-        moved = q + beta * col.vectors[rows].mean(0) if rows else q
-        dense.append(moved / np.linalg.norm(moved))
-        weights: dict[int, float] = {}
-        for r in rows:
-            total = sum(sparse_rows[r].values) or 1.0
-            for t, v in zip(sparse_rows[r].indices, sparse_rows[r].values, strict=True):
-                weights[t] = weights.get(t, 0.0) + v / total / len(rows)
-        top = sorted(weights, key=lambda t: -weights[t])[:terms]
-        expanded = dict.fromkeys(encoder.encode_query(text).indices, 1.0)
-        for t in top:
-            expanded[t] = expanded.get(t, 0.0) + lam * weights[t] / weights[top[0]]
-        ids = sorted(expanded)
-        sparse.append(SparseVector(ids, [expanded[t] for t in ids]))
-    hits = candidates(index, col, encoder, "hybrid", 50, np.array(dense), sparse)
-    return [list(dict.fromkeys(doc for _, doc, _ in h)) for h in hits]
+def ranker_variants(index: EdgeIndex, col: Collection, encoder: SparseEncoder,
+                    show: Callable[[str, tuple[float, float, float]], None]) -> None:
+    """The library's feedback ranker, then each of its constants changed alone (and each
+    step turned off), to show how much the result depends on them."""
+    def run() -> tuple[float, float, float]:
+        return col.score([documents_of(index.search("t", ["s"], q.tolist(),
+                                                    encoder.encode_query(t), "hybrid", 50, None,
+                                                    feedback=True))
+                          for q, t in zip(col.query_vectors, col.query_texts, strict=True)])
+
+    show("  the library's feedback ranker (ranker auto)", run())
+    changes: list[tuple[str, dict[str, float]]] = [
+        ("regularization only (no feedback chunks)", {"FEEDBACK_CHUNKS": 0}),
+        ("feedback only (no regularization)", {"BLEND": 0.0}),
+        ("BLEND 0.2", {"BLEND": 0.2}), ("BLEND 0.6", {"BLEND": 0.6}),
+        ("NEIGHBOURS 2", {"NEIGHBOURS": 2}), ("NEIGHBOURS 5", {"NEIGHBOURS": 5}),
+        ("FEEDBACK_CHUNKS 3", {"FEEDBACK_CHUNKS": 3}),
+        ("FEEDBACK_CHUNKS 8", {"FEEDBACK_CHUNKS": 8}),
+        ("DENSE_BETA 0.5", {"DENSE_BETA": 0.5}), ("DENSE_BETA 2", {"DENSE_BETA": 2.0}),
+        ("EXPANSION_TERMS 20", {"EXPANSION_TERMS": 20}),
+        ("EXPANSION_WEIGHT 0.3", {"EXPANSION_WEIGHT": 0.3}),
+        ("EXPANSION_WEIGHT 1", {"EXPANSION_WEIGHT": 1.0}),
+    ]
+    for label, values in changes:
+        saved = {name: getattr(feedback_ranker, name) for name in values}
+        for name, value in values.items():
+            setattr(feedback_ranker, name, type(saved[name])(value))
+        try:
+            show(f"    {label}", run())
+        finally:
+            for name, value in saved.items():
+                setattr(feedback_ranker, name, value)
 
 
 def main() -> None:
@@ -202,10 +205,10 @@ def main() -> None:
             finally:
                 index.close()
 
-    default = Collection(embed, 256, 128)
+    default = Collection(embed, 254, 127)  # what `auto` chunking gives MiniLM, as in the API
     for k1, b, avg in ((1.2, 0.75, 256), (1.2, 0.75, 128), (1.2, 0.75, 100), (2.0, 0.75, 128),
                        (0.9, 0.4, 128), (1.2, 1.0, 128)):
-        variant(default, SparseEncoder(k1, b, avg), f"256/128 chunks, BM25 k1={k1} b={b} "
+        variant(default, SparseEncoder(k1, b, avg), f"254/127 chunks, BM25 k1={k1} b={b} "
                 f"avg_len={avg}")
 
     encoder = SparseEncoder()
@@ -225,9 +228,7 @@ def main() -> None:
         for how in ("dbsf", "minmax"):
             show(f"  {how}", col_score([fuse([(d, 1.0), (s, 1.0)], how)
                                         for d, s in zip(dense, sparse, strict=True)]))
-        for chunks, beta, lam in ((3, 1.0, 0.5), (5, 1.0, 0.5), (5, 2.0, 1.0)):
-            show(f"  feedback: {chunks} chunks, dense beta {beta}, sparse lambda {lam}",
-                 col_score(feedback(index, default, encoder, chunks, beta, lam, 10)))
+        ranker_variants(index, default, encoder, show)
 
     variant(default, encoder, "library defaults (fusion variants below)", fusions)
     small = Collection(embed, 128, 64)
@@ -238,11 +239,12 @@ def main() -> None:
         "Offline, on the library (Edge index, `SparseEncoder`, the worker's chunking), MiniLM "
         "run in-process; nDCG@10 as in the quality benchmark (gain 2^(5 - grade) - 1), over "
         "all 225 queries and over the odd and even halves. Indented rows fuse the dense and "
-        "sparse candidates of the row above them differently, or search a second time with "
-        "pseudo-relevance feedback; the library does neither.\n\n" + table(
+        "sparse candidates of the row above them differently, or rank them with the library's "
+        "feedback ranker (the API's default), then with one of its constants changed.\n\n"
+        + table(
             ["variant", "nDCG@10", "odd queries", "even queries"],
-            [[("↳ " if name.startswith(" ") else "") + name.strip(), f"{a:.3f}", f"{o:.3f}",
-              f"{e:.3f}"] for name, (a, o, e) in rows]))
+            [["↳ " * ((len(name) - len(name.lstrip())) // 2) + name.strip(), f"{a:.3f}",
+              f"{o:.3f}", f"{e:.3f}"] for name, (a, o, e) in rows]))
     path = write_section("Retrieval quality: what was tried (Cranfield, offline)",
                          ".venv/bin/python -m bench.retrieval_tuning", machine(), body)
     print(f"written to {path}")
