@@ -25,7 +25,7 @@ from bench.report import machine, table, write_section
 from bench.retrieval_quality import CRANFIELD, documents, judgments, ndcg, queries
 from llmops.cli import models_home
 from llmops.offline_models import prepare_models
-from retrieval import EdgeIndex, Hit, Point, SparseEncoder, chunk_text
+from retrieval import EdgeIndex, Hit, Point, SparseEncoder, SparseVector, chunk_text
 from retrieval import feedback as feedback_ranker
 
 CACHE = Path.home() / ".cache" / "llmops" / "bench-retrieval-tuning"
@@ -142,13 +142,19 @@ def ranker_variants(index: EdgeIndex, col: Collection, encoder: SparseEncoder,
                     show: Callable[[str, tuple[float, float, float]], None]) -> None:
     """The library's feedback ranker, then each of its constants changed alone (and each
     step turned off), to show how much the result depends on them."""
-    def run() -> tuple[float, float, float]:
-        return col.score([documents_of(index.search("t", ["s"], q.tolist(),
-                                                    encoder.encode_query(t), "hybrid", 50, None,
-                                                    feedback=True))
+    def run(encode: Callable[[str], SparseVector] = encoder.encode_query, feedback: bool = True
+            ) -> tuple[float, float, float]:
+        return col.score([documents_of(index.search("t", ["s"], q.tolist(), encode(t), "hybrid",
+                                                    50, None, feedback=feedback))
                           for q, t in zip(col.query_vectors, col.query_texts, strict=True)])
 
+    def once(text: str) -> SparseVector:  # the encoder before it counted repeated terms
+        counted = encoder.encode_query(text)
+        return SparseVector(counted.indices, [1.0] * len(counted.indices))
+
     show("  the library's feedback ranker (ranker auto)", run())
+    show("    sparse query terms counted once", run(once))
+    show("  plain RRF, sparse query terms counted once", run(once, feedback=False))
     changes: list[tuple[str, dict[str, float]]] = [
         ("regularization only (no feedback chunks)", {"FEEDBACK_CHUNKS": 0}),
         ("feedback only (no regularization)", {"BLEND": 0.0}),

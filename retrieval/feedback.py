@@ -36,7 +36,7 @@ BLEND = 0.4  # weight of the neighbours' mean score
 FEEDBACK_CHUNKS = 5
 DENSE_BETA = 1.0
 EXPANSION_TERMS = 10
-EXPANSION_WEIGHT = 0.5  # of the best expansion term; the query's own terms weigh 1
+EXPANSION_WEIGHT = 0.5  # of the best expansion term; the query's own terms weigh 1 or more
 
 
 def regularize(scores: Sequence[float], vectors: Sequence[Sequence[float]],

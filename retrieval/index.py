@@ -259,6 +259,8 @@ class QdrantIndex(ABC):
                 found = self._feedback(query, max(limit, feedback_ranker.CANDIDATES))
             else:
                 found = self._query(query)
+                if mode == "hybrid":
+                    found = _ties_broken(found, query.dense)
         for f in found:
             f.payload.pop(SCOPE_FIELD, None)
         hits: list[Hit] = []
@@ -367,6 +369,14 @@ def stored_dense(vector: object) -> list[float] | None:
     if isinstance(vector, list) and (not vector or isinstance(vector[0], float)):
         return vector
     return None
+
+
+def _ties_broken(found: list[Found], query: Sequence[float] | None) -> list[Found]:
+    """Fused scores tie often (ranks 1+2 and 2+1) and the engine lists tied points in no set
+    order: the one nearer the query goes first, so a search answers one order every time."""
+    if query is None or any(f.dense is None for f in found):
+        return found
+    return sorted(found, key=lambda f: (-round(f.score, 9), -_cosine(query, f.dense or [])))
 
 
 def _regularized(found: list[Found], query: Sequence[float]) -> list[Found]:

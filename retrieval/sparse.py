@@ -1,8 +1,8 @@
 """BM25 as sparse vectors, computed in-process, for Qdrant's IDF modifier.
 
 A document vector holds each term's saturated, length-normalised frequency
-`tf * (k1 + 1) / (tf + k1 * (1 - b + b * len / avg_len))`; a query vector holds 1.0 per
-distinct term. Qdrant multiplies each matched term by its IDF at search time, so the dot
+`tf * (k1 + 1) / (tf + k1 * (1 - b + b * len / avg_len))`; a query vector holds each term's
+count in the query. Qdrant multiplies each matched term by its IDF at search time, so the dot
 product is the BM25 score, and IDF stays right as documents come and go without re-encoding.
 
 Term ids are a stable 32-bit hash of the stemmed term (blake2b, not Python's salted `hash`),
@@ -87,5 +87,10 @@ class SparseEncoder:
             indices, [counts[i] * (self.k1 + 1) / (counts[i] + norm) for i in indices])
 
     def encode_query(self, text: str) -> SparseVector:
-        indices = sorted({term_id(t) for t in terms(text)})
-        return SparseVector(indices, [1.0] * len(indices))
+        # A repeated term counts again, as in BM25 with k3 = infinity (Lucene and bm25s sum
+        # it twice too) and in RM3's query model, which the feedback ranker extends. On
+        # Cranfield (63 of 225 queries repeat a term) with the feedback ranker: nDCG@10
+        # 0.419 -> 0.427, on both halves of the queries; plain fusion 0.394 either way.
+        counts = Counter(term_id(t) for t in terms(text))
+        indices = sorted(counts)
+        return SparseVector(indices, [float(counts[i]) for i in indices])

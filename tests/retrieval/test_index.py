@@ -256,6 +256,33 @@ def test_feedback_finds_relevant_chunks_in_other_words(index: QdrantIndex) -> No
     assert len(search(index, "feedback", text="wing flutter", limit=3)) == 3
 
 
+@pytest.mark.parametrize("mode", ["hybrid", "feedback"])
+def test_a_search_answers_one_order_however_the_chunks_were_written(tmp_path: Path,
+                                                                    mode: str) -> None:
+    """Two chunks of file A tie in fusion (dense ranks them 2 and 1, BM25 1 and 2); Edge
+    lists tied points in an order that varies with how they were written."""
+    chunks = [("A", 0, "wing flutter of the wing", vec(0.9, 0.44)),
+              ("A", 1, "flutter of the wing panel", vec(1.0, 0.05)),
+              ("B", 0, "flutter margin", vec(0.5, 0.8)), ("C", 0, "wing loads", vec(0.4, 0.9)),
+              ("D", 0, "panel flutter tests", vec(0.6, 0.7, 0.2))]
+    orders = set()
+    for n, written in enumerate([chunks, chunks[::-1], chunks[1::2] + chunks[::2]] * 2):
+        index: QdrantIndex = (EdgeIndex(tmp_path / str(n), DIM) if n % 2 == 0
+                              else server_index(QdrantClient(location=":memory:")))
+        try:
+            for file in dict.fromkeys(f for f, *_ in written):
+                index.replace_file("t1", "vs_a", file, [
+                    point(text, dense, file=f, chunk=c) for f, c, text, dense in written
+                    if f == file])
+            for _ in range(3):
+                orders.add(tuple((h.payload["file"], h.payload["chunk"]) for h in search(
+                    index, mode, dense=vec(1.0, 0.2), text="wing flutter")))
+        finally:
+            index.close()
+    assert len(orders) == 1
+    assert next(iter(orders))[:2] == (("A", 1), ("A", 0))  # the tie: nearer the query first
+
+
 def test_edge_shard_persists_and_checks_its_size(tmp_path: Path) -> None:
     first = EdgeIndex(tmp_path / "shard", DIM)
     first.replace_file("t1", "vs_a", "f1", [point("kept", E0, file="f1")])
