@@ -42,7 +42,7 @@ from llmops.eval_data import (
     render_messages,
     rows_from_content,
 )
-from llmops.evals import RUN_STATUSES, TERMINAL, Evals
+from llmops.evals import RUN_STATUSES, TERMINAL, Evals, RunLimitError
 from llmops.files import Files
 from llmops.retrieval_eval import (
     MAX_RESULTS,
@@ -242,6 +242,10 @@ def _limit(limit: int) -> int:
 
 def _bad(exc: DataError | GraderError) -> BadRequestError:
     return BadRequestError(exc.message, param=exc.param)
+
+
+def _too_many(exc: RunLimitError) -> RateLimitError:
+    return RateLimitError(str(exc), code="too_many_eval_runs")
 
 
 def evals_router(settings: Settings, evals: Evals, files: Files, catalog: Catalog,
@@ -461,9 +465,10 @@ def evals_router(settings: Settings, evals: Evals, files: Files, catalog: Catalo
                                   "no Responses API here. Use 'completions' or 'jsonl'.",
                                   param="data_source.type")
         if await evals.active_runs(who.tenant_id) >= limits.max_active_runs:
-            raise RateLimitError(f"Your organization has {limits.max_active_runs} eval runs "
-                                 "queued or in progress, the most it may have; wait for one "
-                                 "to finish or cancel one.", code="too_many_eval_runs")
+            # refused before reading any data; create_run counts again, atomically
+            raise _too_many(RunLimitError(f"Your organization has {limits.max_active_runs} "
+                                          "eval runs queued or in progress, the most it may "
+                                          "have; wait for one to finish or cancel one."))
         schema = ev.data_source_config.get("item_schema")
         spec = await retrieval_spec(who, ds, ev) if ds.type == VECTOR_STORE_SEARCH else None
 
@@ -493,9 +498,13 @@ def evals_router(settings: Settings, evals: Evals, files: Files, catalog: Catalo
             model = spec.rag.model if spec.rag else ""
             data_source = spec.model_dump(exclude_none=True)
             name = f"{spec.vector_store_id} retrieval"
-        run = await evals.create_run(
-            ev, key_id=who.key_id, name=body.name or name, model=model,
-            data_source=data_source, metadata=body.metadata or {}, items_total=len(rows))
+        try:
+            run = await evals.create_run(
+                ev, key_id=who.key_id, name=body.name or name, model=model,
+                data_source=data_source, metadata=body.metadata or {}, items_total=len(rows),
+                max_active=limits.max_active_runs)
+        except RunLimitError as exc:
+            raise _too_many(exc) from None
         await asyncio.to_thread(celery.send_task, EVAL_TASK, args=[run.id],
                                 headers=task_headers())  # the task's span links to this request
         return run_out(run, ev, str(request.base_url))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, delete, func, select, text, update
 
 from llmops.store import Database, Eval, EvalOutputItem, EvalRun, utcnow
 from llmops.tenancy import NotFoundError
@@ -27,6 +27,7 @@ __all__ = [
     "TERMINAL",
     "Evals",
     "ItemOutcome",
+    "RunLimitError",
     "pass_ratios",
 ]
 
@@ -35,6 +36,12 @@ TERMINAL = ("completed", "failed", "canceled")
 RUN_STATUSES = ACTIVE + TERMINAL
 
 Order = Literal["asc", "desc"]
+
+_RUN_LOCK = 72_100_009  # pg_advisory_xact_lock id: bounded run creations counted one at a time
+
+
+class RunLimitError(ValueError):
+    """The tenant has as many runs queued or in progress as it may."""
 
 
 @dataclass(frozen=True)
@@ -164,13 +171,28 @@ class Evals:
 
     async def create_run(self, ev: Eval, *, key_id: str, name: str, model: str,
                          data_source: dict[str, Any], metadata: dict[str, Any],
-                         items_total: int) -> EvalRun:
+                         items_total: int, max_active: int | None = None) -> EvalRun:
+        """A queued run of `ev`. With `max_active`, raises RunLimitError when the tenant
+        already has that many runs queued or in progress."""
         row = EvalRun(id="evalrun_" + secrets.token_hex(16), eval_id=ev.id,
                       tenant_id=ev.tenant_id, key_id=key_id, name=name, model=model,
                       data_source=data_source, metadata_=metadata, items_total=items_total,
                       per_criteria={}, per_model_usage={})
         async with self.db.session() as session:
+            if max_active is not None and self.db.engine.dialect.name == "postgresql":
+                await session.execute(text("SELECT pg_advisory_xact_lock(:id)"),
+                                      {"id": _RUN_LOCK})
+            # Written first, counted after: on SQLite the write takes the database for the
+            # transaction, so two creations cannot both see room for one more.
             session.add(row)
+            await session.flush()
+            active = select(func.count()).select_from(EvalRun).where(
+                EvalRun.tenant_id == ev.tenant_id, EvalRun.status.in_(ACTIVE))
+            if max_active is not None and int(await session.scalar(active) or 0) > max_active:
+                await session.rollback()
+                raise RunLimitError(f"Your organization has {max_active} eval runs queued or "
+                                    "in progress, the most it may have; wait for one to "
+                                    "finish or cancel one.")
             await session.commit()
         return row
 

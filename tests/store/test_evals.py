@@ -16,7 +16,7 @@ from aiohttp import web
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from llmops.evals import Evals, ItemOutcome, pass_ratios
+from llmops.evals import Evals, ItemOutcome, RunLimitError, pass_ratios
 from llmops.files import Files
 from llmops.settings import Settings
 from llmops.store import Base, Database, Eval
@@ -105,6 +105,29 @@ async def test_listings_page_with_after_limit_and_order(db: Database) -> None:
     assert [i.datasource_item_id for i in items] == [3, 2]
     passed, _ = await evals.list_items("ten_a", made[0].id, run.id, status="pass")
     assert [i.datasource_item_id for i in passed] == [0, 1]
+
+
+async def test_a_tenants_active_runs_are_bounded_whatever_the_race(db: Database) -> None:
+    evals = Evals(db)
+    ev, theirs = await new_eval(evals), await new_eval(evals, "ten_b")
+
+    async def create(on: Eval = ev) -> Any:
+        return await evals.create_run(on, key_id="k", name="r", model="chat", data_source={},
+                                      metadata={}, items_total=1, max_active=2)
+
+    first = await create()
+    # Four at once with room for one more: one gets in, wherever the race goes.
+    outcomes = await asyncio.gather(*(create() for _ in range(4)), return_exceptions=True)
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 1
+    assert all(isinstance(o, RunLimitError) for o in outcomes
+               if isinstance(o, BaseException)), outcomes
+    assert await evals.active_runs("ten_a") == 2
+    assert await create(theirs)  # another tenant's room is its own
+    await evals.cancel_run("ten_a", ev.id, first.id)
+    assert await create()  # a finished run makes room
+    # Internal runs (a promotion's evaluation) are not bounded.
+    assert await evals.create_run(ev, key_id="k", name="r", model="chat", data_source={},
+                                  metadata={}, items_total=1)
 
 
 async def test_an_item_is_stored_once_with_the_runs_tallies(db: Database) -> None:
