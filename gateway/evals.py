@@ -466,9 +466,7 @@ def evals_router(settings: Settings, evals: Evals, files: Files, catalog: Catalo
                                   param="data_source.type")
         if await evals.active_runs(who.tenant_id) >= limits.max_active_runs:
             # refused before reading any data; create_run counts again, atomically
-            raise _too_many(RunLimitError(f"Your organization has {limits.max_active_runs} "
-                                          "eval runs queued or in progress, the most it may "
-                                          "have; wait for one to finish or cancel one."))
+            raise _too_many(RunLimitError(limits.max_active_runs))
         schema = ev.data_source_config.get("item_schema")
         spec = await retrieval_spec(who, ds, ev) if ds.type == VECTOR_STORE_SEARCH else None
 

@@ -43,6 +43,10 @@ _RUN_LOCK = 72_100_009  # pg_advisory_xact_lock id: bounded run creations counte
 class RunLimitError(ValueError):
     """The tenant has as many runs queued or in progress as it may."""
 
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Your organization has {limit} eval runs queued or in progress, the "
+                         "most it may have; wait for one to finish or cancel one.")
+
 
 @dataclass(frozen=True)
 class ItemOutcome:
@@ -190,9 +194,7 @@ class Evals:
                 EvalRun.tenant_id == ev.tenant_id, EvalRun.status.in_(ACTIVE))
             if max_active is not None and int(await session.scalar(active) or 0) > max_active:
                 await session.rollback()
-                raise RunLimitError(f"Your organization has {max_active} eval runs queued or "
-                                    "in progress, the most it may have; wait for one to "
-                                    "finish or cancel one.")
+                raise RunLimitError(max_active)
             await session.commit()
         return row
 
