@@ -1,9 +1,10 @@
 """Guardrails on a request's prompt: size and message-count limits, deny patterns, and
 sensitive data (refused, redacted before the model sees it, or only recorded).
 
-Texts looked at: every message's content (strings and text parts) of a chat request, and the
-prompt(s) of a completion request (token-id prompts carry no text). Errors name the place and
-the category or pattern, never the matched text.
+Texts looked at: every message's content (strings and text parts) and the arguments of the
+tool calls earlier answers made, of a chat request, and the prompt(s) of a completion request
+(token-id prompts carry no text). Errors name the place and the category or pattern, never
+the matched text.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def _texts(payload: dict[str, Any]) -> Iterator[_Text]:
                     if isinstance(part, dict) and isinstance(part.get("text"), str):
                         yield _Text(f"messages[{i}].content[{j}].text", part["text"], part,
                                     "text")
+            calls = message.get("tool_calls")
+            for k, call in enumerate(calls if isinstance(calls, list) else []):
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    # JSON text: a placeholder, free of quotes, keeps it valid JSON
+                    yield _Text(f"messages[{i}].tool_calls[{k}].function.arguments",
+                                function["arguments"], function, "arguments")
     prompt = payload.get("prompt")
     if isinstance(prompt, str):
         yield _Text("prompt", prompt, payload, "prompt")

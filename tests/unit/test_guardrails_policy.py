@@ -4,6 +4,7 @@ sensitive data), and the prompt-injection markers of retrieved chunks."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -122,6 +123,23 @@ def test_redacted_categories_are_replaced_and_logged_ones_kept() -> None:
     changes, _ = check({"input": {"email": "redact"}},
                        {"model": "m", "prompt": ["to a@b.io", "none", [1, 2, 3]]})
     assert changes == {"prompt": ["to [REDACTED_EMAIL]", "none", [1, 2, 3]]}
+
+
+def test_tool_call_arguments_are_looked_at_too() -> None:
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {
+            "name": "send", "arguments": '{"to": "bob@example.com", "n": 1}'}}]}
+    payload = {"model": "m", "messages": [{"role": "user", "content": "mail him"}, call,
+                                          {"role": "tool", "tool_call_id": "call_1",
+                                           "content": "sent"}]}
+    changes, tally = check({"input": {"email": "redact"}}, payload)
+    assert changes is not None
+    arguments = changes["messages"][1]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(arguments) == {"to": "[REDACTED_EMAIL]", "n": 1}
+    assert tally.events[0].reason == ("an email address in "
+                                      "messages[1].tool_calls[0].function.arguments")
+    err, _ = refused({"input": {"email": "block"}}, payload)
+    assert err.param == "messages[1].tool_calls[0].function.arguments"
 
 
 def test_size_and_message_count_limits() -> None:
