@@ -88,8 +88,8 @@ async def test_listings_page_with_after_limit_and_order(db: Database) -> None:
     runs = [await evals.create_run(made[0], key_id="k", name=f"r{i}", model="chat",
                                    data_source={}, metadata={}, items_total=4)
             for i in range(3)]
-    page, more = await evals.list_runs("ten_a", made[0].id, limit=2, order="desc")
-    assert [r.id for r in page] == [runs[2].id, runs[1].id] and more
+    run_page, more = await evals.list_runs("ten_a", made[0].id, limit=2, order="desc")
+    assert [r.id for r in run_page] == [runs[2].id, runs[1].id] and more
     assert (await evals.list_runs("ten_a", made[0].id, status="completed"))[0] == []
     assert await evals.active_runs("ten_a") == 3 and await evals.active_runs("ten_b") == 0
 
