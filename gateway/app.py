@@ -266,6 +266,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.catalog = catalog
     app.state.routers = routers
+    app.state.celery = celery  # the broker client every route enqueues with
     install_error_handlers(app)
 
     def inference(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:

@@ -28,7 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from evals.graders import GraderError, LabelModelGrader, ScoreModelGrader, parse_criteria
 from evals.retrieval import RetrievalQuestion
 from gateway.auth import Authenticator
-from gateway.errors import BadRequestError, ModelNotFoundError, NotFoundError, RateLimitError
+from gateway.errors import (
+    BadRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
+from gateway.tasks import enqueue
 from llmops import tenancy
 from llmops.catalog import Catalog
 from llmops.eval_data import (
@@ -56,7 +63,6 @@ from llmops.settings import Settings
 from llmops.store import Eval, EvalOutputItem, EvalRun
 from llmops.tenancy import Principal
 from llmops.vector_stores import VectorStores
-from observability.tracing import task_headers
 from retrieval import InvalidFilterError, parse_filters
 from workers.app import EVAL_TASK
 
@@ -503,8 +509,11 @@ def evals_router(settings: Settings, evals: Evals, files: Files, catalog: Catalo
                 max_active=limits.max_active_runs)
         except RunLimitError as exc:
             raise _too_many(exc) from None
-        await asyncio.to_thread(celery.send_task, EVAL_TASK, args=[run.id],
-                                headers=task_headers())  # the task's span links to this request
+        try:
+            await enqueue(celery, EVAL_TASK, [run.id])
+        except ServiceUnavailableError:
+            await evals.delete_run(ev.tenant_id, ev.id, run.id)
+            raise
         return run_out(run, ev, str(request.base_url))
 
     @router.get("/{eval_id}/runs")

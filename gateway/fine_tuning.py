@@ -7,7 +7,6 @@ Our additions are named as such: `lora` (r, alpha, dropout, target_modules, `qua
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any, Literal
 
@@ -16,14 +15,19 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import Authenticator
-from gateway.errors import BadRequestError, ModelNotFoundError, NotFoundError
+from gateway.errors import (
+    BadRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+from gateway.tasks import enqueue
 from llmops import tenancy
 from llmops.evals import Evals
 from llmops.files import Files
 from llmops.finetuning import FineTuning, adapter_name
 from llmops.settings import Settings
 from llmops.store import FineTuningJob
-from observability.tracing import task_headers
 from workers.app import FINETUNE_TASK
 
 __all__ = ["fine_tuning_router"]
@@ -184,8 +188,11 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
             suffix=body.suffix, seed=body.seed if body.seed is not None else 0,
             hyperparameters=hyperparameters, lora=body.lora.model_dump(),
             evaluation=evaluation)
-        await asyncio.to_thread(celery.send_task, FINETUNE_TASK, args=[job.id],
-                                headers=task_headers())  # the task's span links to this request
+        try:
+            await enqueue(celery, FINETUNE_TASK, [job.id])
+        except ServiceUnavailableError:
+            await jobs.discard(job.id)
+            raise
         await jobs.event(job.id, f"Created fine-tuning job: {job.id}")
         return job_out(job)
 

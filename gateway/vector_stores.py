@@ -30,15 +30,20 @@ from pydantic import (
 )
 
 from gateway.auth import Authenticator, require_admin
-from gateway.errors import BadRequestError, ConflictError, NotFoundError
+from gateway.errors import (
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from gateway.proxy import read_body
 from gateway.retrieval import Retriever
+from gateway.tasks import enqueue
 from llmops import tenancy
 from llmops.files import Files
 from llmops.settings import Settings
 from llmops.store import VectorStore, VectorStoreFile
 from llmops.vector_stores import FILE_STATUSES, VectorStores
-from observability.tracing import task_headers
 from retrieval import (
     Chunk,
     ChunkingStrategy,
@@ -167,8 +172,12 @@ def vector_stores_router(settings: Settings, stores: VectorStores, files: Files,
             raise BadRequestError(f"File {file_id} not found.", param=param) from None
         row, queue = await stores.attach(store, file, attributes, chunking)
         if queue:
-            await asyncio.to_thread(celery.send_task, INGEST_TASK, args=[store.id, file.id],
-                                    headers=task_headers())  # linked from the task's span
+            try:
+                await enqueue(celery, INGEST_TASK, [store.id, file.id])
+            except ServiceUnavailableError as exc:  # failed, as a file that could not be read
+                await stores.finish(store.id, file.id, file.sha256, error={
+                    "code": "server_error", "message": f"{exc.message} Attach the file again."})
+                row = await stores.get_file(store.tenant_id, store.id, file.id)
         return row
 
     @router.post("")

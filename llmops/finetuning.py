@@ -13,7 +13,7 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from llmops.store import (
     Database,
@@ -65,6 +65,15 @@ class FineTuning:
         async with self.db.session() as session:
             rows = list(await session.scalars(query))
         return rows[:limit], len(rows) > limit
+
+    async def discard(self, job_id: str) -> None:
+        """Delete a job no worker has taken, and its events: one that could not be queued."""
+        untaken = (FineTuningJob.id == job_id, FineTuningJob.lease_owner.is_(None))
+        async with self.db.session() as session:
+            await session.execute(delete(FineTuningEvent).where(FineTuningEvent.job_id.in_(
+                select(FineTuningJob.id).where(*untaken).scalar_subquery())))
+            await session.execute(delete(FineTuningJob).where(*untaken))
+            await session.commit()
 
     async def cancel(self, job_id: str, tenant_id: str) -> FineTuningJob:
         """Cancel at once when no worker holds the job, else ask its worker to stop."""

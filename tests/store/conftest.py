@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import sqlalchemy
+from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from gateway.app import create_app
@@ -59,11 +60,11 @@ async def prefix(redis: Redis) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def in_process_gateway(settings: Settings, admin_key: str
+async def in_process_gateway(settings: Settings, admin_key: str, app: FastAPI | None = None
                              ) -> AsyncIterator[httpx.AsyncClient]:
-    """The gateway app in this process (real store and Redis), called as its admin; its Redis
-    keys are removed afterwards."""
-    app = create_app(settings)
+    """The gateway app (`app`, or one made from `settings`) in this process (real store and
+    Redis), called as its admin; its Redis keys are removed afterwards."""
+    app = app or create_app(settings)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://gw",
             headers={"authorization": f"Bearer {admin_key}"}) as client:
