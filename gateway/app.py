@@ -9,6 +9,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -58,7 +59,7 @@ from observability.eval_watches import FAMILY as EVAL_WATCHES_FAMILY
 from observability.eval_watches import EvalWatchGauges
 from observability.metrics import CONTENT_TYPE, GatewayMetrics
 from observability.server import MetricsServer
-from observability.sources import platform_readings
+from observability.sources import celery_queue_lengths, platform_readings
 from observability.tracing import configure_tracing
 from retrieval import open_index
 from workers.app import (
@@ -70,7 +71,7 @@ from workers.app import (
     make_celery,
 )
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "requeue_orphans"]
 
 log = logging.getLogger(__name__)
 _CHORES_STOP_S = 5.0
@@ -103,19 +104,24 @@ async def _load_prices(db: Database, prices: PriceBook) -> None:
                          for r in rows}
 
 
-async def _requeue_orphans(jobs: FineTuning, celery: Celery) -> None:
-    """Jobs whose worker died (lease expired) go back on the queue; the lease makes sure
-    only one worker takes each."""
-    for job_id in await jobs.orphaned():
-        log.warning("fine-tuning job %s lost its worker; queueing it again", job_id)
-        await asyncio.to_thread(celery.send_task, FINETUNE_TASK, args=[job_id])
-
-
-async def _requeue_orphan_runs(evals: Evals, celery: Celery) -> None:
-    """Eval runs whose worker died go back on the queue; they resume where they stopped."""
-    for run_id in await evals.orphaned():
-        log.warning("eval run %s lost its worker; queueing it again", run_id)
-        await asyncio.to_thread(celery.send_task, EVAL_TASK, args=[run_id])
+async def requeue_orphans(jobs: FineTuning, evals: Evals, celery: Celery, redis: Redis,
+                          unclaimed_for: timedelta = timedelta(minutes=1)) -> None:
+    """Fine-tuning jobs and eval runs no worker holds go back on their queue: a worker died
+    (its lease expired; a run resumes where it stopped), or the message was lost before any
+    worker claimed it (a worker that died between taking and claiming it; a gateway that died
+    between writing the row and sending it). They are sent while their queue is empty only:
+    a message still waiting is not copied again and again. The lease lets one worker take
+    each, so a copy of a message still held somewhere is harmless."""
+    prefix = celery.conf.broker_transport_options.get("global_keyprefix", "")
+    waiting = await celery_queue_lengths(redis, prefix, (FINETUNE_QUEUE, EVAL_QUEUE))
+    lost: tuple[tuple[str, str, Callable[[timedelta], Awaitable[list[str]]]], ...] = (
+        (FINETUNE_QUEUE, FINETUNE_TASK, jobs.orphaned), (EVAL_QUEUE, EVAL_TASK, evals.orphaned))
+    for queue, task, orphaned in lost:
+        if waiting[queue]:
+            continue
+        for item_id in await orphaned(unclaimed_for):
+            log.warning("%s %s has no worker; queueing it again", task, item_id)
+            await asyncio.to_thread(celery.send_task, task, args=[item_id])
 
 
 def _scrape(metrics: GatewayMetrics, authorization: str | None) -> tuple[int, bytes, str]:
@@ -221,9 +227,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await metrics_server.start()
             loader = AdapterLoader(settings, jobs, routers, catalog, session)
             tasks += [asyncio.create_task(_every(3.0, loader.reconcile)),
-                      asyncio.create_task(_every(10.0, lambda: _requeue_orphans(jobs, celery))),
-                      asyncio.create_task(_every(10.0,
-                                                 lambda: _requeue_orphan_runs(evals, celery)))]
+                      asyncio.create_task(_every(10.0, lambda: requeue_orphans(
+                          jobs, evals, celery, redis)))]
             if settings.eval_watches.scheduler:
                 tasks.append(asyncio.create_task(_every(settings.eval_watches.poll_s,
                                                         scheduler.tick)))

@@ -370,10 +370,13 @@ class Evals:
             await session.commit()
         return True
 
-    async def orphaned(self) -> list[str]:
-        """Active runs whose worker stopped renewing its lease: to be queued again."""
+    async def orphaned(self, unclaimed_for: timedelta = timedelta(minutes=1)) -> list[str]:
+        """Active runs no worker holds, to be queued again: those whose worker stopped renewing
+        its lease, and those no worker claimed within `unclaimed_for` of their creation."""
+        now = utcnow()
         query = select(EvalRun.id).where(
-            EvalRun.status.in_(ACTIVE), EvalRun.lease_owner.is_not(None),
-            EvalRun.lease_expires_at < utcnow())
+            EvalRun.status.in_(ACTIVE),
+            (EvalRun.lease_owner.is_not(None) & (EvalRun.lease_expires_at < now))
+            | (EvalRun.lease_owner.is_(None) & (EvalRun.created_at < now - unclaimed_for)))
         async with self.db.session() as session:
             return list(await session.scalars(query))

@@ -177,10 +177,14 @@ class FineTuning:
         async with self.db.session() as session:
             return list(await session.scalars(query))
 
-    async def orphaned(self) -> list[str]:
-        """Active jobs whose worker stopped renewing its lease: to be queued again."""
+    async def orphaned(self, unclaimed_for: timedelta = timedelta(minutes=1)) -> list[str]:
+        """Active jobs no worker holds, to be queued again: those whose worker stopped renewing
+        its lease, and those no worker claimed within `unclaimed_for` of their creation."""
+        now = utcnow()
         query = select(FineTuningJob.id).where(
-            FineTuningJob.status.in_(ACTIVE), FineTuningJob.lease_owner.is_not(None),
-            FineTuningJob.lease_expires_at < utcnow())
+            FineTuningJob.status.in_(ACTIVE),
+            (FineTuningJob.lease_owner.is_not(None) & (FineTuningJob.lease_expires_at < now))
+            | (FineTuningJob.lease_owner.is_(None)
+               & (FineTuningJob.created_at < now - unclaimed_for)))
         async with self.db.session() as session:
             return list(await session.scalars(query))

@@ -4,6 +4,7 @@ expire, cooperative cancellation, events and checkpoints."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 
@@ -74,3 +75,12 @@ async def test_events_and_checkpoints_stay_with_their_tenant(db: Database) -> No
     with pytest.raises(LookupError):
         await jobs.get(job.id, "ten_b")
     assert isinstance(await jobs.get(job.id), FineTuningJob)
+
+
+async def test_a_job_no_worker_claimed_is_orphaned_after_a_grace(db: Database) -> None:
+    jobs = FineTuning(db)
+    job = await jobs.create(**JOB)
+    assert await jobs.orphaned() == []  # its message is on its way
+    assert await jobs.orphaned(unclaimed_for=timedelta(0)) == [job.id]
+    assert await jobs.claim(job.id, "worker", 60) is not None
+    assert await jobs.orphaned(unclaimed_for=timedelta(0)) == []

@@ -1,18 +1,28 @@
-"""A broker that cannot take a task: the API answers 503 in OpenAI's error shape and leaves
-nothing behind that no worker will ever pick up. In process, on a real SQLite store and the
-embedded vector index, with the broker pointed at a port where nothing listens."""
+"""Work handed to the workers is never stranded. A broker that cannot take a task: the API
+answers 503 in OpenAI's error shape and leaves nothing behind (in process, on a real SQLite
+store and the embedded vector index, the broker pointed at a port where nothing listens). A
+message lost before any worker claimed its job or run: the gateway sends it again, once, while
+the queue is empty (real Redis broker and store)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
+from redis.asyncio import Redis
 
-from gateway.app import create_app
+from gateway.app import create_app, requeue_orphans
+from llmops.evals import Evals
+from llmops.finetuning import FineTuning
 from llmops.settings import Settings
+from llmops.store import Database
 from tests.store.conftest import REDIS_URL, in_process_gateway
+from tests.store.test_evals import new_eval
+from workers.app import EVAL_QUEUE, FINETUNE_QUEUE, make_celery
 
 ADMIN = "sk-unit-queue-down"
 DEAD = "http://127.0.0.1:9"  # no engine is called
@@ -74,3 +84,36 @@ async def test_nothing_is_left_queued_when_the_broker_is_down(tmp_path: Path) ->
         assert attached["status"] == "failed"
         assert attached["last_error"]["code"] == "server_error"
         assert "Attach the file again" in attached["last_error"]["message"]
+
+
+async def sent(redis: Redis, prefix: str, queue: str) -> list[str]:
+    """The first argument of each message waiting in `queue` (Celery's JSON protocol)."""
+    raw = await redis.lrange(f"{prefix}:celery:{queue}", 0, -1)
+    return [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in raw]
+
+
+async def test_work_no_worker_claimed_is_sent_again_while_its_queue_is_empty(
+        db: Database, redis: Redis, prefix: str) -> None:
+    jobs, evals = FineTuning(db), Evals(db)
+    celery = make_celery(Settings(redis_url=REDIS_URL, redis_prefix=prefix))
+    job = await jobs.create(tenant_id="ten_a", key_id="k", model="chat", training_file="f")
+    run = await evals.create_run(await new_eval(evals), key_id="k", name="r", model="chat",
+                                 data_source={}, metadata={}, items_total=1)
+
+    async def sweep() -> None:
+        await requeue_orphans(jobs, evals, celery, redis, unclaimed_for=timedelta(0))
+
+    await requeue_orphans(jobs, evals, celery, redis)  # just created: a minute's grace
+    assert await sent(redis, prefix, FINETUNE_QUEUE) == await sent(redis, prefix,
+                                                                   EVAL_QUEUE) == []
+    await sweep()
+    await sweep()  # its message is still waiting: not copied again
+    assert await sent(redis, prefix, FINETUNE_QUEUE) == [job.id]
+    assert await sent(redis, prefix, EVAL_QUEUE) == [run.id]
+    await redis.delete(f"{prefix}:celery:{FINETUNE_QUEUE}")  # taken, then lost
+    await sweep()
+    assert await sent(redis, prefix, FINETUNE_QUEUE) == [job.id]
+    await redis.delete(f"{prefix}:celery:{FINETUNE_QUEUE}")
+    assert await jobs.claim(job.id, "worker", 60) is not None  # held: nothing to send
+    await sweep()
+    assert await sent(redis, prefix, FINETUNE_QUEUE) == []
