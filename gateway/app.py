@@ -41,6 +41,7 @@ from gateway.retrieval import Retriever
 from gateway.routing import Pool, Router, build_affinity, build_scorers
 from gateway.routing.health import HealthMonitor
 from gateway.spans import TracingMiddleware
+from gateway.tasks import enqueue
 from gateway.vector_stores import internal_router, vector_stores_router
 from llmops.catalog import Catalog, CatalogEntry
 from llmops.eval_watches import EvalWatches
@@ -121,7 +122,7 @@ async def requeue_orphans(jobs: FineTuning, evals: Evals, celery: Celery, redis:
             continue
         for item_id in await orphaned(unclaimed_for):
             log.warning("%s %s has no worker; queueing it again", task, item_id)
-            await asyncio.to_thread(celery.send_task, task, args=[item_id])
+            await enqueue(celery, task, [item_id])
 
 
 def _scrape(metrics: GatewayMetrics, authorization: str | None) -> tuple[int, bytes, str]:
