@@ -25,13 +25,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-__all__ = ["COMPLETION_TOKENS", "DIMENSIONS", "PROMPT_TOKENS"]
+__all__ = ["CHAT", "COMPLETION_TOKENS", "DIMENSIONS", "PROMPT_TOKENS"]
 
 PROMPT_TOKENS = 7
 COMPLETION_TOKENS = 5
 DIMENSIONS = 384
 
+CHAT = "fake-chat"  # the base model its adapters name as their parent
 _config: dict[str, float] = {"embed_delay_s": 0.0}
+_adapters: dict[str, None] = {}  # loaded LoRA adapters, in load order
 _stats: Counter[str] = Counter()
 
 
@@ -111,8 +113,15 @@ async def ok(_: web.Request) -> web.Response:
     return web.Response(text="")
 
 
+async def load_adapter(request: web.Request) -> web.Response:
+    """Adapters "load" without weights, and are then listed, as vLLM lists them."""
+    _adapters.setdefault(str((await request.json())["lora_name"]))
+    return web.Response(text="")
+
+
 async def models(_: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": []})
+    return web.json_response({"object": "list", "data": [
+        {"id": name, "object": "model", "parent": CHAT} for name in _adapters]})
 
 
 async def config(request: web.Request) -> web.Response:
@@ -132,7 +141,7 @@ def make_app() -> web.Application:
     app.router.add_get("/health", ok)
     app.router.add_get("/metrics", ok)
     app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/load_lora_adapter", ok)  # adapters "load" without weights
+    app.router.add_post("/v1/load_lora_adapter", load_adapter)
     app.router.add_post("/_fake/config", config)
     app.router.add_get("/_fake/stats", stats)
     return app

@@ -24,12 +24,12 @@ import yaml
 from llmops.cli import models_home
 from llmops.stack import Service, free_port, gateway_service
 from tests.e2e.conftest import FAST_ROUTING, Running, start, wait_healthy
+from tests.reliability.fake_vllm import CHAT  # served by the FAKE upstream, never by vLLM
 
 __all__ = ["ADMIN_KEY", "CHAT", "EMBED", "GatewayProcess", "RedisServer", "TcpProxy",
            "fake_upstream", "gateway_config", "ingest_worker", "report", "start_gateway"]
 
 ADMIN_KEY = "sk-reliability-admin-5f0c1d2e3a4b"
-CHAT = "fake-chat"  # served by the FAKE upstream, never by vLLM
 EMBED = "fake-embed"
 
 
