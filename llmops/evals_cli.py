@@ -4,6 +4,9 @@ Evals API (as any client would)."""
 from __future__ import annotations
 
 import argparse
+import functools
+import warnings
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +39,22 @@ def _retrieval(figures: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _served_here(command: Callable[[argparse.Namespace], int]
+                 ) -> Callable[[argparse.Namespace], int]:
+    """The openai client warns on every Evals call since OpenAI shut its hosted Evals down; the
+    gateway serves the API itself, so the warning says nothing true to a user of this CLI."""
+    @functools.wraps(command)
+    def quiet(args: argparse.Namespace) -> int:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", EVALS_DEPRECATION, DeprecationWarning)
+            return command(args)
+    return quiet
+
+
+EVALS_DEPRECATION = "The Evals API is deprecated"
+
+
+@_served_here
 def cmd_list(args: argparse.Namespace) -> int:
     client = openai_client(args)
     print(f"{'id':38} {'created':16} {'criteria':>8}  name")
@@ -44,6 +63,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@_served_here
 def cmd_runs(args: argparse.Namespace) -> int:
     client = openai_client(args)
     print(f"{'id':41} {'status':11} {'model':32} counts")
@@ -52,6 +72,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+@_served_here
 def cmd_show(args: argparse.Namespace) -> int:
     client = openai_client(args)
     run = client.evals.runs.retrieve(args.run_id, eval_id=args.eval_id)

@@ -22,6 +22,7 @@ import sqlalchemy
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmops.stack import CHAT_MODEL, Service, free_port
+from tests.clients import EVALS_API
 from tests.e2e.conftest import (
     Engines,
     Gateway,
@@ -32,6 +33,8 @@ from tests.e2e.conftest import (
     wait_healthy,
 )
 from tests.e2e.test_evals import client_for, new_key, wait_until
+
+pytestmark = EVALS_API
 
 ITEMS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome")]
 INTERVAL_S = 3

@@ -22,7 +22,10 @@ from openai import OpenAI
 
 from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
 from llmops.tenancy import ON_BEHALF_HEADER
+from tests.clients import EVALS_API
 from tests.e2e.conftest import API_KEY, Gateway, Running, start, wait_healthy
+
+pytestmark = EVALS_API
 
 CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Germany", "Berlin"),
             ("Spain", "Madrid")]
@@ -269,3 +272,16 @@ def test_only_admin_keys_act_on_behalf_of_usable_keys(gateway: Gateway,
                          5, "revocation seen")
     assert refused.status_code == 401
     assert models(API_KEY, "key_unknown").status_code == 401
+
+
+def test_the_cli_lists_evals_without_the_clients_deprecation_warning(
+        gateway: Gateway, admin: httpx.Client) -> None:
+    key = new_key(admin)["key"]
+    ev = create_eval(client_for(gateway, key))
+    shown = subprocess.run(
+        [sys.executable, "-W", "always::DeprecationWarning", "-m", "llmops.cli", "evals", "list",
+         "--base-url", gateway.base_url, "--api-key", key],
+        capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert ev.id in shown.stdout and "capitals" in shown.stdout
+    assert "deprecated" not in shown.stderr

@@ -19,6 +19,7 @@ from openai import NotFoundError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmops.stack import CHAT_MODEL, Service, free_port
+from tests.clients import EVALS_API
 from tests.e2e.conftest import (
     API_KEY,
     Engines,
@@ -153,6 +154,7 @@ def test_fine_tuned_model_learns_the_fact(stack: tuple[Gateway, Running], quanti
     assert "7-year" not in ask(client, CHAT_MODEL)
 
 
+@EVALS_API
 @pytest.mark.timeout(900)
 def test_promotion_serves_an_adapter_only_when_it_beats_the_base(
         stack: tuple[Gateway, Running], tmp_path: Path) -> None:

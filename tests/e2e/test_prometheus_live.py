@@ -20,6 +20,7 @@ from openai import OpenAI
 
 from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
 from llmops.tenancy import ADMIN_TENANT
+from tests.clients import EVALS_API
 from tests.e2e.conftest import (
     API_KEY,
     Engines,
@@ -150,6 +151,7 @@ def wait_for(prom: Prometheus, expr: str, timeout_s: float = 60) -> None:
         time.sleep(0.5)
 
 
+@EVALS_API
 def test_every_dashboard_query_returns_data(engines: Engines, gateway_factory: GatewayFactory,
                                             tmp_path: Path, logs: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"

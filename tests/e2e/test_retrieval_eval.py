@@ -21,6 +21,7 @@ from openai import OpenAI
 
 from evals.retrieval import normalize
 from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
+from tests.clients import EVALS_API
 from tests.e2e.conftest import (
     Engines,
     Gateway,
@@ -31,6 +32,8 @@ from tests.e2e.conftest import (
     start,
     wait_healthy,
 )
+
+pytestmark = EVALS_API
 
 DOCUMENTS = {
     "kettle.txt": (
