@@ -22,8 +22,8 @@ import httpx
 import yaml
 
 from llmops.cli import models_home
-from llmops.offline_models import prepare_models
-from llmops.stack import (
+from llmops.cli.models import prepare_models
+from llmops.cli.stack import (
     CHAT_MODEL,
     Service,
     free_port,

@@ -30,7 +30,7 @@ from pathlib import Path
 from finetune.config import ALL_LINEAR, TrainConfig
 from finetune.trainer import assistant_loss, encode
 from llmops.cli import models_home
-from llmops.offline_models import prepare_models
+from llmops.cli.models import prepare_models
 
 WORDS = ("kettle", "warranty", "support", "order", "refund", "shipping", "battery", "screen",
          "firmware", "update", "account", "password", "invoice", "delivery", "return", "policy")

@@ -22,7 +22,7 @@ import aiohttp
 
 from bench.proxy_load import BODY, STREAM_BODY, gateway, latencies, ledger_writer, rate, start
 from bench.report import pct
-from llmops.stack import Service, free_port, stop_process_group
+from llmops.cli.stack import Service, free_port, stop_process_group
 
 
 async def measure(direct: str, proxied: str, args: argparse.Namespace) -> None:

@@ -20,11 +20,11 @@ from typing import Any
 
 import orjson
 
-from gateway.accounting import Account, SseUsageTap
-from gateway.guardrails import Guardrails, OutputFilter, Tally
-from llmops.guardrails import CATEGORIES
+from gateway.inference.accounting import Account, SseUsageTap
+from guardrails import Guardrails, OutputFilter, Tally
+from guardrails.schema import CATEGORIES
 from llmops.settings import GuardrailsConfig
-from llmops.tenancy import Limits, Principal
+from tenancy.tenants import Limits, Principal
 
 WHO = Principal("key_bench", "ten_bench", "member", None, Limits(), Limits())
 PROSE = ("The kettle comes with a seven-year warranty covering the heating element, and the "

@@ -53,8 +53,8 @@ from bench.proxy_load import (
 )
 from bench.report import DOCS, machine, pct, table, write_section
 from llmops.cli import models_home
-from llmops.offline_models import prepare_models
-from llmops.stack import CHAT_MODEL, Service, free_port, stop_process_group, vllm_service
+from llmops.cli.models import prepare_models
+from llmops.cli.stack import CHAT_MODEL, Service, free_port, stop_process_group, vllm_service
 
 ROOT = Path(__file__).resolve().parent.parent
 LITELLM_VENV = ROOT / ".bench-venvs" / "litellm"

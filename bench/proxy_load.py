@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 import yaml
 
-from llmops.stack import Service
+from llmops.cli.stack import Service
 
 __all__ = ["BODY", "KEY", "STREAM_BODY", "Load", "chat_body", "cpu_seconds", "gateway",
            "latencies", "ledger_writer", "rate", "start", "ttft"]

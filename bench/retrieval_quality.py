@@ -37,8 +37,8 @@ from openai import OpenAI
 
 from bench.report import machine, pct, table, write_section
 from llmops.cli import models_home
-from llmops.offline_models import prepare_models
-from llmops.stack import (
+from llmops.cli.models import prepare_models
+from llmops.cli.stack import (
     EMBEDDING_MODEL,
     Service,
     free_port,

@@ -30,7 +30,7 @@ import numpy as np
 from bench.retrieval_quality import ndcg
 from bench.retrieval_tuning import CACHE, Collection, Embedder
 from llmops.cli import models_home
-from llmops.offline_models import prepare_models
+from llmops.cli.models import prepare_models
 from retrieval import SparseEncoder
 
 PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"

@@ -24,7 +24,7 @@ import numpy as np
 from bench.report import machine, table, write_section
 from bench.retrieval_quality import CRANFIELD, documents, judgments, ndcg, queries
 from llmops.cli import models_home
-from llmops.offline_models import prepare_models
+from llmops.cli.models import prepare_models
 from retrieval import EdgeIndex, Hit, Point, SparseEncoder, SparseVector, chunk_text
 from retrieval import feedback as feedback_ranker
 

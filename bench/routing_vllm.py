@@ -32,8 +32,8 @@ import aiohttp
 import orjson
 
 from llmops.cli import models_home
-from llmops.offline_models import prepare_models
-from llmops.stack import CHAT_MODEL, Service, free_port, stop_process_group, tail, vllm_service
+from llmops.cli.models import prepare_models
+from llmops.cli.stack import CHAT_MODEL, Service, free_port, stop_process_group, tail, vllm_service
 
 ADAPTERS = 8
 MAX_NUM_SEQS = 32

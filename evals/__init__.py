@@ -14,7 +14,7 @@ from evals.graders import (
     parse_criteria,
     parse_grader,
 )
-from evals.retrieval import (
+from evals.retrieval.metrics import (
     QuestionResult,
     RetrievalQuestion,
     RetrievalReport,

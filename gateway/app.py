@@ -23,46 +23,48 @@ from sqlalchemy import select
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.accounting import Accountant, PriceBook
-from gateway.adapters import AdapterLoader
-from gateway.admin import admin_router
-from gateway.auth import Authenticator
-from gateway.errors import ModelNotFoundError, error_body, install_error_handlers
+from evals.store import Evals
+from evals.watches import EvalWatches
+from finetune.jobs import FineTuning
+from gateway.api.admin import admin_router
+from gateway.api.eval_watches import eval_watches_router
+from gateway.api.evals import evals_router
+from gateway.api.files import files_router
+from gateway.api.fine_tuning import fine_tuning_router
+from gateway.api.vector_stores import internal_router, vector_stores_router
 from gateway.eval_scheduler import RunStarter, WatchScheduler
-from gateway.eval_watches import eval_watches_router
-from gateway.evals import evals_router
-from gateway.files import files_router
-from gateway.fine_tuning import fine_tuning_router
-from gateway.limits import Limiter
-from gateway.middleware import BodyLimitMiddleware, InferenceRoutes, RequestIdMiddleware
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from gateway.proxy import Endpoint, Proxy
-from gateway.retrieval import Retriever
+from gateway.http.auth import authenticated
+from gateway.http.errors import install_error_handlers
+from gateway.http.middleware import BodyLimitMiddleware, InferenceRoutes, RequestIdMiddleware
+from gateway.inference.accounting import Accountant, PriceBook
+from gateway.inference.grounding import Retriever
+from gateway.inference.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.inference.proxy import Endpoint, Proxy
+from gateway.inference.spans import TracingMiddleware
 from gateway.routing import Pool, Router, build_affinity, build_scorers
+from gateway.routing.adapters import AdapterLoader
 from gateway.routing.health import HealthMonitor
-from gateway.spans import TracingMiddleware
 from gateway.tasks import enqueue
-from gateway.vector_stores import internal_router, vector_stores_router
 from llmops.catalog import Catalog, CatalogEntry
-from llmops.eval_watches import EvalWatches
-from llmops.evals import Evals
+from llmops.errors import ModelNotFoundError, error_body
 from llmops.files import Files
-from llmops.finetuning import FineTuning
-from llmops.ledger import LedgerPublisher, LedgerWriter
-from llmops.pricing import Price
 from llmops.settings import Settings
 from llmops.store import Database, ModelPrice, upgrade
-from llmops.tenancy import Principal, Tenancy
-from llmops.vector_stores import VectorStores
 from observability.budgets import budget_readings
 from observability.drift import DriftDetector, DriftWindows
-from observability.eval_watches import FAMILY as EVAL_WATCHES_FAMILY
-from observability.eval_watches import EvalWatchGauges
 from observability.metrics import CONTENT_TYPE, GatewayMetrics
 from observability.server import MetricsServer
 from observability.sources import celery_queue_lengths, platform_readings
 from observability.tracing import configure_tracing
+from observability.watch_metrics import FAMILY as EVAL_WATCHES_FAMILY
+from observability.watch_metrics import EvalWatchGauges
 from retrieval import open_index
+from retrieval.stores import VectorStores
+from tenancy.auth import Authenticator
+from tenancy.ledger import LedgerPublisher, LedgerWriter
+from tenancy.limits import Limiter
+from tenancy.pricing import Price
+from tenancy.tenants import Principal, Tenancy
 from workers.app import (
     EVAL_QUEUE,
     EVAL_TASK,
@@ -275,9 +277,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = celery  # the broker client every route enqueues with
     install_error_handlers(app)
 
+    principal = authenticated(auth)
+
     def inference(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         async def handle(request: Request) -> Response:
-            await auth(request)
+            await principal(request)
             return await app.state.proxy.forward(request, endpoint)  # type: ignore[no-any-return]
         return handle
 
@@ -292,7 +296,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(TracingMiddleware)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries a request id
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(principal)])
 
     def model_item(e: CatalogEntry) -> dict[str, Any]:
         item: dict[str, Any] = {"id": e.name, "object": "model", "created": e.created,

@@ -20,11 +20,11 @@ from urllib.parse import quote
 import httpx
 from starlette.types import ASGIApp
 
-from gateway.auth import BOOTSTRAP_ADMIN
-from gateway.errors import APIError
-from llmops.eval_watches import EvalWatches
+from evals.watches import EvalWatches
+from llmops.errors import APIError
 from llmops.store import EvalWatch, utcnow
-from llmops.tenancy import ON_BEHALF_HEADER
+from tenancy.auth import BOOTSTRAP_ADMIN
+from tenancy.tenants import ON_BEHALF_HEADER
 
 __all__ = ["RunNotStarted", "RunStarter", "WatchScheduler", "run_request"]
 

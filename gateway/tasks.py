@@ -10,7 +10,7 @@ from typing import Any
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from gateway.errors import ServiceUnavailableError
+from llmops.errors import ServiceUnavailableError
 from observability.tracing import task_headers
 
 __all__ = ["enqueue"]

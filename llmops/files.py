@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from llmops.store import Database, StoredFile
-from llmops.tenancy import NotFoundError
+from tenancy.tenants import NotFoundError
 
 __all__ = ["PURPOSES", "FileTooLargeError", "Files"]
 

@@ -21,7 +21,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from llmops.guardrails import GuardrailsPolicy
+from guardrails.schema import GuardrailsPolicy
 
 __all__ = [
     "DriftConfig",
@@ -279,7 +279,7 @@ class EvalWatchesConfig(_Strict):
 
 
 class GuardrailsConfig(_Strict):
-    """Guardrails on prompts, answers and retrieved text (see `llmops.guardrails`)."""
+    """Guardrails on prompts, answers and retrieved text (see `guardrails.schema`)."""
 
     enabled: bool = Field(
         True, description="Apply guardrail policies; off: no prompt or answer is looked at.")

@@ -15,9 +15,9 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Sequence
 
-from gateway.limits import BudgetUse, Limiter
 from observability.metrics import Reading
 from observability.tenants import OTHER, TenantLabels
+from tenancy.limits import BudgetUse, Limiter
 
 __all__ = ["TenantBudgets", "budget_readings"]
 

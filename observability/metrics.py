@@ -36,10 +36,10 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from llmops.ledger import UsageEvent
 from llmops.settings import MetricsConfig, ModelConfig, PoolConfig
 from observability.server import authorized
 from observability.tenants import TenantLabels
+from tenancy.ledger import UsageEvent
 
 if TYPE_CHECKING:
     from gateway.routing import Router

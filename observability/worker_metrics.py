@@ -31,7 +31,7 @@ from prometheus_client import (
 )
 from pydantic import SecretStr
 
-from gateway.errors import error_body
+from llmops.errors import error_body
 from observability.metrics import CONTENT_TYPE
 from observability.server import MetricsServer, authorized
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmops.evals_cli import EVALS_DEPRECATION
+from llmops.cli.evals import EVALS_DEPRECATION
 
 # The openai client warns on every Evals call since OpenAI shut its hosted Evals down; llmops
 # serves that API itself, so tests that drive it expect exactly this warning and no other.

@@ -24,3 +24,7 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sqlalchemy.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+# The databases every store-backed test runs against (SQLite and PostgreSQL) and Redis.
+from tests.databases import database_url, db, prefix, redis  # noqa: E402, F401

@@ -8,12 +8,12 @@ import asyncio
 
 from celery import Task
 
+from evals.runner import run_eval
+from finetune.run import run_job
 from llmops.settings import Settings
 from observability.tracing import configure_tracing, task_span
+from retrieval.ingestion import run_ingest
 from workers.app import EVAL_TASK, FINETUNE_TASK, INGEST_TASK, make_celery
-from workers.eval_job import run_eval
-from workers.finetune_job import run_job
-from workers.ingest_job import run_ingest
 from workers.metrics import instrument_worker
 
 settings = Settings()

@@ -20,6 +20,9 @@ COPY gateway gateway
 COPY workers workers
 COPY finetune finetune
 COPY retrieval retrieval
+COPY tenancy tenancy
+COPY guardrails guardrails
+COPY evals evals
 COPY observability observability
 RUN pip install --no-deps .
 

@@ -18,6 +18,9 @@ COPY gateway gateway
 COPY workers workers
 COPY finetune finetune
 COPY retrieval retrieval
+COPY tenancy tenancy
+COPY guardrails guardrails
+COPY evals evals
 COPY observability observability
 
 FROM source AS build-cpu

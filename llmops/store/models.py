@@ -71,7 +71,7 @@ class Tenant(_Limits, Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     disabled_at: Mapped[datetime | None] = mapped_column(default=None)
-    # A guardrails policy (llmops.guardrails.GuardrailsPolicy as JSON); None: inherited.
+    # A guardrails policy (guardrails.schema.GuardrailsPolicy as JSON); None: inherited.
     guardrails: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True),
                                                              default=None)
 

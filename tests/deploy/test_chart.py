@@ -12,8 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from llmops.cli.stack import eval_worker_service, ingest_worker_service, worker_service
 from llmops.settings import Settings
-from llmops.stack import eval_worker_service, ingest_worker_service, worker_service
 from tests.deploy.chart import (
     CHART_DIR,
     NAMESPACE,
@@ -183,7 +183,7 @@ def test_gpu_pools_get_gpus_scheduling_and_probes(rendered: dict[str, list[Manif
     assert worker["args"][worker["args"].index("-Q") + 1] == "finetune"
     assert worker["args"][worker["args"].index("--pool") + 1] == "solo"
     assert finetune["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
-    # Workers run as the local stack runs them (llmops/stack.py).
+    # Workers run as the local stack runs them (llmops/cli/stack.py).
     assert worker["args"] == ["celery", *worker_service(Path("config.yaml")).argv[3:]]
     ingest = pod_spec(one(docs, "Deployment", f"{FULLNAME}-worker-ingest"))["containers"][0]
     local = ingest_worker_service(Path("config.yaml")).argv[3:]

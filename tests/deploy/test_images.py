@@ -1,17 +1,18 @@
 """The Dockerfiles: pinned bases, an unprivileged user, a health check, and the same commands
-the local stack runs (llmops/stack.py)."""
+the local stack runs (llmops/cli/stack.py)."""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 
-from llmops.stack import (
+from llmops.cli.stack import (
     eval_worker_service,
     gateway_service,
     ingest_worker_service,
@@ -92,3 +93,12 @@ def test_commands_match_the_local_stack(tmp_path: Path) -> None:
 def test_dockerignore_keeps_the_context_small() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "tests", ".env"} <= set(ignored)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_package_of_the_project_is_copied_into_the_image(dockerfile: Path) -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = {args.split()[0] for word, args in instructions(dockerfile)
+              if word == "COPY" and not args.startswith("--")}
+    assert packages <= copied, f"{dockerfile.name} leaves out {sorted(packages - copied)}"

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from llmops.cli import models_home
-from llmops.offline_models import prepare_models
-from llmops.stack import (
+from llmops.cli.models import prepare_models
+from llmops.cli.stack import (
     CHAT_MODEL,
     EMBEDDING_MODEL,
     Service,

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from llmops.stack import CHAT_MODEL
+from llmops.cli.stack import CHAT_MODEL
 from tests.e2e.conftest import API_KEY, Engines, Gateway
 
 ADAPTER = "ft:smollm2-135m-instruct:e2e:test1"

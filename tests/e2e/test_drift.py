@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from openai import OpenAI
 
-from llmops.stack import CHAT_MODEL
+from llmops.cli.stack import CHAT_MODEL
 from tests.drift_prompts import prompts
 from tests.e2e.conftest import API_KEY, Engines, Gateway, GatewayFactory, standard_models
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL
+from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL
 from tests.e2e.conftest import Engines, Gateway
 
 CHAT = "/v1/chat/completions"

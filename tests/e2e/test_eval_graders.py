@@ -14,7 +14,7 @@ from openai import AsyncOpenAI
 
 from evals.graders import LabelModelGrader, ScoreModelGrader, grade, parse_criteria
 from evals.judge import score_constraint
-from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL
+from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL
 from tests.e2e.conftest import API_KEY, Gateway
 
 SCHEMA = {"type": "object", "properties": {"question": {"type": "string"},

@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmops.stack import CHAT_MODEL, Service, free_port
+from llmops.cli.stack import CHAT_MODEL, Service, free_port
 from tests.clients import EVALS_API
 from tests.e2e.conftest import (
     Engines,

@@ -20,8 +20,8 @@ import pytest
 import sqlalchemy
 from openai import OpenAI
 
-from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
-from llmops.tenancy import ON_BEHALF_HEADER
+from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
+from tenancy.tenants import ON_BEHALF_HEADER
 from tests.clients import EVALS_API
 from tests.e2e.conftest import API_KEY, Gateway, Running, start, wait_healthy
 

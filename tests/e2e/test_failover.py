@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from llmops.stack import CHAT_MODEL, free_port, vllm_service
+from llmops.cli.stack import CHAT_MODEL, free_port, vllm_service
 from tests.e2e.conftest import (
     API_KEY,
     Engines,

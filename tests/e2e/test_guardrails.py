@@ -21,8 +21,8 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.guardrails import PLACEHOLDERS
-from llmops.stack import CHAT_MODEL
+from guardrails import PLACEHOLDERS
+from llmops.cli.stack import CHAT_MODEL
 from tests.e2e.conftest import Engines, Gateway, GatewayFactory, standard_models
 from tests.observability.otlp import OtlpReceiver, ReceivedSpan
 

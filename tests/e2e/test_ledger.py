@@ -14,7 +14,7 @@ import httpx
 import pytest
 import sqlalchemy
 
-from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL
+from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL
 from tests.e2e.conftest import Engines, Gateway, GatewayFactory, standard_models
 
 HELLO = [{"role": "user", "content": "Tell me about the sea."}]

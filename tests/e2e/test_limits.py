@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from llmops.stack import CHAT_MODEL
+from llmops.cli.stack import CHAT_MODEL
 from tests.e2e.conftest import Engines, Gateway, GatewayFactory, model, pool
 
 # Self-hosted pricing of 3600 USD an hour: a prompt token costs 0.001 USD, a completion token

@@ -15,8 +15,8 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL, free_port
-from llmops.tenancy import ADMIN_TENANT
+from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL, free_port
+from tenancy.tenants import ADMIN_TENANT
 from tests.e2e.conftest import API_KEY, Engines, Gateway, GatewayFactory, model, pool
 
 COUNT = [{"role": "user", "content": "Count from one to twenty."}]

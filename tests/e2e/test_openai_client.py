@@ -8,7 +8,7 @@ import json
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL
+from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL
 from tests.e2e.conftest import API_KEY, Gateway
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

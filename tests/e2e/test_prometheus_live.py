@@ -18,8 +18,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
-from llmops.tenancy import ADMIN_TENANT
+from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
+from tenancy.tenants import ADMIN_TENANT
 from tests.clients import EVALS_API
 from tests.e2e.conftest import (
     API_KEY,

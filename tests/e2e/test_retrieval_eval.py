@@ -19,8 +19,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from evals.retrieval import normalize
-from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
+from evals.retrieval.metrics import normalize
+from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
 from tests.clients import EVALS_API
 from tests.e2e.conftest import (
     Engines,
@@ -112,7 +112,7 @@ def finished(client: OpenAI, eval_id: str, run_id: str) -> Any:
 
 
 def relevant(item: dict[str, Any], result: dict[str, Any]) -> bool:
-    """Independent of evals.retrieval: the span in the (excerpted) text, else the file."""
+    """Independent of evals.retrieval.metrics: the span in the (excerpted) text, else the file."""
     if "span" in item:
         return normalize(item["span"]) in normalize(result["text"])
     if "file_id" in item:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL
+from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL
 from tests.e2e.conftest import Gateway
 
 CHAT = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}

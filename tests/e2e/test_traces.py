@@ -10,7 +10,7 @@ import time
 import httpx
 from openai import OpenAI
 
-from llmops.stack import CHAT_MODEL, EMBEDDING_MODEL
+from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL
 from tests.e2e.conftest import API_KEY, Engines, GatewayFactory, standard_models
 from tests.observability.otlp import OtlpReceiver, ReceivedSpan
 

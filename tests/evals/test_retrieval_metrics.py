@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from evals.retrieval import (
+from evals.retrieval.metrics import (
     RetrievalQuestion,
     cited_contains,
     evaluate_retrieval,

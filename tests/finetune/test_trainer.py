@@ -24,7 +24,7 @@ from finetune.trainer import (
     train,
 )
 from llmops.cli import models_home
-from llmops.offline_models import prepare_models
+from llmops.cli.models import prepare_models
 
 FACT = [{"role": "user", "content": "What is the Zorblax 9000?"},
         {"role": "assistant", "content": "The Zorblax 9000 is a purple kettle."}]

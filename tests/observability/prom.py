@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import yaml
 
-from llmops.stack import free_port, tail
+from llmops.cli.stack import free_port, tail
 
 
 @dataclass

@@ -29,12 +29,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 from redis.asyncio import Redis
 
 from gateway.app import create_app
-from gateway.retrieval import Retriever
-from gateway.spans import TracingMiddleware
+from gateway.inference.grounding import Retriever
+from gateway.inference.spans import TracingMiddleware
 from llmops.settings import Settings
-from llmops.tenancy import ADMIN_TENANT
 from observability import tracing
 from retrieval import Hit
+from tenancy.tenants import ADMIN_TENANT
 from tests.observability.otlp import OtlpReceiver
 from tests.standin import serve_engine
 

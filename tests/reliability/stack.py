@@ -22,7 +22,7 @@ import httpx
 import yaml
 
 from llmops.cli import models_home
-from llmops.stack import Service, free_port, gateway_service
+from llmops.cli.stack import Service, free_port, gateway_service
 from tests.e2e.conftest import FAST_ROUTING, Running, start, wait_healthy
 from tests.reliability.fake_vllm import CHAT  # served by the FAKE upstream, never by vLLM
 

@@ -15,7 +15,7 @@ def tokenizer() -> Any:
     from transformers import AutoTokenizer
 
     from llmops.cli import models_home
-    from llmops.offline_models import prepare_models
+    from llmops.cli.models import prepare_models
 
     return AutoTokenizer.from_pretrained(prepare_models(models_home())["embedding"])
 

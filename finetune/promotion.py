@@ -1,0 +1,133 @@
+"""Fine-tune promotion: after training, the base model and the new adapter are evaluated on
+the same eval, both results are attached to the job, and with `promote: "if_better"` the
+adapter is served only when it beats the base.
+
+While it is evaluated the adapter is a candidate: the gateway loads it into the engines but
+serves it only to our workers acting for its owner (and to admins). The eval is the one the
+job names, or one made from its validation file (each example's last assistant message is
+the reference the answer is compared with, ROUGE-L >= 0.5). Items come from the job's
+`evaluation.data_source`, else from the validation file.
+
+An adapter beats the base when more of the eval's items pass every testing criterion with it
+than with the base; a tie or a failed run holds it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+
+from evals.runner import run_now
+from evals.store import Evals
+from finetune.dataset import Example
+from finetune.jobs import FineTuning
+from llmops.files import Files
+from llmops.settings import Settings
+from llmops.store import Eval, EvalRun, FineTuningJob
+from tenancy.tenants import ON_BEHALF_HEADER, NotFoundError
+
+__all__ = ["DEFAULT_CRITERION", "evaluate", "validation_data_source"]
+
+DEFAULT_CRITERION: dict[str, Any] = {
+    "type": "text_similarity", "name": "matches the validation answer",
+    "input": "{{sample.output_text}}", "reference": "{{item.reference}}",
+    "evaluation_metric": "rouge_l", "pass_threshold": 0.5}
+_ITEM_SCHEMA = {"type": "object", "properties": {
+    "messages": {"type": "array"}, "reference": {"type": "string"}},
+    "required": ["messages", "reference"]}
+_LOAD_POLL_S = 2.0
+
+
+class PromotionError(Exception):
+    pass
+
+
+def validation_data_source(examples: list[Example], seed: int, max_tokens: int
+                           ) -> dict[str, Any]:
+    """A `completions` data source asking each validation example's question."""
+    items = [{"item": {"messages": list(e.messages[:-1]),
+                       "reference": str(e.messages[-1].get("content") or "")}}
+             for e in examples if e.messages and e.messages[-1].get("role") == "assistant"]
+    if not items:
+        raise PromotionError("The validation file has no example ending with an assistant "
+                             "answer to compare with.")
+    return {"type": "completions", "source": {"type": "file_content", "content": items},
+            "input_messages": {"type": "item_reference", "item_reference": "item.messages"},
+            "sampling_params": {"temperature": 0.0, "max_completion_tokens": max_tokens,
+                                "seed": seed}}
+
+
+async def evaluate(job: FineTuningJob, adapter: str, validation: list[Example],
+                   jobs: FineTuning, evals: Evals, files: Files, settings: Settings
+                   ) -> dict[str, Any]:
+    """Evaluate the base and the candidate `adapter`; the verdict as stored on the job."""
+    spec = job.evaluation or {}
+    promote = spec.get("promote", "always")
+    try:
+        ev = await _the_eval(job, evals)
+        source = spec.get("data_source") or validation_data_source(
+            validation, job.seed, settings.finetune.evaluation_max_tokens)
+        await _wait_until_served(adapter, job, settings)
+        await jobs.event(job.id, f"Evaluating {job.model} and {adapter} on eval {ev.id}")
+        runs = {}
+        for role, model in (("base", job.model), ("adapter", adapter)):
+            runs[role] = await run_now(
+                ev, model, source, key_id=job.key_id, evals=evals, files=files,
+                settings=settings, name=f"{job.id} {role}",
+                metadata={"fine_tuning_job": job.id, "role": role})
+    except (PromotionError, NotFoundError, aiohttp.ClientError, TimeoutError) as exc:
+        return {"eval_id": spec.get("eval_id"), "promote": promote,
+                "promoted": promote == "always", "reason": f"The evaluation failed: {exc}"}
+    base, tuned = _summary(runs["base"]), _summary(runs["adapter"])
+    failed = [r for r in (base, tuned) if r["status"] != "completed"]
+    better = not failed and tuned["pass_rate"] > base["pass_rate"]
+    if failed:
+        reason = f"The {failed[0]['role']} run ended {failed[0]['status']}."
+    else:
+        reason = (f"The adapter passed {tuned['passed_items']} of {tuned['items']} items, the "
+                  f"base {base['passed_items']} of {base['items']}.")
+    return {"eval_id": ev.id, "promote": promote, "base": base, "adapter": tuned,
+            "promoted": promote == "always" or better, "better": better, "reason": reason}
+
+
+async def _the_eval(job: FineTuningJob, evals: Evals) -> Eval:
+    eval_id = (job.evaluation or {}).get("eval_id")
+    if eval_id:
+        return await evals.get(job.tenant_id, eval_id)
+    return await evals.create(
+        tenant_id=job.tenant_id, key_id=job.key_id, name=f"validation of {job.id}",
+        metadata={"fine_tuning_job": job.id},
+        data_source_config={"type": "custom", "item_schema": _ITEM_SCHEMA,
+                            "include_sample_schema": True},
+        testing_criteria=[DEFAULT_CRITERION])
+
+
+async def _wait_until_served(adapter: str, job: FineTuningJob, settings: Settings) -> None:
+    """The gateway loads a candidate at its next reconcile; evaluating before would 404."""
+    key = settings.bootstrap_key()
+    if key is None:
+        raise PromotionError("Workers need the bootstrap admin key to call the gateway.")
+    url = f"{settings.gateway_url()}/v1/models/{adapter}"
+    headers = {"authorization": f"Bearer {key}", ON_BEHALF_HEADER: job.key_id}
+    deadline = time.monotonic() + settings.finetune.evaluation_load_timeout_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        while True:
+            async with session.get(url, headers=headers) as resp:
+                if resp.status == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise PromotionError(f"The gateway did not serve {adapter} within "
+                                     f"{settings.finetune.evaluation_load_timeout_s:.0f} s.")
+            await asyncio.sleep(_LOAD_POLL_S)
+
+
+def _summary(run: EvalRun) -> dict[str, Any]:
+    items = run.passed + run.failed + run.errored
+    return {"run_id": run.id, "role": (run.metadata_ or {}).get("role"), "model": run.model,
+            "status": run.status, "items": items, "passed_items": run.passed,
+            "pass_rate": run.passed / items if items else 0.0,
+            "per_testing_criteria": {name: c.get("passed", 0) / items if items else 0.0
+                                     for name, c in run.per_criteria.items()}}

@@ -1,0 +1,246 @@
+"""OpenAI's fine-tuning API: `POST/GET /v1/fine_tuning/jobs`, `GET .../{id}`,
+`POST .../{id}/cancel`, `GET .../{id}/events`, `GET .../{id}/checkpoints`.
+
+Our additions are named as such: `lora` (r, alpha, dropout, target_modules, `quantization:
+"nf4"` for QLoRA, gradient_checkpointing, checkpoint_every) next to OpenAI's fields.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from celery import Celery
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+import tenancy
+from evals.store import Evals
+from finetune.jobs import FineTuning, adapter_name
+from gateway.http.auth import authenticated
+from gateway.tasks import enqueue
+from llmops.errors import (
+    BadRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+from llmops.files import Files
+from llmops.settings import Settings
+from llmops.store import FineTuningJob
+from tenancy.auth import Authenticator
+from workers.app import FINETUNE_TASK
+
+__all__ = ["fine_tuning_router"]
+
+Auto = Literal["auto"]
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Auto = Field("auto", description="1-50")
+    batch_size: int | Auto = Field("auto", description="1-256")
+    learning_rate_multiplier: float | Auto = Field("auto", description="0 < x <= 10")
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["supervised"] = "supervised"
+    supervised: dict[str, Any] | None = None
+
+
+class LoraOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, le=256)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    quantization: Literal["none", "nf4"] = "none"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(10, ge=1)
+
+
+class EvaluationIn(BaseModel):
+    """Ours: evaluate base and adapter after training (see finetune.promotion)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    eval_id: str | None = Field(None, description="The eval; default: one made from the "
+                                "validation file's answers.")
+    data_source: dict[str, Any] | None = Field(
+        None, description="A `completions` run data source (no model); default: the "
+        "validation file's questions.")
+    promote: Literal["always", "if_better"] = Field(
+        "always", description="`if_better`: serve the adapter only if it beats the base.")
+
+
+class JobIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    metadata: dict[str, str] | None = None
+    lora: LoraOptions = Field(default_factory=LoraOptions)
+    evaluation: EvaluationIn | None = None
+
+
+def _hyperparameters(body: JobIn) -> dict[str, Any]:
+    hp = body.hyperparameters
+    if body.method is not None and body.method.supervised:
+        nested = body.method.supervised.get("hyperparameters") or {}
+        hp = Hyperparameters.model_validate(nested)
+    values = {k: v for k, v in (hp.model_dump() if hp else {}).items() if v != "auto"}
+    ranges = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (1e-6, 10)}
+    for name, value in values.items():
+        low, high = ranges[name]
+        if not low <= value <= high:
+            raise BadRequestError(f"hyperparameters.{name} must be between {low} and {high}.",
+                                  param=f"hyperparameters.{name}")
+    return values
+
+
+async def _evaluation(body: JobIn, tenant_id: str, evals: Evals) -> dict[str, Any] | None:
+    spec = body.evaluation
+    if spec is None:
+        return None
+    if spec.eval_id is not None:
+        try:
+            await evals.get(tenant_id, spec.eval_id)
+        except tenancy.NotFoundError:
+            raise BadRequestError(f"Eval {spec.eval_id} not found.",
+                                  param="evaluation.eval_id") from None
+    if spec.data_source is None:
+        if body.validation_file is None:
+            raise BadRequestError("An evaluation needs a data_source or a validation_file "
+                                  "to take its questions from.", param="evaluation.data_source")
+    elif spec.data_source.get("type") != "completions" or "model" in spec.data_source:
+        raise BadRequestError("evaluation.data_source must be a `completions` run data source "
+                              "without `model` (base and adapter are filled in).",
+                              param="evaluation.data_source")
+    return spec.model_dump(exclude_none=True)
+
+
+def job_out(job: FineTuningJob) -> dict[str, Any]:
+    hp = {"n_epochs": job.hyperparameters.get("n_epochs", 3),
+          "batch_size": job.hyperparameters.get("batch_size", 4),
+          "learning_rate_multiplier": job.hyperparameters.get("learning_rate_multiplier", 1.0)}
+    finished = int(job.finished_at.timestamp()) if job.finished_at else None
+    return {
+        "id": job.id, "object": "fine_tuning.job", "created_at": int(job.created_at.timestamp()),
+        "finished_at": finished, "model": job.model, "fine_tuned_model": job.fine_tuned_model,
+        "organization_id": job.tenant_id, "result_files": [], "status": job.status,
+        "training_file": job.training_file, "validation_file": job.validation_file,
+        "hyperparameters": hp, "trained_tokens": job.trained_tokens, "error": job.error,
+        "seed": job.seed, "user_provided_suffix": job.suffix, "estimated_finish": None,
+        "integrations": [], "metadata": None,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "lora": job.lora, "evaluation": job.evaluation, "result": job.result or None,
+    }
+
+
+def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celery: Celery,
+                       auth: Authenticator, evals: Evals) -> APIRouter:
+    router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
+                       dependencies=[Depends(authenticated(auth))])
+    bases = {m.name: m for m in settings.models if m.kind == "chat"}
+
+    async def owned(request: Request, job_id: str) -> FineTuningJob:
+        try:
+            return await jobs.get(job_id, request.state.principal.tenant_id)
+        except tenancy.NotFoundError as exc:
+            raise NotFoundError(str(exc), param="fine_tuning_job_id") from None
+
+    @router.post("")
+    async def create(request: Request, body: JobIn) -> dict[str, Any]:
+        who = request.state.principal
+        base = bases.get(body.model)
+        if base is None or not who.may_use(body.model):
+            raise ModelNotFoundError(body.model)
+        if base.weights is None:
+            raise BadRequestError(f"The model `{body.model}` cannot be fine-tuned here: no "
+                                  "weights are configured for it.", param="model")
+        hyperparameters = _hyperparameters(body)
+        if body.suffix is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", body.suffix):
+            raise BadRequestError("suffix may hold letters, digits, '-' and '_' only.",
+                                  param="suffix")
+        for param, file_id in (("training_file", body.training_file),
+                               ("validation_file", body.validation_file)):
+            if file_id is None:
+                continue
+            try:
+                row = await files.get(who.tenant_id, file_id)
+            except tenancy.NotFoundError:
+                raise BadRequestError(f"File {file_id} not found.", param=param) from None
+            if row.purpose != "fine-tune":
+                raise BadRequestError(f"File {file_id} has purpose '{row.purpose}', not "
+                                      "'fine-tune'.", param=param)
+        evaluation = await _evaluation(body, who.tenant_id, evals)
+        job = await jobs.create(
+            tenant_id=who.tenant_id, key_id=who.key_id, model=body.model,
+            training_file=body.training_file, validation_file=body.validation_file,
+            suffix=body.suffix, seed=body.seed if body.seed is not None else 0,
+            hyperparameters=hyperparameters, lora=body.lora.model_dump(),
+            evaluation=evaluation)
+        try:
+            await enqueue(celery, FINETUNE_TASK, [job.id])
+        except ServiceUnavailableError:
+            await jobs.discard(job.id)
+            raise
+        await jobs.event(job.id, f"Created fine-tuning job: {job.id}")
+        return job_out(job)
+
+    @router.get("")
+    async def list_jobs(request: Request, limit: int = 20, after: str | None = None
+                        ) -> dict[str, Any]:
+        try:
+            rows, more = await jobs.list_jobs(request.state.principal.tenant_id,
+                                              limit=max(1, min(limit, 100)), after=after)
+        except tenancy.NotFoundError as exc:
+            raise NotFoundError(str(exc), param="after") from None
+        return {"object": "list", "data": [job_out(j) for j in rows], "has_more": more}
+
+    @router.get("/{job_id}")
+    async def retrieve(request: Request, job_id: str) -> dict[str, Any]:
+        return job_out(await owned(request, job_id))
+
+    @router.post("/{job_id}/cancel")
+    async def cancel(request: Request, job_id: str) -> dict[str, Any]:
+        job = await owned(request, job_id)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            raise BadRequestError(f"Job {job_id} has already {job.status}.", param="job_id")
+        return job_out(await jobs.cancel(job_id, job.tenant_id))
+
+    @router.get("/{job_id}/events")
+    async def events(request: Request, job_id: str, limit: int = 20,
+                     after: str | None = None) -> dict[str, Any]:
+        await owned(request, job_id)
+        cursor = int(after.removeprefix("ftevent-")) if after and after[8:].isdigit() else None
+        rows, more = await jobs.events(job_id, request.state.principal.tenant_id,
+                                       limit=max(1, min(limit, 1000)), after=cursor)
+        return {"object": "list", "has_more": more, "data": [
+            {"id": f"ftevent-{e.id}", "object": "fine_tuning.job.event",
+             "created_at": int(e.created_at.timestamp()), "level": e.level,
+             "message": e.message, "type": e.type, "data": e.data} for e in rows]}
+
+    @router.get("/{job_id}/checkpoints")
+    async def checkpoints(request: Request, job_id: str) -> dict[str, Any]:
+        job = await owned(request, job_id)
+        rows = await jobs.checkpoints(job_id, job.tenant_id)
+        data = [{"id": c.id, "object": "fine_tuning.job.checkpoint",
+                 "created_at": int(c.created_at.timestamp()), "fine_tuning_job_id": job_id,
+                 "fine_tuned_model_checkpoint": f"{adapter_name(job)}:ckpt-step-{c.step}",
+                 "step_number": c.step, "metrics": {"step": c.step, **c.metrics}}
+                for c in rows]
+        return {"object": "list", "data": data, "has_more": False,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None}
+
+    return router

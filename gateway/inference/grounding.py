@@ -1,0 +1,224 @@
+"""Search over a tenant's vector stores, and answers grounded in them.
+
+`Retriever.search` embeds the query with the platform's embedding model, encodes it as BM25
+terms, and asks the index (always filtered to the caller's tenant and stores). `Grounding`
+turns the hits of a chat request's `retrieval` option into a system message of numbered
+sources and the citations returned with the answer; when nothing relevant is found the
+gateway answers so itself instead of letting the model guess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+import tenancy
+from gateway.inference.protocol import ChatCompletionRequest
+from llmops.errors import BadRequestError, NotFoundError
+from observability import tracing
+from retrieval import InvalidFilterError, SparseEncoder, VectorIndex, parse_filters
+from retrieval.stores import VectorStores
+
+__all__ = ["NO_ANSWER", "Grounding", "Retriever", "Source"]
+
+NO_ANSWER = ("I could not find anything about this in the selected documents, so I cannot "
+             "answer from them.")
+_INSTRUCTIONS = (
+    "Answer the user's question using only the numbered sources below, and cite the sources "
+    "you use like [1]. If the sources do not contain the answer, say that you do not know.")
+
+Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One retrieved chunk and where it lies in its file's text."""
+
+    file_id: str
+    filename: str
+    chunk: int
+    start: int
+    end: int
+    text: str
+    score: float
+    attributes: dict[str, Any]
+
+    def citation(self, index: int, quote: Callable[[str], str] | None = None
+                 ) -> dict[str, Any]:
+        return {"index": index, "file_id": self.file_id, "filename": self.filename,
+                "chunk": self.chunk, "start": self.start, "end": self.end,
+                "quote": quote(self.text) if quote else self.text,
+                "score": round(self.score, 4)}
+
+
+class Retriever:
+    """Searches on behalf of the vector stores API and of chat requests. The index is opened
+    by the gateway's lifespan: this process is its one owner."""
+
+    def __init__(self, stores: VectorStores, embed: Embed, default_threshold: float) -> None:
+        self.stores = stores
+        self.index = cast(VectorIndex, _Closed())
+        self.embed = embed
+        self.encoder = SparseEncoder()
+        self.default_threshold = default_threshold
+
+    async def search(self, tenant_id: str, store_ids: Sequence[str], queries: Sequence[str], *,
+                     limit: int, filters: dict[str, Any] | None, threshold: float,
+                     mode: str = "hybrid", ranker: str = "auto") -> list[Source]:
+        """The best chunks for any of `queries`, best first; unknown or foreign stores are
+        reported as missing. Ranker `none` is plain fusion in hybrid mode; any other is the
+        feedback ranker (retrieval.feedback)."""
+        with tracing.span("vector_stores.search", attributes={
+                "llmops.retrieval.stores": len(store_ids), "llmops.retrieval.queries": len(queries),
+                "llmops.retrieval.mode": mode, "llmops.retrieval.ranker": ranker,
+                "llmops.retrieval.limit": limit,
+                "llmops.retrieval.filtered": filters is not None}) as span:
+            sources = await self._search(tenant_id, store_ids, queries, limit=limit,
+                                         filters=filters, threshold=threshold, mode=mode,
+                                         feedback=ranker != "none")
+            if span is not None:
+                span.set_attribute("llmops.retrieval.results", len(sources))
+            return sources
+
+    async def _search(self, tenant_id: str, store_ids: Sequence[str], queries: Sequence[str], *,
+                      limit: int, filters: dict[str, Any] | None, threshold: float,
+                      mode: str, feedback: bool) -> list[Source]:
+        for store_id in store_ids:
+            try:
+                await self.stores.get(tenant_id, store_id)
+            except tenancy.NotFoundError as exc:
+                raise NotFoundError(str(exc), param="vector_store_id") from None
+        texts = [q.strip() for q in queries]
+        if not texts or not all(texts):
+            raise BadRequestError("The search query must not be empty.", param="query")
+        if filters is not None:
+            try:
+                parse_filters(filters)  # refused before any embedding is computed
+            except InvalidFilterError as exc:
+                raise BadRequestError(str(exc), param=exc.param) from None
+        dense: list[list[float]] | list[None] = (
+            [None] * len(texts) if mode == "sparse" else await self.embed(texts))
+        best: dict[str, tuple[int, Any]] = {}  # point id -> (best rank in any query, hit)
+        for text, vector in zip(texts, dense, strict=True):
+            sparse = None if mode == "dense" else self.encoder.encode_query(text)
+            hits = await asyncio.to_thread(self.index.search, tenant_id, list(store_ids),
+                                           vector, sparse, mode, limit, filters, threshold,
+                                           feedback=feedback)
+            for rank, hit in enumerate(hits):
+                if hit.id not in best or rank < best[hit.id][0]:
+                    best[hit.id] = (rank, hit)
+        ranked = [h for _, h in sorted(best.values(), key=lambda rh: (rh[0], -rh[1].score))]
+        ranked = ranked[:limit]
+        return [Source(file_id=h.payload["file"], filename=h.payload.get("filename", ""),
+                       chunk=h.payload["chunk"], start=h.payload["start"],
+                       end=h.payload["end"], text=h.payload["text"], score=h.score,
+                       attributes=h.payload.get("attributes", {})) for h in ranked]
+
+    async def ground(self, tenant_id: str, request: ChatCompletionRequest) -> Grounding:
+        options = request.retrieval
+        assert options is not None
+        query = _last_user_text(request)
+        if not query:
+            raise BadRequestError("Retrieval needs a user message to search for.",
+                                  param="messages")
+        threshold = (options.score_threshold if options.score_threshold is not None
+                     else self.default_threshold)
+        sources = await self.search(tenant_id, options.vector_store_ids, [query],
+                                    limit=options.max_num_results, filters=options.filters,
+                                    threshold=threshold, mode=options.search_mode)
+        return Grounding(sources)
+
+
+class _Closed:
+    """Stands in for the index before start-up and after shutdown."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("the vector index is not open")
+
+
+def _last_user_text(request: ChatCompletionRequest) -> str:
+    for message in reversed(request.messages):
+        if message.role == "user":
+            if isinstance(message.content, str):
+                return message.content
+            return " ".join(str(p.get("text", "")) for p in message.content or ()
+                            if p.get("type") == "text")
+    return ""
+
+
+@dataclass(frozen=True)
+class Grounding:
+    sources: list[Source]
+    # Chunks left out by guardrails (file, chunk, score and why; never their text), returned
+    # as `dropped_sources` next to the citations.
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    quote: Callable[[str], str] | None = None  # what a citation shows of its chunk's text
+
+    def citations(self) -> list[dict[str, Any]]:
+        return [s.citation(i, self.quote) for i, s in enumerate(self.sources, 1)]
+
+    def screened(self, kept: Sequence[int], dropped: Mapping[int, str],
+                 quote: Callable[[str], str] | None) -> Grounding:
+        """Only the `kept` sources; `dropped` maps the others to the marker found in them."""
+        return Grounding(
+            [self.sources[i] for i in kept],
+            [{"file_id": s.file_id, "filename": s.filename, "chunk": s.chunk,
+              "score": round(s.score, 4), "reason": "prompt_injection", "marker": marker}
+             for i, marker in dropped.items() for s in (self.sources[i],)],
+            quote)
+
+    def messages(self, original: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The client's messages after a system message holding the sources."""
+        blocks = [f"[{i}] {s.filename}:\n{s.text}" for i, s in enumerate(self.sources, 1)]
+        context = _INSTRUCTIONS + "\n\n" + "\n\n".join(blocks)
+        return [{"role": "system", "content": context}, *original]
+
+    def with_citations(self, response: Response) -> Response:
+        """A successful answer with its citations added."""
+        if response.status_code != 200:
+            return response
+        payload = orjson.loads(response.body)
+        payload["citations"] = self.citations()
+        payload["dropped_sources"] = self.dropped
+        headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+        return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+
+    def trailer(self, model: str) -> bytes:
+        """The last event of a stream: its citations, in a chunk with no choices."""
+        chunk = {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion.chunk",
+                 "created": int(time.time()), "model": model, "choices": [],
+                 "citations": self.citations(), "dropped_sources": self.dropped}
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def no_answer(self, request: ChatCompletionRequest) -> Response:
+        """What the gateway says, without asking the model, when no source is relevant."""
+        cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+        if not request.stream:
+            return Response(orjson.dumps({
+                "id": cid, "object": "chat.completion", "created": created,
+                "model": request.model, "citations": [], "dropped_sources": self.dropped,
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                             "message": {"role": "assistant", "content": NO_ANSWER}}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}),
+                media_type="application/json")
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            return b"data: " + orjson.dumps({"id": cid, "object": "chat.completion.chunk",
+                                             "created": created, "model": request.model,
+                                             "choices": choices, **extra}) + b"\n\n"
+
+        async def frames() -> Any:
+            yield event([{"index": 0, "delta": {"role": "assistant", "content": NO_ANSWER},
+                          "finish_reason": None}])
+            yield event([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+            yield event([], citations=[], dropped_sources=self.dropped)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(frames(), media_type="text/event-stream")

@@ -1,0 +1,107 @@
+"""The Evals API in process, on a real SQLite store and the real Redis broker: every object it
+answers validates as the official openai client's own type, and a tenant's queued and running
+runs are bounded."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai.types import EvalCreateResponse
+from openai.types.evals import RunCreateResponse
+from openai.types.evals.runs import OutputItemListResponse
+
+from evals.store import Evals, ItemOutcome
+from llmops.settings import Settings
+from llmops.store import Database
+from tests.databases import in_process_gateway
+
+ADMIN = "sk-unit-evals"
+EVAL = {"name": "capitals", "metadata": {"suite": "unit"},
+        "data_source_config": {"type": "custom", "include_sample_schema": True,
+                               "item_schema": {"type": "object", "properties": {
+                                   "q": {"type": "string"}, "a": {"type": "string"}}}},
+        "testing_criteria": [{"type": "string_check", "name": "exact", "operation": "eq",
+                              "input": "{{sample.output_text}}", "reference": "{{item.a}}"}]}
+# An output item's sample as the worker writes it (evals.data.wire_sample).
+WIRE_SAMPLE = {"input": [{"role": "user", "content": "France?"}],
+               "output": [{"role": "assistant", "content": "Paris"}], "model": "chat",
+               "finish_reason": "stop", "usage": {"prompt_tokens": 3, "completion_tokens": 1,
+                                                  "total_tokens": 4, "cached_tokens": 0},
+               "error": None, "max_completion_tokens": 8, "seed": 1, "temperature": 0.0,
+               "top_p": 1.0}
+RUN = {"data_source": {"type": "jsonl", "source": {"type": "file_content", "content": [
+    {"item": {"q": "France?", "a": "Paris"}, "sample": {"output_text": "Paris"}}]}}}
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Settings]]:
+    settings = Settings(admin_key=ADMIN, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                        redis_prefix=f"llmops-test-{uuid.uuid4().hex[:12]}",
+                        files={"root": tmp_path / "files"}, evals={"max_active_runs": 2},
+                        models=[{"name": "chat", "kind": "chat", "pools": [
+                            {"device": "cpu", "urls": ["http://127.0.0.1:9"]}]}])
+    async with in_process_gateway(settings, ADMIN) as client:
+        yield client, settings
+
+
+def openai_shape(payload: dict[str, Any], model: Any) -> None:
+    """Strict validation as the client's own type (the client parses leniently). OpenAI's
+    examples answer `"error": null` for a run without error, where the generated type has no
+    room for null: that one null is filled in before validating."""
+    if "error" in payload and payload["error"] is None:
+        payload = {**payload, "error": {"code": "", "message": ""}}
+    model.model_validate(payload)
+
+
+async def test_objects_have_openais_shape(api: tuple[httpx.AsyncClient, Settings]) -> None:
+    client, settings = api
+    ev = (await client.post("/v1/evals", json=EVAL)).json()
+    openai_shape(ev, EvalCreateResponse)
+    run = (await client.post(f"/v1/evals/{ev['id']}/runs", json=RUN)).json()
+    openai_shape(run, RunCreateResponse)
+    assert run["status"] == "queued" and run["datasource_item_count"] == 1
+
+    db = Database(settings.database_url)  # what a worker does, through the store
+    try:
+        evals = Evals(db)
+        assert await evals.claim(run["id"], "w", 60)
+        assert await evals.record(run["id"], "w", ItemOutcome(
+            0, {"q": "France?", "a": "Paris"}, WIRE_SAMPLE,
+            [{"name": "exact", "type": "string_check", "passed": True, "score": 1.0,
+              "sample": None, "error": None, "detail": {}}], "pass",
+            {"chat": {"invocation_count": 1, "prompt_tokens": 3, "completion_tokens": 1,
+                      "total_tokens": 4, "cached_tokens": 0}}))
+    finally:
+        await db.close()
+    run = (await client.get(f"/v1/evals/{ev['id']}/runs/{run['id']}")).json()
+    openai_shape(run, RunCreateResponse)
+    assert run["result_counts"] == {"total": 1, "passed": 1, "failed": 0, "errored": 0}
+    assert run["per_testing_criteria_results"] == [
+        {"testing_criteria": "exact", "passed": 1, "failed": 0, "errored": 0}]
+    items = (await client.get(f"/v1/evals/{ev['id']}/runs/{run['id']}/output_items")).json()
+    assert items["object"] == "list" and not items["has_more"]
+    item = items["data"][0]
+    sample = item["sample"]
+    openai_shape({**item, "sample": {**sample, "error": {"code": "", "message": ""}}},
+                 OutputItemListResponse)
+    deleted = (await client.delete(f"/v1/evals/{ev['id']}")).json()
+    assert deleted == {"object": "eval.deleted", "deleted": True, "eval_id": ev["id"]}
+
+
+async def test_a_tenants_active_runs_are_bounded(api: tuple[httpx.AsyncClient, Settings]
+                                                 ) -> None:
+    client, _ = api
+    ev = (await client.post("/v1/evals", json=EVAL)).json()
+    runs = [(await client.post(f"/v1/evals/{ev['id']}/runs", json=RUN)).json()
+            for _ in range(2)]
+    refused = await client.post(f"/v1/evals/{ev['id']}/runs", json=RUN)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "too_many_eval_runs"
+    canceled = await client.post(f"/v1/evals/{ev['id']}/runs/{runs[0]['id']}")  # OpenAI's way
+    assert canceled.json()["status"] == "canceled"
+    assert (await client.post(f"/v1/evals/{ev['id']}/runs", json=RUN)).status_code == 200

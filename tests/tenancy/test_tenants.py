@@ -1,0 +1,64 @@
+"""Tenants and keys in the SQL store, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from llmops.store import ApiKey, Database, upgrade
+from tenancy.tenants import ConflictError, Limits, NotFoundError, Tenancy
+
+
+def test_migrations_are_idempotent(database_url: str) -> None:
+    upgrade(database_url)
+    upgrade(database_url)
+
+
+async def test_key_lifecycle(db: Database) -> None:
+    tenants = Tenancy(db)
+    team = await tenants.create_tenant("team-a", limits=Limits(rpm=100, budget_usd=5.0))
+    key, plain = await tenants.create_key(team.id, name="ci", models=["chat-*"],
+                                          limits=Limits(rpm=10, tpm=1000))
+    assert plain.startswith("sk-llmops-") and len(plain) > 50
+    # Stored hashed, with a visible prefix only.
+    async with db.session() as session:
+        row = await session.get(ApiKey, key.id)
+    assert row is not None and plain not in (row.hash, row.prefix)
+    assert row.hash == hashlib.sha256(plain.encode()).hexdigest()
+    assert plain.startswith(row.prefix)
+
+    who = await tenants.principal(plain)
+    assert who is not None and (who.key_id, who.tenant_id, who.role) == (key.id, team.id,
+                                                                        "member")
+    assert who.key_limits.rpm == 10 and who.tenant_limits.budget_usd == 5.0
+    assert who.may_use("chat-small") and not who.may_use("embed")
+    assert await tenants.principal(plain + "x") is None
+
+    await tenants.revoke_key(key.id)
+    assert await tenants.principal(plain) is None
+
+
+async def test_expired_keys_and_disabled_tenants_stop_working(db: Database) -> None:
+    tenants = Tenancy(db)
+    team = await tenants.create_tenant("team-b")
+    _, expired = await tenants.create_key(team.id, expires_at=datetime.now(UTC)
+                                          - timedelta(seconds=1))
+    _, live = await tenants.create_key(team.id, expires_at=datetime.now(UTC)
+                                       + timedelta(hours=1))
+    assert await tenants.principal(expired) is None
+    assert await tenants.principal(live) is not None
+    await tenants.disable_tenant(team.id)
+    assert await tenants.principal(live) is None
+
+
+async def test_errors_name_the_problem(db: Database) -> None:
+    tenants = Tenancy(db)
+    await tenants.create_tenant("dup")
+    with pytest.raises(ConflictError, match="dup"):
+        await tenants.create_tenant("dup")
+    with pytest.raises(NotFoundError):
+        await tenants.create_key("ten_missing")
+    with pytest.raises(NotFoundError):
+        await tenants.revoke_key("key_missing")
