@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 LOCK := constraints.txt
 EXTRAS := cpu,train,dev
 
-.PHONY: install lock models prometheus up down status test soak lint typecheck docs \
+.PHONY: install lock models prometheus up down status test soak lint typecheck contracts docs \
 	clean bench-peers-setup
 
 $(STAMP): pyproject.toml $(LOCK)
@@ -62,13 +62,17 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The layering: the contracts in pyproject.toml ([tool.importlinter]).
+contracts: install
+	$(BIN)/lint-imports --no-cache
+
 # The documentation site, built strictly (a broken link or anchor fails) into a scratch folder.
 docs: install
 	tmp=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet \
 	  --site-dir $$tmp; rc=$$?; rm -rf $$tmp; exit $$rc
 
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
-test: install models prometheus lint typecheck docs
+test: install models prometheus lint typecheck contracts docs
 	$(BIN)/pytest
 
 # The long reliability runs: scenarios too slow for `make test` (marked soak), then a soak of

@@ -2,11 +2,15 @@
 so that only the gateway's own cost shows. The upstream, the gateway (pinned to one core) and
 this client run side by side; each round measures direct and proxied requests interleaved.
 
-    .venv/bin/python -m bench.gateway_overhead [--requests 2000] [--rounds 3]
+    .venv/bin/python -m bench.gateway_overhead [--requests 2000] [--rounds 3] [--baseline DIR]
 
 Prints added latency p50/p99 at one connection (non-streaming), added time to first byte of a
 stream, and requests/s through the gateway at several concurrencies. The gateway runs with its
 auth, accounting and ledger on (the bootstrap admin key, a SQLite store, the local Redis).
+
+`--baseline DIR` also runs the gateway of another checkout (say, `git worktree add DIR REV`)
+on the same core, in front of the same upstream, and measures both in every round, one after
+the other, so that a change is compared with what it changes under the same machine load.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import statistics
 import sys
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 
 import aiohttp
@@ -25,35 +30,35 @@ from bench.report import pct
 from llmops.cli.stack import Service, free_port, stop_process_group
 
 
-async def measure(direct: str, proxied: str, args: argparse.Namespace) -> None:
-    rows: dict[str, list[float]] = {k: [] for k in
-                                    ("direct_p50", "direct_p99", "added_p50", "added_p99",
-                                     "ttfb_direct", "ttfb_added")}
+async def measure(direct: str, gateways: dict[str, str], args: argparse.Namespace) -> None:
+    """`gateways`: each gateway's URL by label; all are measured in every round."""
+    rows: dict[str, list[float]] = defaultdict(list)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
-        await latencies(s, proxied, BODY, 200)  # warm up connections and caches
-        await latencies(s, direct, BODY, 200)
+        for url in (*gateways.values(), direct):  # warm up connections and caches
+            await latencies(s, url, BODY, 200)
         for _ in range(args.rounds):
             d = await latencies(s, direct, BODY, args.requests)
-            p = await latencies(s, proxied, BODY, args.requests)
+            ds = await latencies(s, direct, STREAM_BODY, args.requests // 10, first_byte=True)
             rows["direct_p50"].append(pct(d, 0.5))
             rows["direct_p99"].append(pct(d, 0.99))
-            rows["added_p50"].append(pct(p, 0.5) - pct(d, 0.5))
-            rows["added_p99"].append(pct(p, 0.99) - pct(d, 0.99))
-            ds = await latencies(s, direct, STREAM_BODY, args.requests // 10, first_byte=True)
-            ps = await latencies(s, proxied, STREAM_BODY, args.requests // 10, first_byte=True)
             rows["ttfb_direct"].append(pct(ds, 0.5))
-            rows["ttfb_added"].append(pct(ps, 0.5) - pct(ds, 0.5))
+            for label, url in gateways.items():
+                p = await latencies(s, url, BODY, args.requests)
+                ps = await latencies(s, url, STREAM_BODY, args.requests // 10, first_byte=True)
+                rows[f"{label} p50"].append(pct(p, 0.5) - pct(d, 0.5))
+                rows[f"{label} p99"].append(pct(p, 0.99) - pct(d, 0.99))
+                rows[f"{label} ttfb"].append(pct(ps, 0.5) - pct(ds, 0.5))
     med = {k: statistics.median(v) * 1000 for k, v in rows.items()}
     print(f"one connection, {args.requests} requests x {args.rounds} rounds (medians of rounds)")
     print(f"  fake upstream alone      p50 {med['direct_p50']:.3f} ms   p99 "
-          f"{med['direct_p99']:.3f} ms")
-    print(f"  added by the gateway     p50 {med['added_p50']:.3f} ms   p99 "
-          f"{med['added_p99']:.3f} ms")
-    print(f"  stream first byte: upstream {med['ttfb_direct']:.3f} ms, added by the gateway "
-          f"{med['ttfb_added']:.3f} ms (p50)")
-    for c in (1, 16, 64):
-        print(f"  requests/s through the gateway at {c:>2} connections: "
-              f"{(await rate(proxied, c, args.seconds)).rate:,.0f}")
+          f"{med['direct_p99']:.3f} ms   stream first byte {med['ttfb_direct']:.3f} ms")
+    for label in gateways:
+        print(f"  added by {label:15} p50 {med[f'{label} p50']:.3f} ms   p99 "
+              f"{med[f'{label} p99']:.3f} ms   stream first byte {med[f'{label} ttfb']:.3f} ms")
+    for label, url in gateways.items():
+        for c in (1, 16, 64):
+            print(f"  requests/s through {label} at {c:>2} connections: "
+                  f"{(await rate(url, c, args.seconds)).rate:,.0f}")
 
 
 def main() -> None:
@@ -65,21 +70,28 @@ def main() -> None:
     parser.add_argument("--writer", choices=("separate", "in-process"), default="separate",
                         help="run the ledger writer as its own process (on the other core) "
                              "or inside the gateway")
+    parser.add_argument("--baseline", type=Path,
+                        help="a checkout of another version, measured side by side")
     args = parser.parse_args()
 
-    up_port, gw_port = free_port(), free_port()
+    up_port = free_port()
     upstream = Service("fake-upstream", [sys.executable, "-m", "bench.fake_upstream",
                                          str(up_port)], up_port, "/health")
+    sources = {"this gateway": None, **({"the baseline": args.baseline} if args.baseline
+                                        else {})}
     with tempfile.TemporaryDirectory() as tmp:
-        gw = gateway(Path(tmp), f"http://127.0.0.1:{up_port}", gw_port,
-                     writer_in_process=args.writer == "in-process")
-        procs = [start(upstream, "1"), start(gw, "0")]
-        if args.writer == "separate":
-            procs.append(ledger_writer(gw, "1"))
+        procs = [start(upstream, "1")]
+        urls = {}
+        for label, source in sources.items():
+            gw = gateway(Path(tmp), f"http://127.0.0.1:{up_port}", free_port(),
+                         writer_in_process=args.writer == "in-process", source=source)
+            procs.append(start(gw, "0", cwd=source))
+            if args.writer == "separate":
+                procs.append(ledger_writer(gw, "1", cwd=source))
+            urls[label] = f"http://127.0.0.1:{gw.port}/v1/chat/completions"
         print(f"ledger writer: {args.writer}")
         try:
-            asyncio.run(measure(f"http://127.0.0.1:{up_port}/v1/chat/completions",
-                                f"http://127.0.0.1:{gw_port}/v1/chat/completions", args))
+            asyncio.run(measure(f"http://127.0.0.1:{up_port}/v1/chat/completions", urls, args))
         finally:
             for proc in procs:
                 stop_process_group(proc.pid, grace_s=5)

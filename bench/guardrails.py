@@ -20,13 +20,16 @@ from typing import Any
 
 import orjson
 
-from gateway.inference.accounting import Account, SseUsageTap
+from gateway.inference.context import RequestContext
+from gateway.inference.hooks import GuardrailHook, Hooks, UsageHook
+from gateway.inference.sse import SseRelay
 from guardrails import Guardrails, OutputFilter, Tally
 from guardrails.schema import CATEGORIES
 from llmops.settings import GuardrailsConfig
 from tenancy.tenants import Limits, Principal
 
 WHO = Principal("key_bench", "ten_bench", "member", None, Limits(), Limits())
+HOOKS = Hooks([GuardrailHook(Guardrails(GuardrailsConfig())), UsageHook()])
 PROSE = ("The kettle comes with a seven-year warranty covering the heating element, and the "
          "service desk answers within 24 hours on weekdays between 9:00 and 17:30. ")
 VALUES = (" Write to jane.doe@example.com or call +44 20 7946 0958;"
@@ -60,8 +63,9 @@ def events(pieces: list[str]) -> list[bytes]:
 
 
 def per_chunk_us(chunks: list[bytes], guard: OutputFilter | None) -> float:
-    account = Account(None, WHO, "req", "/v1/chat/completions", "m")  # type: ignore[arg-type]
-    tap = SseUsageTap(account, client_usage=False, client_continuous=False, guard=guard)
+    ctx = RequestContext(WHO, "req", "/v1/chat/completions", "chat", lambda *_: None,
+                         model="m", output=guard)
+    tap = SseRelay(ctx, HOOKS)
     start = time.perf_counter()
     for chunk in chunks:
         tap.feed(chunk)

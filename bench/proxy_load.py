@@ -39,11 +39,13 @@ def chat_body(model: str, *, stream: bool = False, max_tokens: int | None = None
 
 
 def start(service: Service, core: str | None, timeout_s: float = 30.0,
-          log: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start `service` (pinned to `core` with taskset when given) and wait until healthy."""
+          log: Path | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start `service` (pinned to `core` with taskset when given) and wait until healthy; run
+    from `cwd`, a checkout's own code is imported first."""
     argv = ["taskset", "-c", core, *service.argv] if core else service.argv
     out = log.open("ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(argv, env={**os.environ, **service.env}, start_new_session=True,
+                            cwd=cwd,
                             stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
     deadline = time.monotonic() + timeout_s
     while not service.healthy():
@@ -56,7 +58,8 @@ def start(service: Service, core: str | None, timeout_s: float = 30.0,
 
 
 def gateway(tmp: Path, upstream: str, port: int, *, model: str = "fake",
-            writer_in_process: bool = False, pool: dict[str, object] | None = None) -> Service:
+            writer_in_process: bool = False, pool: dict[str, object] | None = None,
+            source: Path | None = None) -> Service:
     """The llmops gateway in front of `upstream` with auth (the bootstrap admin key `KEY`),
     limits (the local Redis) and the ledger (a SQLite store, spooled) on."""
     config = tmp / f"gateway-{port}.yaml"
@@ -66,16 +69,19 @@ def gateway(tmp: Path, upstream: str, port: int, *, model: str = "fake",
         "admin_key": KEY, "port": port, "log_level": "warning",
         "database_url": f"sqlite:///{tmp}/bench.db", "redis_prefix": f"bench-{port}",
         "ledger": {"spool_path": f"{tmp}/spool", "writer": writer_in_process}}))
-    return Service("llmops", [sys.executable, "-m", "gateway"], port, "/readyz",
-                   {"LLMOPS_CONFIG": str(config)})
+    env = {"LLMOPS_CONFIG": str(config)}
+    if source is not None:  # another checkout's gateway: its code first on the path
+        env["PYTHONPATH"] = str(source)
+    return Service("llmops", [sys.executable, "-m", "gateway"], port, "/readyz", env)
 
 
-def ledger_writer(gateway: Service, core: str | None) -> subprocess.Popen[bytes]:
+def ledger_writer(gateway: Service, core: str | None, cwd: Path | None = None
+                  ) -> subprocess.Popen[bytes]:
     """The ledger writer for `gateway`'s spool, as a process of its own (pinned to `core`)."""
     argv = [sys.executable, "-m", "llmops.cli", "ledger-writer"]
     return subprocess.Popen(["taskset", "-c", core, *argv] if core else argv,
                             env={**os.environ, **gateway.env}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def cpu_seconds(pgid: int) -> float:

@@ -48,13 +48,14 @@ from evals.graders import (
 )
 from evals.retrieval.items import retrieval_item
 from evals.retrieval.source import VECTOR_STORE_SEARCH
+from evals.runs import Enqueue
 from evals.store import Evals, ItemOutcome
 from llmops.files import Files
 from llmops.settings import Settings
 from llmops.store import Database, Eval, EvalRun, utcnow
 from tenancy.tenants import NotFoundError
 
-__all__ = ["RunOutcome", "execute_run", "run_eval", "run_now"]
+__all__ = ["RunOutcome", "execute_run", "in_process", "run_eval"]
 
 log = logging.getLogger(__name__)
 
@@ -97,30 +98,14 @@ def gateway_transport(settings: Settings) -> TransportFactory:
     return make
 
 
-async def run_now(ev: Eval, model: str, data_source: dict[str, Any], *, key_id: str,
-                  evals: Evals, files: Files, settings: Settings, name: str = "",
-                  metadata: dict[str, Any] | None = None,
-                  transport: TransportFactory | None = None) -> EvalRun:
-    """Create a run of `ev` and run it here and now instead of through the queue, and return
-    the finished run (`status`, tallies, `pass_ratios(run)`; its items through
-    `evals.list_items`): for a worker that needs the verdict before it goes on, as fine-tune
-    promotion does with the base model and the adapter.
-
-    `data_source` is a run's data source as the API takes it (`completions` with `source`,
-    `input_messages` and `sampling_params`, or `jsonl`); for `completions`, `model` is the
-    model evaluated. The model calls go through the gateway as `key_id` (the key that started
-    the work: its tenant's limits and ledger apply). The data is trusted, not checked as the
-    API checks it: a bad item or template fails the run, with the reason in `run.error`. If
-    this worker dies, the gateway queues the run on the `eval` queue, where it resumes."""
-    completions = data_source.get("type") == "completions"
-    ds = {**data_source, "model": model} if completions else dict(data_source)
-    run = await evals.create_run(ev, key_id=key_id, name=name or f"{model} run",
-                                 model=model if completions else "", data_source=ds,
-                                 metadata=metadata or {}, items_total=0)
-    await execute_run(run.id, evals, files, settings, transport)
-    finished = await evals.run(run.id)
-    assert finished is not None  # only its eval's deletion removes it
-    return finished
+def in_process(evals: Evals, files: Files, settings: Settings,
+               transport: TransportFactory | None = None) -> Enqueue:
+    """An `enqueue` for `evals.runs.RunStarter` that takes the run here and now instead of
+    queuing it, for a worker that needs the verdict before it goes on (fine-tune promotion).
+    If this worker dies, the gateway queues the run on the `eval` queue, where it resumes."""
+    async def run_here(run_id: str) -> None:
+        await execute_run(run_id, evals, files, settings, transport)
+    return run_here
 
 
 async def execute_run(run_id: str, evals: Evals, files: Files, settings: Settings,

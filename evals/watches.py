@@ -17,14 +17,14 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from evals.store import ACTIVE
-from llmops.store import Database, Eval, EvalRun, EvalWatch, utcnow
+from llmops.store import Database, Eval, EvalRun, EvalWatch, aware, utcnow
 from tenancy.tenants import ConflictError, NotFoundError
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "InvalidRunError",
     "WatchLimitError",
     "WatchView",
-    "aware",
     "pass_rate",
 ]
 
@@ -58,11 +57,6 @@ def pass_rate(run: EvalRun) -> float | None:
     not); None until an item is graded."""
     done = run.passed + run.failed + run.errored
     return run.passed / done if done else None
-
-
-def aware(value: datetime) -> datetime:
-    """SQLite hands datetimes back without their zone; they were stored in UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ job names, or one made from its validation file (each example's last assistant m
 the reference the answer is compared with, ROUGE-L >= 0.5). Items come from the job's
 `evaluation.data_source`, else from the validation file.
 
-An adapter beats the base when more of the eval's items pass every testing criterion with it
-than with the base; a tie or a failed run holds it back.
+Both runs start as any run does (`evals.runs`: their data checked, the tenant's active-run
+limit), made as the job's key, and are run here in the worker; a refused run fails the
+evaluation. An adapter beats the base when more of the eval's items pass every testing
+criterion with it than with the base; a tie or a failed run holds it back.
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ from typing import Any
 
 import aiohttp
 
-from evals.runner import run_now
+from evals.runner import in_process
+from evals.runs import RunIn, RunStarter, parse_run
 from evals.store import Evals
 from finetune.dataset import Example
 from finetune.jobs import FineTuning
+from llmops.catalog import Catalog
+from llmops.errors import APIError
 from llmops.files import Files
 from llmops.settings import Settings
 from llmops.store import Eval, EvalRun, FineTuningJob
-from tenancy.tenants import ON_BEHALF_HEADER, NotFoundError
+from tenancy.auth import acting_for
+from tenancy.tenants import ON_BEHALF_HEADER, NotFoundError, Tenancy
 
 __all__ = ["DEFAULT_CRITERION", "evaluate", "validation_data_source"]
 
@@ -71,14 +77,18 @@ async def evaluate(job: FineTuningJob, adapter: str, validation: list[Example],
         source = spec.get("data_source") or validation_data_source(
             validation, job.seed, settings.finetune.evaluation_max_tokens)
         await _wait_until_served(adapter, job, settings)
+        who = await acting_for(Tenancy(jobs.db), job.key_id)
+        if who is None:
+            raise PromotionError(f"The job's key {job.key_id} is revoked or expired, or its "
+                                 "tenant is disabled.")
+        starter = RunStarter(evals, files, _candidate_catalog(job, adapter, settings),
+                             settings.evals, in_process(evals, files, settings))
         await jobs.event(job.id, f"Evaluating {job.model} and {adapter} on eval {ev.id}")
         runs = {}
         for role, model in (("base", job.model), ("adapter", adapter)):
-            runs[role] = await run_now(
-                ev, model, source, key_id=job.key_id, evals=evals, files=files,
-                settings=settings, name=f"{job.id} {role}",
-                metadata={"fine_tuning_job": job.id, "role": role})
-    except (PromotionError, NotFoundError, aiohttp.ClientError, TimeoutError) as exc:
+            run = await starter.start(who, ev, _run_request(job, role, model, source))
+            runs[role] = await evals.get_run(ev.tenant_id, ev.id, run.id)  # as it finished
+    except (PromotionError, APIError, NotFoundError, aiohttp.ClientError, TimeoutError) as exc:
         return {"eval_id": spec.get("eval_id"), "promote": promote,
                 "promoted": promote == "always", "reason": f"The evaluation failed: {exc}"}
     base, tuned = _summary(runs["base"]), _summary(runs["adapter"])
@@ -91,6 +101,22 @@ async def evaluate(job: FineTuningJob, adapter: str, validation: list[Example],
                   f"base {base['passed_items']} of {base['items']}.")
     return {"eval_id": ev.id, "promote": promote, "base": base, "adapter": tuned,
             "promoted": promote == "always" or better, "better": better, "reason": reason}
+
+
+def _candidate_catalog(job: FineTuningJob, adapter: str, settings: Settings) -> Catalog:
+    """The gateway's catalog as it is while the adapter is judged (`gateway.routing.adapters`):
+    the configured models, and the candidate, owned by the job's tenant and withheld."""
+    catalog = Catalog(settings.models)
+    catalog.set_adapters(job.model, [adapter])
+    catalog.owners[adapter] = job.tenant_id
+    catalog.withheld.add(adapter)
+    return catalog
+
+
+def _run_request(job: FineTuningJob, role: str, model: str, source: dict[str, Any]) -> RunIn:
+    return parse_run({"name": f"{job.id} {role}",
+                      "metadata": {"fine_tuning_job": job.id, "role": role},
+                      "data_source": {**source, "model": model}})
 
 
 async def _the_eval(job: FineTuningJob, evals: Evals) -> Eval:

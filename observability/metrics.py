@@ -24,7 +24,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -41,8 +41,25 @@ from observability.server import authorized
 from observability.tenants import TenantLabels
 from tenancy.ledger import UsageEvent
 
-if TYPE_CHECKING:
-    from gateway.routing import Router
+
+class Replica(Protocol):
+    """What metrics read of a replica, as the gateway's routers keep it."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def healthy(self) -> bool: ...
+    @property
+    def config(self) -> PoolConfig | None: ...
+    @property
+    def circuit(self) -> Any: ...  # its `state` is an Enum member
+
+
+class Router(Protocol):
+    @property
+    def replicas(self) -> Sequence[Replica]: ...
 
 __all__ = [
     "CONTENT_TYPE",

@@ -24,7 +24,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from evals.store import pass_ratios
-from evals.watches import WatchView, aware, pass_rate
+from evals.watches import WatchView, pass_rate
+from llmops.store import aware
 from observability.tenants import OTHER, TenantLabels
 
 __all__ = ["FAMILY", "MAX_CRITERIA", "EvalWatchGauges", "criterion_label"]

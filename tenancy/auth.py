@@ -17,7 +17,6 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import UTC
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -27,7 +26,7 @@ from llmops.errors import (
     PermissionDeniedError,
     ServiceUnavailableError,
 )
-from llmops.store import utcnow
+from llmops.store import aware, utcnow
 from tenancy.tenants import (
     ADMIN_TENANT,
     ON_BEHALF_HEADER,
@@ -37,7 +36,7 @@ from tenancy.tenants import (
     hash_key,
 )
 
-__all__ = ["BOOTSTRAP_ADMIN", "ON_BEHALF_HEADER", "Authenticator"]
+__all__ = ["BOOTSTRAP_ADMIN", "ON_BEHALF_HEADER", "Authenticator", "acting_for"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,16 @@ _KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 BOOTSTRAP_ADMIN = Principal("key_bootstrap_admin", ADMIN_TENANT, "admin", None, Limits(),
                             Limits())
+
+
+async def acting_for(tenancy: Tenancy, key_id: str) -> Principal | None:
+    """Who our own machinery (a worker, the watch scheduler) is when it acts for the key that
+    started its work: that key, `delegated`; None when the key is unknown, revoked or expired,
+    or its tenant is disabled."""
+    if key_id == BOOTSTRAP_ADMIN.key_id:
+        return BOOTSTRAP_ADMIN
+    found = await tenancy.principal_of(key_id)
+    return None if found is None else replace(found, delegated=True)
 
 
 class Authenticator:
@@ -86,13 +95,11 @@ class Authenticator:
                 f"Only admin keys may act on behalf of another key ({ON_BEHALF_HEADER}).")
         if not _KEY_ID.match(key_id):
             raise BadRequestError(f"{ON_BEHALF_HEADER} must be a key id.")
-        if key_id == BOOTSTRAP_ADMIN.key_id:
-            return BOOTSTRAP_ADMIN
-        acting = await self._lookup(f"id:{key_id}", lambda: self.tenancy.principal_of(key_id))
+        acting = await self._lookup(f"id:{key_id}", lambda: acting_for(self.tenancy, key_id))
         if acting is None:
             raise AuthenticationError(
                 f"The key named by {ON_BEHALF_HEADER} is unknown, revoked or expired.")
-        return replace(acting, delegated=True)
+        return acting
 
     async def _lookup(self, cache_key: str,
                       fetch: Callable[[], Awaitable[Principal | None]]) -> Principal | None:
@@ -117,10 +124,9 @@ class Authenticator:
 
     @staticmethod
     def _unexpired(principal: Principal | None) -> Principal | None:
-        if principal is not None and principal.expires_at is not None:
-            expires = principal.expires_at
-            if (expires if expires.tzinfo else expires.replace(tzinfo=UTC)) <= utcnow():
-                return None  # expired while cached
+        if principal is not None and principal.expires_at is not None \
+                and aware(principal.expires_at) <= utcnow():
+            return None  # expired while cached
         return principal
 
     def forget(self) -> None:

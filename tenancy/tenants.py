@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from guardrails.schema import GuardrailsPolicy
-from llmops.store import ApiKey, Database, Tenant, utcnow
+from llmops.store import ApiKey, Database, Tenant, aware, utcnow
 
 __all__ = [
     "ADMIN_TENANT",
@@ -224,7 +224,7 @@ def _usable(key: ApiKey, tenant: Tenant) -> Principal | None:
     """The key's principal, unless it or its tenant can no longer be used."""
     if key.revoked_at is not None or tenant.disabled_at is not None:
         return None
-    if key.expires_at is not None and _aware(key.expires_at) <= utcnow():
+    if key.expires_at is not None and aware(key.expires_at) <= utcnow():
         return None
     return Principal(key.id, tenant.id, key.role,
                      tuple(key.models) if key.models is not None else None,
@@ -241,8 +241,3 @@ def _apply_limits(row: Tenant | ApiKey, limits: Limits) -> None:
 def _policy(stored: dict[str, Any] | None) -> GuardrailsPolicy | None:
     # Validated when an admin set it; parsed here once per key lookup, not per request.
     return GuardrailsPolicy.model_validate(stored) if stored else None
-
-
-def _aware(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; every stored time is UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -9,12 +9,11 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Query
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import select
 
 import tenancy
 from gateway.http.auth import authenticated, require_admin
-from gateway.inference.accounting import PriceBook
 from guardrails.schema import GuardrailsPolicy
 from llmops.catalog import Catalog
 from llmops.errors import (
@@ -25,7 +24,9 @@ from llmops.errors import (
     ServiceUnavailableError,
 )
 from llmops.store import ApiKey, Database, ModelPrice, Tenant
+from llmops.wire import Wire
 from observability.drift import DriftDetector, ReferenceSource
+from tenancy.accounting import PriceBook
 from tenancy.auth import Authenticator
 from tenancy.ledger import usage_report
 from tenancy.pricing import Price
@@ -55,11 +56,7 @@ def _storable(value: dict[str, Any]) -> dict[str, Any]:
 Metadata = Annotated[dict[str, Any], AfterValidator(_storable)]
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LimitsIn(_Wire):
+class LimitsIn(Wire):
     rpm_limit: int | None = Field(None, ge=1, le=_INT_MAX)
     tpm_limit: int | None = Field(None, ge=1, le=_INT_MAX)
     budget_usd: float | None = Field(None, ge=0, le=_MONEY_MAX, allow_inf_nan=False)
@@ -69,7 +66,7 @@ class LimitsIn(_Wire):
         return Limits(self.rpm_limit, self.tpm_limit, self.budget_usd, self.budget_period)
 
 
-class DriftReferenceIn(_Wire):
+class DriftReferenceIn(Wire):
     model: str = Field(min_length=1, max_length=256)
     source: ReferenceSource = Field(
         "recent", description="`recent`: the recent window becomes the reference; `next`: the "
@@ -87,7 +84,7 @@ class TenantIn(LimitsIn):
     guardrails: GuardrailsPolicy | None = Field(None, description=_GUARDRAILS)
 
 
-class TenantPatch(_Wire):
+class TenantPatch(Wire):
     name: str | None = Field(None, min_length=1, max_length=128)
     rpm_limit: int | None = Field(None, ge=1, le=_INT_MAX)
     tpm_limit: int | None = Field(None, ge=1, le=_INT_MAX)
@@ -107,7 +104,7 @@ class KeyIn(LimitsIn):
     guardrails: GuardrailsPolicy | None = Field(None, description=_GUARDRAILS)
 
 
-class KeyPatch(_Wire):
+class KeyPatch(Wire):
     name: str | None = Field(None, max_length=128)
     models: list[str] | None = None
     rpm_limit: int | None = Field(None, ge=1, le=_INT_MAX)
@@ -119,7 +116,7 @@ class KeyPatch(_Wire):
     guardrails: GuardrailsPolicy | None = Field(None, description=_GUARDRAILS)
 
 
-class PriceIn(_Wire):
+class PriceIn(Wire):
     input_per_mtok: float = Field(ge=0, le=_MONEY_MAX, allow_inf_nan=False,
                                   description="USD per million prompt tokens.")
     output_per_mtok: float = Field(ge=0, le=_MONEY_MAX, allow_inf_nan=False,

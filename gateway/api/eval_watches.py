@@ -2,9 +2,9 @@
 schedule, its pass rates exported as metrics and alerted on below a threshold or below the
 accepted run.
 
-`POST /v1/evals/{eval_id}/watches` creates one and starts its first run at once, through the
-same `POST /v1/evals/{eval_id}/runs` a client uses, as the caller: the data source is checked
-exactly as a run's, and an error is the run's (a watch's `model` is its own field). Then
+`POST /v1/evals/{eval_id}/watches` creates one and starts its first run at once, as the
+caller, the way every run starts (`evals.runs`): the data source is checked exactly as a run's,
+and an error is the run's (a watch's `model` is its own field). Then
 `GET .../watches[/{watch_id}]`, `POST .../watches/{watch_id}` (interval_s, min_pass_rate,
 tolerance, enabled, accepted_run_id) and `DELETE .../watches/{watch_id}`. Another tenant's
 eval or watch is reported as missing.
@@ -16,23 +16,20 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 import tenancy
+from evals.runs import RunStarter
+from evals.scheduler import start_watch_run
 from evals.store import Evals, pass_ratios
-from evals.watches import (
-    EvalWatches,
-    InvalidRunError,
-    WatchLimitError,
-    WatchView,
-    aware,
-    pass_rate,
-)
-from gateway.eval_scheduler import RunStarter, run_request
+from evals.watches import EvalWatches, InvalidRunError, WatchLimitError, WatchView, pass_rate
 from gateway.http.auth import authenticated
+from gateway.http.paging import page
+from gateway.http.timestamps import epoch
 from llmops.errors import BadRequestError, ConflictError, NotFoundError, RateLimitError
 from llmops.settings import Settings
 from llmops.store import Eval, EvalRun, EvalWatch
+from llmops.wire import Wire
 from tenancy.auth import Authenticator
 from tenancy.tenants import Principal
 
@@ -43,11 +40,7 @@ Interval = Annotated[int, Field(ge=1, le=_MAX_INTERVAL_S)]
 Ratio = Annotated[float, Field(ge=0, le=1)]
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class WatchDataSourceIn(_Wire):
+class WatchDataSourceIn(Wire):
     """A `completions` run's data source without its model (the watch's `model`)."""
 
     type: Literal["completions"]
@@ -56,7 +49,7 @@ class WatchDataSourceIn(_Wire):
     sampling_params: dict[str, Any] | None = None
 
 
-class WatchIn(_Wire):
+class WatchIn(Wire):
     name: str = Field(pattern=r"^[a-z0-9_-]{1,48}$")
     model: str = Field(min_length=1, max_length=256)
     data_source: WatchDataSourceIn
@@ -65,7 +58,7 @@ class WatchIn(_Wire):
     tolerance: Ratio = 0.0
 
 
-class WatchPatch(_Wire):
+class WatchPatch(Wire):
     interval_s: Interval | None = None
     min_pass_rate: Ratio | None = None
     tolerance: Ratio | None = None
@@ -73,15 +66,11 @@ class WatchPatch(_Wire):
     accepted_run_id: str | None = Field(None, max_length=40)
 
 
-def _ts(value: Any) -> int | None:
-    return int(aware(value).timestamp()) if value is not None else None
-
-
 def _run(run: EvalRun | None) -> dict[str, Any] | None:
     if run is None:
         return None
-    return {"id": run.id, "status": run.status, "created_at": _ts(run.created_at),
-            "finished_at": _ts(run.finished_at), "pass_rate": pass_rate(run),
+    return {"id": run.id, "status": run.status, "created_at": epoch(run.created_at),
+            "finished_at": epoch(run.finished_at), "pass_rate": pass_rate(run),
             "per_testing_criteria": pass_ratios(run)}
 
 
@@ -95,15 +84,15 @@ def watch_out(view: WatchView) -> dict[str, Any]:
         "object": "eval.watch", "id": w.id, "eval_id": w.eval_id, "name": w.name,
         "model": w.model, "data_source": w.data_source, "interval_s": w.interval_s,
         "min_pass_rate": w.min_pass_rate, "tolerance": w.tolerance, "enabled": w.enabled,
-        "created_at": _ts(w.created_at),
-        "next_run_at": _ts(w.next_run_at) if w.enabled else None,
+        "created_at": epoch(w.created_at),
+        "next_run_at": epoch(w.next_run_at) if w.enabled else None,
         "pass_rate": latest["pass_rate"] if latest else None,
         "accepted_pass_rate": accepted["pass_rate"] if accepted else None,
         "below_threshold": view.below_threshold, "regressed": view.regressed,
         "last_run": _run(view.last_run), "latest_completed_run": latest,
         "accepted_run": accepted,
         "skipped_runs": w.skipped_runs,
-        "last_skip": ({"at": _ts(w.last_skip_at), "reason": w.last_skip_reason}
+        "last_skip": ({"at": epoch(w.last_skip_at), "reason": w.last_skip_reason}
                       if w.last_skip_at is not None else None),
         "last_error": w.last_error,
     }
@@ -158,22 +147,18 @@ def eval_watches_router(settings: Settings, evals: Evals, watches: EvalWatches,
             raise RateLimitError(str(exc), code="too_many_eval_watches") from None
         # The first run, made as the caller: its refusal is the watch's.
         try:
-            run = await starter.start(ev.id, run_request(watch),
-                                      starter.relayed(request.headers))
+            run = await start_watch_run(starter, who, ev, watch)
         except Exception:
             await watches.delete(ev.tenant_id, ev.id, watch.id)
             raise
-        await watches.started(watch.id, str(run["id"]))
+        await watches.started(watch.id, run.id)
         return await out(await watches.get(ev.tenant_id, ev.id, watch.id))
 
     @router.get("/{eval_id}/watches")
     async def list_watches(request: Request, eval_id: str) -> dict[str, Any]:
         ev = await owned(request, eval_id)
         views = await watches.views(await watches.list_watches(ev.tenant_id, ev.id))
-        data = [watch_out(v) for v in views]
-        return {"object": "list", "data": data, "has_more": False,
-                "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None}
+        return page([watch_out(v) for v in views], False)
 
     @router.get("/{eval_id}/watches/{watch_id}")
     async def retrieve(request: Request, eval_id: str, watch_id: str) -> dict[str, Any]:

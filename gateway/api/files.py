@@ -13,6 +13,8 @@ from starlette.responses import FileResponse
 
 import tenancy
 from gateway.http.auth import authenticated
+from gateway.http.paging import bounded, page
+from gateway.http.timestamps import epoch
 from llmops.errors import (
     BadRequestError,
     InsufficientStorageError,
@@ -31,7 +33,7 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 def _file_out(row: StoredFile) -> dict[str, Any]:
     return {"id": row.id, "object": "file", "bytes": row.bytes,
-            "created_at": int(row.created_at.timestamp()), "filename": row.filename,
+            "created_at": epoch(row.created_at), "filename": row.filename,
             "purpose": row.purpose, "status": "processed", "expires_at": None,
             "status_details": None}
 
@@ -90,17 +92,12 @@ def files_router(files: Files, auth: Authenticator, on_delete: OnDelete | None =
     @router.get("")
     async def list_files(request: Request, purpose: str | None = None, limit: int = 10_000,
                          after: str | None = None) -> dict[str, Any]:
-        if not 1 <= limit <= 10_000:
-            raise BadRequestError("'limit' must be between 1 and 10000.", param="limit")
         try:
             rows, more = await files.list(request.state.principal.tenant_id, purpose=purpose,
-                                          limit=limit, after=after)
+                                          limit=bounded(limit, 10_000), after=after)
         except tenancy.NotFoundError as exc:
             raise NotFoundError(str(exc), param="after") from None
-        data = [_file_out(r) for r in rows]
-        return {"object": "list", "data": data, "has_more": more,
-                "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None}
+        return page([_file_out(r) for r in rows], more)
 
     @router.get("/{file_id}")
     async def retrieve(request: Request, file_id: str) -> dict[str, Any]:

@@ -12,12 +12,14 @@ from typing import Any, Literal
 
 from celery import Celery
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 import tenancy
 from evals.store import Evals
 from finetune.jobs import FineTuning, adapter_name
 from gateway.http.auth import authenticated
+from gateway.http.paging import page
+from gateway.http.timestamps import epoch
 from gateway.tasks import enqueue
 from llmops.errors import (
     BadRequestError,
@@ -28,6 +30,7 @@ from llmops.errors import (
 from llmops.files import Files
 from llmops.settings import Settings
 from llmops.store import FineTuningJob
+from llmops.wire import Open, Wire
 from tenancy.auth import Authenticator
 from workers.app import FINETUNE_TASK
 
@@ -36,24 +39,18 @@ __all__ = ["fine_tuning_router"]
 Auto = Literal["auto"]
 
 
-class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Hyperparameters(Wire):
     n_epochs: int | Auto = Field("auto", description="1-50")
     batch_size: int | Auto = Field("auto", description="1-256")
     learning_rate_multiplier: float | Auto = Field("auto", description="0 < x <= 10")
 
 
-class Method(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class Method(Open):
     type: Literal["supervised"] = "supervised"
     supervised: dict[str, Any] | None = None
 
 
-class LoraOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LoraOptions(Wire):
     r: int = Field(16, ge=1, le=256)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -63,10 +60,8 @@ class LoraOptions(BaseModel):
     checkpoint_every: int = Field(10, ge=1)
 
 
-class EvaluationIn(BaseModel):
+class EvaluationIn(Wire):
     """Ours: evaluate base and adapter after training (see finetune.promotion)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     eval_id: str | None = Field(None, description="The eval; default: one made from the "
                                 "validation file's answers.")
@@ -77,9 +72,7 @@ class EvaluationIn(BaseModel):
         "always", description="`if_better`: serve the adapter only if it beats the base.")
 
 
-class JobIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class JobIn(Wire):
     model: str
     training_file: str
     validation_file: str | None = None
@@ -132,10 +125,10 @@ def job_out(job: FineTuningJob) -> dict[str, Any]:
     hp = {"n_epochs": job.hyperparameters.get("n_epochs", 3),
           "batch_size": job.hyperparameters.get("batch_size", 4),
           "learning_rate_multiplier": job.hyperparameters.get("learning_rate_multiplier", 1.0)}
-    finished = int(job.finished_at.timestamp()) if job.finished_at else None
     return {
-        "id": job.id, "object": "fine_tuning.job", "created_at": int(job.created_at.timestamp()),
-        "finished_at": finished, "model": job.model, "fine_tuned_model": job.fine_tuned_model,
+        "id": job.id, "object": "fine_tuning.job", "created_at": epoch(job.created_at),
+        "finished_at": epoch(job.finished_at), "model": job.model,
+        "fine_tuned_model": job.fine_tuned_model,
         "organization_id": job.tenant_id, "result_files": [], "status": job.status,
         "training_file": job.training_file, "validation_file": job.validation_file,
         "hyperparameters": hp, "trained_tokens": job.trained_tokens, "error": job.error,
@@ -227,7 +220,7 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
                                        limit=max(1, min(limit, 1000)), after=cursor)
         return {"object": "list", "has_more": more, "data": [
             {"id": f"ftevent-{e.id}", "object": "fine_tuning.job.event",
-             "created_at": int(e.created_at.timestamp()), "level": e.level,
+             "created_at": epoch(e.created_at), "level": e.level,
              "message": e.message, "type": e.type, "data": e.data} for e in rows]}
 
     @router.get("/{job_id}/checkpoints")
@@ -235,12 +228,10 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
         job = await owned(request, job_id)
         rows = await jobs.checkpoints(job_id, job.tenant_id)
         data = [{"id": c.id, "object": "fine_tuning.job.checkpoint",
-                 "created_at": int(c.created_at.timestamp()), "fine_tuning_job_id": job_id,
+                 "created_at": epoch(c.created_at), "fine_tuning_job_id": job_id,
                  "fine_tuned_model_checkpoint": f"{adapter_name(job)}:ckpt-step-{c.step}",
                  "step_number": c.step, "metrics": {"step": c.step, **c.metrics}}
                 for c in rows]
-        return {"object": "list", "data": data, "has_more": False,
-                "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None}
+        return page(data, False)
 
     return router

@@ -20,7 +20,6 @@ from celery import Celery
 from fastapi import APIRouter, Depends, Request
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     StrictBool,
     StrictFloat,
@@ -31,13 +30,16 @@ from pydantic import (
 
 import tenancy
 from gateway.http.auth import authenticated, require_admin
+from gateway.http.body import read_body
+from gateway.http.paging import bounded, page
+from gateway.http.timestamps import epoch
 from gateway.inference.grounding import Retriever
-from gateway.inference.proxy import read_body
 from gateway.tasks import enqueue
 from llmops.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 from llmops.files import Files
 from llmops.settings import Settings
 from llmops.store import VectorStore, VectorStoreFile
+from llmops.wire import Wire
 from retrieval import (
     Chunk,
     ChunkingStrategy,
@@ -56,34 +58,30 @@ Attributes = Annotated[dict[Annotated[str, Field(max_length=64)], Attribute],
                        Field(max_length=16)]
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StoreIn(_Wire):
+class StoreIn(Wire):
     name: str | None = Field(None, max_length=256)
     file_ids: list[str] = Field(default_factory=list, max_length=500)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
     chunking_strategy: dict[str, Any] | None = None
 
 
-class StorePatch(_Wire):
+class StorePatch(Wire):
     name: str | None = Field(None, max_length=256)
     metadata: dict[str, str] | None = Field(None, max_length=16)
 
 
-class FileIn(_Wire):
+class FileIn(Wire):
     file_id: str
     attributes: Attributes = Field(default_factory=dict)
     chunking_strategy: dict[str, Any] | None = None
 
 
-class RankingOptions(_Wire):
+class RankingOptions(Wire):
     ranker: Literal["auto", "default-2024-11-15", "none"] = "auto"
     score_threshold: float = Field(0.0, ge=0, le=1)
 
 
-class SearchIn(_Wire):
+class SearchIn(Wire):
     query: str | list[str]
     filters: dict[str, Any] | None = None
     max_num_results: int = Field(10, ge=1, le=50)
@@ -110,8 +108,7 @@ class PointsIn(BaseModel):
 async def store_out(stores: VectorStores, row: VectorStore) -> dict[str, Any]:
     counts, usage = await stores.file_counts(row.id)
     return {"id": row.id, "object": "vector_store", "name": row.name,
-            "created_at": int(row.created_at.timestamp()),
-            "last_active_at": int(row.last_active_at.timestamp()),
+            "created_at": epoch(row.created_at), "last_active_at": epoch(row.last_active_at),
             "status": "in_progress" if counts["in_progress"] else "completed",
             "usage_bytes": usage, "file_counts": counts, "metadata": row.metadata_,
             "expires_after": None, "expires_at": None}
@@ -119,23 +116,11 @@ async def store_out(stores: VectorStores, row: VectorStore) -> dict[str, Any]:
 
 def file_out(row: VectorStoreFile) -> dict[str, Any]:
     return {"id": row.file_id, "object": "vector_store.file", "vector_store_id": row.store_id,
-            "created_at": int(row.created_at.timestamp()), "status": row.status,
+            "created_at": epoch(row.created_at), "status": row.status,
             "usage_bytes": row.usage_bytes, "last_error": row.last_error,
             "attributes": row.attributes, "chunking_strategy": {"type": "static", "static": {
                 "max_chunk_size_tokens": row.chunking.get("max_tokens"),
                 "chunk_overlap_tokens": row.chunking.get("overlap_tokens")}}}
-
-
-def _page(data: list[dict[str, Any]], more: bool) -> dict[str, Any]:
-    return {"object": "list", "data": data, "has_more": more,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None}
-
-
-def _limit(limit: int) -> int:
-    if not 1 <= limit <= 100:
-        raise BadRequestError("'limit' must be between 1 and 100.", param="limit")
-    return limit
 
 
 def vector_stores_router(settings: Settings, stores: VectorStores, files: Files,
@@ -196,10 +181,10 @@ def vector_stores_router(settings: Settings, stores: VectorStores, files: Files,
                           order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
         try:
             rows, more = await stores.list_stores(request.state.principal.tenant_id,
-                                           limit=_limit(limit), after=after, order=order)
+                                           limit=bounded(limit), after=after, order=order)
         except tenancy.NotFoundError as exc:
             raise NotFoundError(str(exc), param="after") from None
-        return _page([await store_out(stores, r) for r in rows], more)
+        return page([await store_out(stores, r) for r in rows], more)
 
     @router.get("/{store_id}")
     async def retrieve(request: Request, store_id: str) -> dict[str, Any]:
@@ -237,11 +222,11 @@ def vector_stores_router(settings: Settings, stores: VectorStores, files: Files,
         store = await owned(request, store_id)
         try:
             rows, more = await stores.list_files(store.tenant_id, store.id,
-                                                 limit=_limit(limit), after=after,
+                                                 limit=bounded(limit), after=after,
                                                  status=filter, order=order)
         except tenancy.NotFoundError as exc:
             raise NotFoundError(str(exc), param="after") from None
-        return _page([file_out(r) for r in rows], more)
+        return page([file_out(r) for r in rows], more)
 
     @router.get("/{store_id}/files/{file_id}")
     async def get_file(request: Request, store_id: str, file_id: str) -> dict[str, Any]:

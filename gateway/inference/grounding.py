@@ -180,23 +180,6 @@ class Grounding:
         context = _INSTRUCTIONS + "\n\n" + "\n\n".join(blocks)
         return [{"role": "system", "content": context}, *original]
 
-    def with_citations(self, response: Response) -> Response:
-        """A successful answer with its citations added."""
-        if response.status_code != 200:
-            return response
-        payload = orjson.loads(response.body)
-        payload["citations"] = self.citations()
-        payload["dropped_sources"] = self.dropped
-        headers = {k: v for k, v in response.headers.items() if k != "content-length"}
-        return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
-
-    def trailer(self, model: str) -> bytes:
-        """The last event of a stream: its citations, in a chunk with no choices."""
-        chunk = {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion.chunk",
-                 "created": int(time.time()), "model": model, "choices": [],
-                 "citations": self.citations(), "dropped_sources": self.dropped}
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
     def no_answer(self, request: ChatCompletionRequest) -> Response:
         """What the gateway says, without asking the model, when no source is relevant."""
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())

@@ -4,7 +4,7 @@ attributes for inference, and one CLIENT span per attempt at an upstream call.
 The server span continues the client's trace (`traceparent`) and ends when the response's
 last byte is sent, so a stream's span covers the whole stream and holds its token usage. It
 reads what the request left in its state: the principal, the request id, and for inference
-the `Account` (model, pool, usage, finish reasons) and the parsed request. Only used while
+the request's context (model, parsed request, pool, usage, finish reasons). Only used while
 tracing is on (see `observability.tracing`).
 """
 
@@ -20,7 +20,7 @@ from opentelemetry.trace import Span, SpanKind, StatusCode
 from opentelemetry.util.types import AttributeValue
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.inference.accounting import Account
+from gateway.inference.context import RequestContext
 from gateway.inference.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from gateway.routing import Replica
 from guardrails import redact, scan
@@ -85,17 +85,17 @@ def _finish(span: Span, scope: Scope, status: int, body: bytes | None) -> None:
     if status >= 500:
         attrs["error.type"] = str(status)
         span.set_status(StatusCode.ERROR)
-    account: Account | None = state.get("account")
-    if account is not None and (operation := OPERATIONS.get(account.endpoint)):
-        parsed: OpenAIRequest | None = state.get("parsed")
-        span.update_name(f"{operation} {account.model}" if account.model else operation)
-        attrs.update(_inference(operation, account, parsed))
+    ctx: RequestContext | None = state.get("context")
+    if ctx is not None and (operation := OPERATIONS.get(ctx.endpoint)):
+        parsed = ctx.parsed
+        span.update_name(f"{operation} {ctx.model}" if ctx.model else operation)
+        attrs.update(_inference(operation, ctx, parsed))
         if tracing.capture_content() and parsed is not None:
             attrs.update(_content(parsed, body, status))
     span.set_attributes(attrs)
 
 
-def _inference(operation: str, account: Account, parsed: OpenAIRequest | None
+def _inference(operation: str, account: RequestContext, parsed: OpenAIRequest | None
                ) -> dict[str, AttributeValue]:
     attrs: dict[str, AttributeValue] = {"gen_ai.operation.name": operation,
                                         "gen_ai.provider.name": PROVIDER}

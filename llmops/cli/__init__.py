@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NoReturn
 
 from redis.asyncio import Redis
 
@@ -146,11 +147,9 @@ def cmd_models(_: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_gateway(_: argparse.Namespace) -> int:
-    from gateway.__main__ import main as serve
-
-    serve()
-    return 0
+def cmd_gateway(_: argparse.Namespace) -> NoReturn:
+    # The gateway is a process of its own; the CLI hands over to it.
+    os.execv(sys.executable, [sys.executable, "-m", "gateway"])
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -17,10 +17,11 @@ from llmops.store.models import (
     UsageRecord,
     VectorStore,
     VectorStoreFile,
+    aware,
     utcnow,
 )
 
 __all__ = ["ApiKey", "Base", "Database", "Eval", "EvalOutputItem", "EvalRun", "EvalWatch",
            "FineTuningCheckpoint", "FineTuningEvent",
            "FineTuningJob", "ModelPrice", "StoredFile", "Tenant", "UsageRecord", "VectorStore",
-           "VectorStoreFile", "upgrade", "utcnow"]
+           "VectorStoreFile", "aware", "upgrade", "utcnow"]

@@ -36,6 +36,7 @@ __all__ = [
     "UsageRecord",
     "VectorStore",
     "VectorStoreFile",
+    "aware",
     "utcnow",
 ]
 
@@ -44,6 +45,12 @@ Money = Numeric(20, 10)
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def aware(value: datetime) -> datetime:
+    """A stored time with its zone: every stored time is UTC, and SQLite hands it back naive
+    (read as local time, it would be off by the machine's offset)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):

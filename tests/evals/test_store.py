@@ -17,13 +17,15 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from evals.client import GatewayTransport
-from evals.runner import execute_run, run_now
+from evals.runner import execute_run, in_process
+from evals.runs import RunStarter, parse_run
 from evals.store import Evals, ItemOutcome, RunLimitError, pass_ratios
+from llmops.catalog import Catalog
 from llmops.files import Files
-from llmops.settings import Settings
+from llmops.settings import ModelConfig, Settings
 from llmops.store import Base, Database, Eval
 from llmops.store.db import sync_url
-from tenancy.tenants import ON_BEHALF_HEADER, NotFoundError
+from tenancy.tenants import ON_BEHALF_HEADER, Limits, NotFoundError, Principal
 
 CRITERIA = [{"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
              "reference": "{{item.answer}}", "operation": "eq"}]
@@ -313,12 +315,20 @@ async def test_a_run_whose_worker_died_resumes_without_redoing_items(
     assert orjson.loads(orjson.dumps(third.datasource_item)) == content[2]["item"]
 
 
-async def test_run_now_evaluates_a_model_inside_the_worker(
+async def test_a_run_started_in_process_is_evaluated_inside_the_worker(
         db: Database, fake_gateway: tuple[FakeGateway, str], tmp_path: Path) -> None:
-    """What fine-tune promotion uses: a run created and run at once, its verdict returned."""
+    """What fine-tune promotion does: a run checked and stored as any run, then run at once by
+    the worker acting for the job's key, on the candidate adapter only such workers see."""
     fake, url = fake_gateway
     evals = Evals(db)
+    files = Files(db, tmp_path, 1 << 20)
     ev = await new_eval(evals)
+    catalog = Catalog([ModelConfig(name="chat", kind="chat",
+                                   pools=[{"device": "cpu", "urls": [url]}])])
+    catalog.set_adapters("chat", ["ft:chat:x:1"])
+    catalog.owners["ft:chat:x:1"] = "ten_a"
+    catalog.withheld.add("ft:chat:x:1")
+    worker = Principal("key_job", "ten_a", "member", None, Limits(), Limits(), delegated=True)
     content = [{"item": {"question": f"What is the capital of {c}?", "answer": "Paris"}}
                for c in ("France", "Chile")]
     source = {"type": "completions", "source": {"type": "file_content", "content": content},
@@ -329,9 +339,13 @@ async def test_run_now_evaluates_a_model_inside_the_worker(
         return GatewayTransport(session, url, "sk-admin", r.key_id, concurrency=2,
                                 attempts=1, embedding_model=None, request_prefix=r.id)
 
-    run = await run_now(ev, "ft:chat:x:1", source, key_id="key_job", evals=evals,
-                        files=Files(db, tmp_path, 1 << 20), settings=Settings(),
-                        transport=transport)
+    settings = Settings()
+    starter = RunStarter(evals, files, catalog, settings.evals,
+                         in_process(evals, files, settings, transport))
+    started = await starter.start(worker, ev, parse_run(
+        {"data_source": {**source, "model": "ft:chat:x:1"}}))
+    run = await evals.get_run("ten_a", ev.id, started.id)
     assert (run.status, run.model, run.items_total) == ("completed", "ft:chat:x:1", 2)
     assert pass_ratios(run) == {"exact": 0.5}
     assert {body["model"] for _, body in fake.requests} == {"ft:chat:x:1"}
+    assert {headers[ON_BEHALF_HEADER] for headers, _ in fake.requests} == {"key_job"}

@@ -2,39 +2,36 @@
 names, the limits (also under concurrent creations), due watches claimed by exactly one of
 two schedulers, the first completed run accepted by itself and another accepted on request,
 cascades when an eval or a run goes, the gauges with bounded labels, and the scheduler
-starting, skipping and failing runs through a tiny in-process API."""
+starting runs as the watch's key, skipping a round while the previous run is active, and
+recording why a run was refused (a model it may not use, a revoked key)."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
 
 import pytest
 import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from evals.runs import RunStarter
+from evals.scheduler import WatchScheduler, start_watch_run
 from evals.store import Evals
-from evals.watches import (
-    EvalWatches,
-    InvalidRunError,
-    WatchLimitError,
-    WatchView,
-    aware,
-    pass_rate,
-)
-from gateway.eval_scheduler import RunNotStarted, RunStarter, WatchScheduler
-from llmops.settings import MetricsConfig
-from llmops.store import Base, Database, Eval, EvalRun, EvalWatch, utcnow
+from evals.watches import EvalWatches, InvalidRunError, WatchLimitError, WatchView, pass_rate
+from llmops.catalog import Catalog
+from llmops.errors import ModelNotFoundError
+from llmops.files import Files
+from llmops.settings import EvalsConfig, MetricsConfig, ModelConfig
+from llmops.store import Base, Database, Eval, EvalRun, EvalWatch, aware, utcnow
 from llmops.store.db import sync_url
 from observability.metrics import GatewayMetrics
 from observability.watch_metrics import FAMILY, EvalWatchGauges, criterion_label
-from tenancy.tenants import ON_BEHALF_HEADER, ConflictError, NotFoundError
+from tenancy.auth import acting_for
+from tenancy.tenants import ConflictError, NotFoundError, Tenancy
 from tests.evals.test_store import new_eval, outcome
 
 SOURCE = {"type": "completions", "source": {"type": "file_id", "id": "file-1"},
@@ -284,58 +281,70 @@ async def test_gauges_export_enabled_watches_with_bounded_labels(db: Database) -
     assert criterion_label(3, "x" * 100) == "x" * 60 + "#3"
 
 
-def tiny_api(answers: list[tuple[int, dict[str, Any]]], seen: list[dict[str, Any]]
-             ) -> FastAPI:
-    """Stands in for the gateway's run creation: records each call, answers in turn."""
-    app = FastAPI()
-
-    @app.post("/v1/evals/{eval_id}/runs")
-    async def create_run(request: Request, eval_id: str) -> JSONResponse:
-        seen.append({"eval_id": eval_id, "headers": dict(request.headers),
-                     "body": await request.json()})
-        status, body = answers.pop(0)
-        return JSONResponse(body, status_code=status)
-
-    return app
+CHAT = ModelConfig(name="chat", kind="chat", pools=[{"device": "cpu", "urls": ["http://x"]}])
+INLINE = {"type": "completions",
+          "source": {"type": "file_content", "content": [
+              {"item": {"question": "France?", "answer": "Paris"}}]},
+          "input_messages": {"type": "template", "template": [
+              {"role": "user", "content": "{{item.question}}"}]}}
 
 
-async def test_the_scheduler_starts_skips_and_records_refusals(db: Database) -> None:
-    evals, watches = Evals(db), EvalWatches(db)
-    ev = await new_eval(evals)
-    watch = await watch_of(watches, ev)
-    queued = await evals.create_run(ev, key_id="k", name="r", model="chat", data_source={},
-                                    metadata={}, items_total=1)
-    refusal = {"error": {"message": "The model `gone` does not exist.", "type":
-                         "invalid_request_error", "param": "data_source.model",
-                         "code": "model_not_found"}}
-    seen: list[dict[str, Any]] = []
-    app = tiny_api([(200, {"id": queued.id, "object": "eval.run"}), (404, refusal)], seen)
-    scheduler = WatchScheduler(watches, RunStarter(app, "sk-admin", timeout_s=5))
+async def test_the_scheduler_starts_skips_and_records_refusals(db: Database, tmp_path: Path
+                                                               ) -> None:
+    evals, watches, tenancy = Evals(db), EvalWatches(db), Tenancy(db)
+    tenant = await tenancy.create_tenant("acme")
+    key, _ = await tenancy.create_key(tenant.id)
+    ev = await new_eval(evals, tenant.id)
+    queued: list[str] = []
 
+    async def enqueue(run_id: str) -> None:
+        queued.append(run_id)
+
+    starter = RunStarter(evals, Files(db, tmp_path, 1 << 20), Catalog([CHAT]), EvalsConfig(),
+                         enqueue)
+    scheduler = WatchScheduler(watches, starter, tenancy, timeout_s=5)
+
+    async def watch_for(name: str, model: str) -> EvalWatch:
+        return await watches.create(ev, key_id=key.id, name=name, model=model,
+                                    data_source=INLINE, interval_s=60, min_pass_rate=None,
+                                    tolerance=0.0, enabled=True, max_per_tenant=10,
+                                    max_total=10)
+
+    watch = await watch_for("nightly", "chat")
     await make_due(db, watch.id)
     await scheduler.tick()
-    [call] = seen
-    assert call["eval_id"] == ev.id and call["headers"]["authorization"] == "Bearer sk-admin"
-    assert call["headers"][ON_BEHALF_HEADER] == "key_ten_a"
-    assert call["body"]["data_source"] == {**SOURCE, "model": "chat"}
-    assert call["body"]["metadata"] == {"eval_watch_id": watch.id, "eval_watch": "nightly"}
-    assert (await watches.get("ten_a", ev.id, watch.id)).last_run_id == queued.id
+    [run_id] = queued  # checked, stored and handed to the queue, as a client's run
+    run = await evals.get_run(tenant.id, ev.id, run_id)
+    assert (run.status, run.key_id, run.model, run.name, run.items_total) == (
+        "queued", key.id, "chat", "watch nightly", 1)
+    assert run.data_source == {**INLINE, "model": "chat"}
+    assert run.metadata_ == {"eval_watch_id": watch.id, "eval_watch": "nightly"}
+    assert (await watches.get(tenant.id, ev.id, watch.id)).last_run_id == run_id
 
     await make_due(db, watch.id)
     await scheduler.tick()  # the queued run is still queued: skipped
-    skipped = await watches.get("ten_a", ev.id, watch.id)
-    assert len(seen) == 1 and skipped.skipped_runs == 1
-    assert skipped.last_skip_reason is not None and queued.id in skipped.last_skip_reason
+    skipped = await watches.get(tenant.id, ev.id, watch.id)
+    assert len(queued) == 1 and skipped.skipped_runs == 1
+    assert skipped.last_skip_reason is not None and run_id in skipped.last_skip_reason
 
-    await evals.cancel_run("ten_a", ev.id, queued.id)
+    # A model the key may not use: refused as a run would be, naming the watch's own field.
+    gone = await watch_for("gone", "gone")
+    await make_due(db, gone.id)
+    await scheduler.tick()
+    refused = await watches.get(tenant.id, ev.id, gone.id)
+    assert refused.last_error is not None and refused.last_error["code"] == "model_not_found"
+    assert refused.last_run_id is None and len(queued) == 1
+    who = await acting_for(tenancy, key.id)
+    assert who is not None and who.delegated  # as our workers act for the key
+    with pytest.raises(ModelNotFoundError) as caught:
+        await start_watch_run(starter, who, ev, gone)
+    assert caught.value.param == "model"
+
+    # A revoked key starts nothing.
+    await evals.cancel_run(tenant.id, ev.id, run_id)
+    await tenancy.revoke_key(key.id)
     await make_due(db, watch.id)
     await scheduler.tick()
-    refused = await watches.get("ten_a", ev.id, watch.id)
-    assert refused.last_error is not None and refused.last_error["code"] == "model_not_found"
-    assert refused.last_run_id == queued.id
-
-    with pytest.raises(RunNotStarted) as caught:  # a watch's model is its own field
-        await RunStarter(tiny_api([(404, refusal)], []), None, 5).start(ev.id, {}, {})
-    assert (caught.value.status, caught.value.param) == (404, "model")
-    with pytest.raises(RunNotStarted):
-        RunStarter(app, None, 5).acting_for("key_ten_a")  # no admin key: nothing starts
+    revoked = await watches.get(tenant.id, ev.id, watch.id)
+    assert revoked.last_error is not None and revoked.last_error["code"] == "invalid_api_key"
+    assert revoked.last_run_id == run_id and len(queued) == 1

@@ -105,3 +105,39 @@ async def test_a_tenants_active_runs_are_bounded(api: tuple[httpx.AsyncClient, S
     canceled = await client.post(f"/v1/evals/{ev['id']}/runs/{runs[0]['id']}")  # OpenAI's way
     assert canceled.json()["status"] == "canceled"
     assert (await client.post(f"/v1/evals/{ev['id']}/runs", json=RUN)).status_code == 200
+
+
+async def test_a_watch_is_refused_as_its_first_run_would_be(
+        api: tuple[httpx.AsyncClient, Settings]) -> None:
+    """A watch starts its first run the way every run starts: a fault is the run's, worded as
+    the run's, but for the watch's own `model` field; nothing is left of a refused watch."""
+    client, _ = api
+    ev = (await client.post("/v1/evals", json=EVAL)).json()
+    source = {"type": "file_content", "content": [{"item": {"q": "France?", "a": "Paris"}}]}
+    data_source = {"type": "completions", "source": source, "input_messages": {
+        "type": "template", "template": [{"role": "user", "content": "{{item.q}}"}]}}
+    body = {"name": "nightly", "model": "chat", "interval_s": 3600, "data_source": data_source}
+    watches = f"/v1/evals/{ev['id']}/watches"
+    bogus = {**data_source, "source": {"type": "bogus"}}
+    missing = {**data_source, "source": {"type": "file_id", "id": "file-nope"}}
+    for refused, status, param in (
+            ({**body, "model": "nope"}, 404, "model"),
+            ({**body, "data_source": bogus}, 400, "data_source.source.type"),
+            ({**body, "data_source": missing}, 400, "data_source.source.id")):
+        resp = await client.post(watches, json=refused)
+        assert resp.status_code == status, resp.text
+        error = resp.json()["error"]
+        assert error["param"] == param
+        as_run = await client.post(f"/v1/evals/{ev['id']}/runs", json={"data_source": {
+            **refused["data_source"], "model": refused["model"]}})
+        assert as_run.status_code == status
+        assert as_run.json()["error"] == {**error, "param": as_run.json()["error"]["param"]}
+    assert (await client.get(watches)).json()["data"] == []
+    assert (await client.get(f"/v1/evals/{ev['id']}/runs")).json()["data"] == []
+
+    created = await client.post(watches, json=body)
+    assert created.status_code == 200, created.text
+    watch = created.json()
+    assert watch["last_run"]["status"] == "queued"
+    run = (await client.get(f"/v1/evals/{ev['id']}/runs/{watch['last_run']['id']}")).json()
+    assert run["metadata"] == {"eval_watch_id": watch["id"], "eval_watch": "nightly"}

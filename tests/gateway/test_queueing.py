@@ -17,7 +17,8 @@ from redis.asyncio import Redis
 
 from evals.store import Evals
 from finetune.jobs import FineTuning
-from gateway.app import create_app, requeue_orphans
+from gateway.app import create_app, services_of
+from gateway.chores import requeue_orphans
 from llmops.settings import Settings
 from llmops.store import Database
 from tests.databases import REDIS_URL, in_process_gateway
@@ -65,7 +66,7 @@ async def test_nothing_is_left_queued_when_the_broker_is_down(tmp_path: Path) ->
                                 files={"file": ("kettle.txt", b"A seven-year warranty.")})
         ev = await client.post("/v1/evals", json=EVAL)
         assert {train.status_code, doc.status_code, ev.status_code} == {200}
-        app.state.celery.conf.broker_url = "redis://127.0.0.1:1/0"  # nothing listens
+        services_of(app).celery.conf.broker_url = "redis://127.0.0.1:1/0"  # nothing listens
 
         unavailable(await client.post("/v1/fine_tuning/jobs", json={
             "model": "chat", "training_file": train.json()["id"]}))

@@ -1,6 +1,6 @@
 """Guardrails on streamed answers: the scanner catches a value split across chunks, holds back
 only what could still be the start of one, and flushes at the end; the answer filter redacts,
-withholds (content_filter) or only records, per choice; the SSE tap keeps counting usage and
+withholds (content_filter) or only records, per choice; the stream relay keeps counting usage and
 always ends with `data: [DONE]`."""
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ from typing import Any, cast
 import orjson
 import pytest
 
-from gateway.inference.accounting import SseUsageTap
-from guardrails import OutputFilter, StreamScanner, Tally, redact, scan
+from gateway.inference.context import RequestContext
+from gateway.inference.hooks import GuardrailHook, Hooks, UsageHook
+from gateway.inference.sse import SseRelay
+from guardrails import Guardrails, OutputFilter, StreamScanner, Tally, redact, scan
 from guardrails.schema import CATEGORIES, Action, Category
+from llmops.settings import GuardrailsConfig
 from tenancy.tenants import Limits, Principal
 from tests.guardrails.test_detectors import ORDINARY, POSITIVES
 
@@ -169,13 +172,13 @@ def test_whole_answers_are_redacted_or_emptied() -> None:
     assert completion["choices"][0]["text"] == "mail [REDACTED_EMAIL]"
 
 
-def tap(guard: OutputFilter | None, **kw: bool) -> SseUsageTap:
-    from gateway.inference.accounting import Account
-
+def tap(guard: OutputFilter | None, **kw: bool) -> SseRelay:
+    """A stream relay through the guardrail and usage hooks, as the gateway builds it."""
     who = Principal("key_a", "ten_a", "member", None, Limits(), Limits())
-    account = Account(None, who, "req-1", "/v1/chat/completions", "m")  # type: ignore[arg-type]
-    return SseUsageTap(account, client_usage=kw.get("usage", False),
-                       client_continuous=kw.get("continuous", False), guard=guard)
+    ctx = RequestContext(who, "req-1", "/v1/chat/completions", "chat", lambda *_: None,
+                         model="m", output=guard, client_usage=kw.get("usage", False),
+                         client_continuous=kw.get("continuous", False))
+    return SseRelay(ctx, Hooks([GuardrailHook(Guardrails(GuardrailsConfig())), UsageHook()]))
 
 
 def sse(*objs: dict[str, Any]) -> bytes:
@@ -201,7 +204,7 @@ def test_the_usage_tap_filters_text_and_still_counts_usage() -> None:
     assert texts == "Mail [REDACTED_EMAIL]"
     assert got[-2]["choices"] == [] and got[-2]["usage"] == usage  # the usage chunk, last
     assert all("usage" not in c for c in got[:-2])  # continuous stats were not asked for
-    assert (t.account.prompt_tokens, t.account.completion_tokens) == (5, 3)
+    assert (t.ctx.prompt_tokens, t.ctx.completion_tokens) == (5, 3)
 
 
 def test_the_usage_tap_drops_chunks_of_a_withheld_choice() -> None:
@@ -212,4 +215,4 @@ def test_the_usage_tap_drops_chunks_of_a_withheld_choice() -> None:
     assert got[-1] == b"[DONE]" and len(got) == 2
     assert got[0]["choices"][0]["delta"]["content"] == "Card "
     assert got[0]["choices"][0]["finish_reason"] == "content_filter"
-    assert t.account.finish_reasons == ["content_filter"]
+    assert t.ctx.finish_reasons == ["content_filter"]

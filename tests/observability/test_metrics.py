@@ -17,13 +17,15 @@ from redis.asyncio import Redis
 
 import observability.metrics
 from gateway.app import create_app
-from gateway.inference.accounting import Accountant, PriceBook
+from gateway.inference.context import RequestContext
+from gateway.inference.hooks import AdmissionHook
 from gateway.inference.protocol import ChatCompletionRequest
 from gateway.routing import Pool, Router, build_scorers
 from llmops.catalog import CatalogEntry
 from llmops.cli.stack import free_port
 from llmops.settings import MetricsConfig, ModelConfig, RoutingConfig, Settings
 from observability.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, GatewayMetrics, Reading
+from tenancy.accounting import Accountant, PriceBook
 from tenancy.ledger import UsageEvent
 from tenancy.limits import Admission, LimitExceededError
 from tenancy.tenants import Limits, Principal
@@ -200,24 +202,25 @@ class Ledger:
         return done
 
 
-async def test_the_accountant_reports_admissions_refusals_and_ends() -> None:
+async def test_admission_reports_admissions_refusals_and_ends() -> None:
     metrics, _ = gateway_metrics(tenants=["ten_a"])
     who = Principal("key_a", "ten_a", "member", None, Limits(), Limits())
     entry = CatalogEntry("chat", CHAT)
     parsed = ChatCompletionRequest(model="chat", messages=[{"role": "user", "content": "hi"}])
     for refuse, status in (("token_limit", 429), (None, 200)):
-        accountant = Accountant(Limiter(refuse), Ledger(), PriceBook(),  # type: ignore[arg-type]
-                                observer=metrics)
-        account = accountant.open(who, uuid.uuid4().hex, "/v1/chat/completions")
-        account.model = "chat"
+        accountant = Accountant(Limiter(refuse), Ledger(), PriceBook())  # type: ignore[arg-type]
+        admission = AdmissionHook(accountant, metrics)
+        ctx = RequestContext(who, uuid.uuid4().hex, "/v1/chat/completions", "chat",
+                             admission.after, model="chat", body=b" " * 64, parsed=parsed,
+                             entry=entry)
         try:
-            await accountant.admit(account, entry, parsed, 64)
+            await admission.before(ctx)
             in_flight = scrape(metrics)["llmops_requests_in_flight"]
             assert value(in_flight, "llmops_requests_in_flight", model="chat") == 1
-            account.pool, account.device = GPU, "gpu"
+            ctx.pool, ctx.device = GPU, "gpu"
         except LimitExceededError:
             pass
-        account.close(status)
+        ctx.close(status)
         await accountant.drain()
     s = scrape(metrics)
     assert value(s["llmops_rejections"], "llmops_rejections_total", reason="token_limit",

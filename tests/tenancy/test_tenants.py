@@ -7,7 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from llmops.errors import AuthenticationError, PermissionDeniedError
 from llmops.store import ApiKey, Database, upgrade
+from tenancy.auth import BOOTSTRAP_ADMIN, Authenticator, acting_for
 from tenancy.tenants import ConflictError, Limits, NotFoundError, Tenancy
 
 
@@ -51,6 +53,26 @@ async def test_expired_keys_and_disabled_tenants_stop_working(db: Database) -> N
     assert await tenants.principal(live) is not None
     await tenants.disable_tenant(team.id)
     assert await tenants.principal(live) is None
+
+
+async def test_our_workers_act_for_a_usable_key_only(db: Database) -> None:
+    """What an eval worker (`x-llmops-on-behalf-of`) and the watch scheduler act as: the key,
+    marked delegated, while it may still be used."""
+    tenants = Tenancy(db)
+    team = await tenants.create_tenant("team-c")
+    key, _ = await tenants.create_key(team.id, models=["chat"])
+    acting = await acting_for(tenants, key.id)
+    assert acting is not None and acting.delegated
+    assert (acting.key_id, acting.tenant_id, acting.models) == (key.id, team.id, ("chat",))
+    assert await acting_for(tenants, BOOTSTRAP_ADMIN.key_id) is BOOTSTRAP_ADMIN
+    auth = Authenticator(tenants, None, ttl_s=0)
+    assert await auth.on_behalf(BOOTSTRAP_ADMIN, key.id) == acting
+    with pytest.raises(PermissionDeniedError):
+        await auth.on_behalf(acting, key.id)  # only admins act for others
+    await tenants.revoke_key(key.id)
+    assert await acting_for(tenants, key.id) is None
+    with pytest.raises(AuthenticationError):
+        await auth.on_behalf(BOOTSTRAP_ADMIN, key.id)
 
 
 async def test_errors_name_the_problem(db: Database) -> None:

@@ -1,0 +1,177 @@
+"""One inference request, top to bottom: read and validate the body, resolve the model the
+caller may use, run the hooks before the call, call an engine, pass its answer (whole or
+streamed) through the same hooks, and end the request exactly once, however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.http.body import read_body
+from gateway.http.errors import api_error_response
+from gateway.inference.context import RequestContext
+from gateway.inference.hooks import KEEP, Hook, Hooks
+from gateway.inference.protocol import OpenAIRequest
+from gateway.inference.sse import SSE_HEADERS, RelayResponse, SseRelay, unless_disconnected
+from gateway.inference.upstream import Upstream
+from llmops.catalog import Catalog
+from llmops.errors import (
+    APIError,
+    BadRequestError,
+    ModelNotFoundError,
+    UpstreamError,
+    error_body,
+)
+from tenancy.visibility import may_see
+
+__all__ = ["POOL_HEADER", "Endpoint", "Pipeline", "parse_request"]
+
+log = logging.getLogger(__name__)
+
+POOL_HEADER = "x-llmops-pool"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+    schema: type[OpenAIRequest]
+    kind: str  # the model kind this endpoint serves
+    summary: str = ""
+
+
+class Pipeline:
+    def __init__(self, catalog: Catalog, upstream: Upstream, hooks: Sequence[Hook],
+                 max_body_bytes: int) -> None:
+        self.catalog = catalog
+        self.upstream = upstream
+        self.hooks = Hooks(hooks)
+        self.max_body_bytes = max_body_bytes
+
+    async def serve(self, request: Request, endpoint: Endpoint) -> Response:
+        """Serve one request of an authenticated caller (`request.state.principal`)."""
+        ctx = RequestContext(request.state.principal, request.state.request_id, endpoint.path,
+                             endpoint.kind, self.hooks.after)
+        request.state.context = ctx  # the request's span reads it when the request ends
+        try:
+            response = await self._serve(request, endpoint, ctx)
+        except APIError as exc:
+            ctx.close(exc.status)
+            raise
+        except BaseException:
+            ctx.close(500)
+            raise
+        if not isinstance(response, RelayResponse):  # a stream closes it when it ends
+            ctx.close(response.status_code)
+        return response
+
+    async def _serve(self, request: Request, endpoint: Endpoint, ctx: RequestContext
+                     ) -> Response:
+        ctx.body = await read_body(request, self.max_body_bytes)
+        ctx.parsed = parsed = parse_request(endpoint.schema, ctx.body)
+        ctx.model = parsed.model
+        entry = self.catalog.resolve(parsed.model)
+        if entry is None or not may_see(self.catalog, ctx.who, entry):
+            raise ModelNotFoundError(parsed.model)  # the same answer: no information leak
+        if entry.base.kind != endpoint.kind:
+            raise BadRequestError(
+                f"The model `{parsed.model}` is a {entry.base.kind} model and cannot be used "
+                f"with {endpoint.path}.", param="model", code="model_not_supported")
+        ctx.entry = entry
+        if entry.upstream_name != parsed.model:
+            ctx.changes["model"] = entry.upstream_name
+        if (answered := await self.hooks.before(ctx)) is not None:
+            return answered
+        headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
+        response = await unless_disconnected(
+            request, self._call(ctx, endpoint.path, ctx.upstream_body(), headers))
+        if response is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        if ctx.before_answer:  # started while the model worked: long done
+            await asyncio.shield(asyncio.gather(*ctx.before_answer))
+        response.headers.update(ctx.response_headers)
+        return response
+
+    async def _call(self, ctx: RequestContext, path: str, body: bytes,
+                    headers: dict[str, str]) -> Response:
+        assert ctx.entry is not None and ctx.parsed is not None
+        replica, resp = await self.upstream.dispatch(ctx.entry, path, body, headers)
+        ctx.pool, ctx.device = replica.config, replica.device
+        served = {POOL_HEADER: replica.device}
+        if ctx.parsed.stream and resp.status == 200:
+            relay = SseRelay(ctx, self.hooks)
+            return RelayResponse(resp, replica, {**SSE_HEADERS, **served}, relay)
+        data = await self.upstream.read(replica, resp)
+        if resp.status >= 400:
+            return _upstream_error(resp.status, data, served, ctx.model)
+        try:
+            answer = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            answer = None
+        if isinstance(answer, dict):
+            ctx.usage_from(answer.get("usage"))
+            if self.hooks.on_data(ctx, answer, True) != KEEP:
+                data = orjson.dumps(answer)
+        elif ctx.output is not None:  # an answer that cannot be checked is not sent
+            raise UpstreamError("The model backend sent an answer that is not JSON.")
+        return Response(data, status_code=resp.status, media_type="application/json",
+                        headers=served)
+
+
+
+
+def parse_request(schema: type[OpenAIRequest], body: bytes) -> OpenAIRequest:
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            raise BadRequestError(
+                "We could not parse the JSON body of your request. Expected a JSON object."
+            ) from None
+        if err["type"] == "model_type" and not err["loc"]:
+            raise BadRequestError("The request body must be a JSON object.") from None
+        param = _param(err["loc"])
+        raise BadRequestError(f"Invalid value for '{param}': {err['msg']}.", param=param) from None
+
+
+_UNION_BRANCHES = {"str", "int", "float", "bool"}
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    """`messages[0].role` from pydantic's ('messages', 0, 'role'), leaving out the labels it
+    adds for union branches ('str', 'list[str]', ...)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in _UNION_BRANCHES and "[" not in part:
+            out += f".{part}" if out else part
+    return out
+
+
+def _upstream_error(status: int, data: bytes, headers: dict[str, str], model: str) -> Response:
+    """vLLM's error answers, always in OpenAI's envelope; 5xx become 502."""
+    try:
+        payload = orjson.loads(data)
+        err = payload.get("error", payload) if isinstance(payload, dict) else {}
+        message = str(err.get("message") or "")
+        param, code = err.get("param"), err.get("code")
+    except orjson.JSONDecodeError:
+        message, param, code = "", None, None
+    if status >= 500:
+        return api_error_response(UpstreamError(
+            f"The model backend failed: {message[:500]}" if message else
+            "The model backend failed."), headers)
+    if status == 404:
+        return api_error_response(ModelNotFoundError(model), headers)
+    body = error_body(message or "The request was rejected by the model backend.",
+                      "invalid_request_error", param=param if isinstance(param, str) else None,
+                      code=code if isinstance(code, (str, int)) else None)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)

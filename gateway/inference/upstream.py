@@ -1,0 +1,147 @@
+"""Calling the engines: pick a replica of the model's pools, send, try another replica when one
+fails before answering, and read whole answers, all on one pooled HTTP client."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+import orjson
+
+from gateway.inference.hooks import RequestObserver
+from gateway.inference.spans import upstream_span
+from gateway.routing import Replica, Router
+from gateway.routing.policy import RouteRequest
+from llmops.catalog import CatalogEntry
+from llmops.errors import (
+    ModelNotFoundError,
+    NoHealthyBackendError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from llmops.settings import RoutingConfig
+from observability import tracing
+
+__all__ = ["Upstream"]
+
+log = logging.getLogger(__name__)
+
+# Replica failures that happen before vLLM produced any response: safe to try elsewhere.
+_RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
+              aiohttp.ClientOSError)
+
+
+class Upstream:
+    """The engines behind the gateway. `start` opens the pooled client (inside the event
+    loop), `close` closes it; health checks and adapter loading share it."""
+
+    def __init__(self, routers: dict[str, Router], config: RoutingConfig,
+                 observer: RequestObserver | None = None) -> None:
+        self.routers = routers
+        self.config = config
+        self.observer = observer
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Upstream.start() first"
+        return self._session
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300,
+                                         keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                              skip_auto_headers=("User-Agent",))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def dispatch(self, entry: CatalogEntry, path: str, body: bytes,
+                       headers: dict[str, str]) -> tuple[Replica, aiohttp.ClientResponse]:
+        """The first replica's response, trying others while replicas fail to connect."""
+        router = self.routers[entry.base.name]
+        tried: set[int] = set()
+        for _ in range(self.config.max_attempts):
+            replica = router.choose(RouteRequest(entry.adapter, frozenset(tried)))
+            if replica is None:
+                break
+            if tried and self.observer is not None:
+                self.observer.retried(entry.name)
+            replica.acquire()
+            try:
+                resp = await self._post(replica, path, body, headers, entry.upstream_name)
+            except _RETRYABLE as exc:
+                replica.release(ok=False)
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    replica.circuit.trip()  # nothing listens there: stop sending at once
+                log.warning("replica %s failed (%s); trying another", replica.url,
+                            type(exc).__name__)
+                tried.add(id(replica))
+                continue
+            except TimeoutError:
+                replica.release(ok=False)
+                raise UpstreamTimeoutError("The model backend did not answer in time.") from None
+            except BaseException:
+                replica.release(ok=True)  # cancelled by the client, not the replica's fault
+                raise
+            if self.observer is not None and replica.config is not None:
+                self.observer.dispatched(entry.name, replica.config)
+            return replica, resp
+        raise NoHealthyBackendError(
+            f"No healthy backend is available for model `{entry.name}`. Try again later."
+        )
+
+    @staticmethod
+    async def read(replica: Replica, resp: aiohttp.ClientResponse) -> bytes:
+        """A whole answer's body; the replica is released, its health noted."""
+        try:
+            data = await resp.read()
+        except TimeoutError:
+            replica.release(ok=False)
+            raise UpstreamTimeoutError("The model backend did not answer in time.") from None
+        except aiohttp.ClientError:
+            replica.release(ok=False)
+            raise UpstreamError("The model backend closed the connection.") from None
+        except BaseException:  # cancelled: the client left
+            resp.close()
+            replica.release(ok=True)
+            raise
+        finally:
+            resp.release()
+        replica.release(ok=resp.status < 500)
+        return data
+
+    async def embed(self, entry: CatalogEntry, texts: list[str]) -> list[list[float]]:
+        """Embeddings for the gateway's own use (search queries), through the same routing
+        and failover as clients' requests."""
+        if entry.base.kind != "embedding":
+            raise ModelNotFoundError(entry.name)
+        body = orjson.dumps({"model": entry.upstream_name, "input": texts})
+        replica, resp = await self.dispatch(entry, "/v1/embeddings", body,
+                                            {"content-type": "application/json"})
+        try:
+            data = await self.read(replica, resp)
+        except (UpstreamError, UpstreamTimeoutError):
+            raise UpstreamError("The embedding backend failed.") from None
+        if resp.status != 200:
+            raise UpstreamError(f"The embedding backend answered {resp.status}: "
+                                f"{data[:300].decode(errors='replace')}")
+        rows = sorted(orjson.loads(data)["data"], key=lambda d: d["index"])
+        return [r["embedding"] for r in rows]
+
+    async def _post(self, replica: Replica, path: str, body: bytes, headers: dict[str, str],
+                    model: str) -> aiohttp.ClientResponse:
+        """One attempt at calling a replica: a CLIENT span, whose context vLLM receives."""
+        with upstream_span(replica, path, model) as span:
+            if span is not None:
+                headers = tracing.inject({**headers})
+            resp = await self.session.post(replica.url + path, data=body, headers=headers,
+                                           timeout=self.timeout)
+            if span is not None:
+                span.set_attribute("http.response.status_code", resp.status)
+                if resp.status >= 500:
+                    tracing.failed(span, str(resp.status))
+            return resp
