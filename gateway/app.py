@@ -37,7 +37,6 @@ from gateway.chores import Chores, load_prices, requeue_orphans
 from gateway.http.auth import authenticated
 from gateway.http.errors import install_error_handlers
 from gateway.http.middleware import BodyLimitMiddleware, InferenceRoutes, RequestIdMiddleware
-from gateway.inference.grounding import Retriever
 from gateway.inference.hooks import (
     AdmissionHook,
     DriftHook,
@@ -67,6 +66,7 @@ from observability.tracing import configure_tracing
 from observability.watch_metrics import FAMILY as EVAL_WATCHES_FAMILY
 from observability.watch_metrics import EvalWatchGauges
 from retrieval import open_index
+from retrieval.grounding import Retriever
 from retrieval.stores import VectorStores
 from tenancy.accounting import Accountant, PriceBook
 from tenancy.auth import Authenticator

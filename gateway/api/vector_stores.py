@@ -33,7 +33,6 @@ from gateway.http.auth import authenticated, require_admin
 from gateway.http.body import read_body
 from gateway.http.paging import bounded, page
 from gateway.http.timestamps import epoch
-from gateway.inference.grounding import Retriever
 from gateway.tasks import enqueue
 from llmops.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 from llmops.files import Files
@@ -47,6 +46,7 @@ from retrieval import (
     Point,
     SparseVector,
 )
+from retrieval.grounding import Retriever
 from retrieval.stores import FILE_STATUSES, VectorStores
 from tenancy.auth import Authenticator
 from workers.app import INGEST_TASK

@@ -21,9 +21,9 @@ from tenancy import Principal
 from tenancy.limits import Admission
 
 if TYPE_CHECKING:
-    from gateway.inference.grounding import Grounding
     from guardrails import OutputFilter
     from observability.drift import Probe
+    from retrieval.grounding import Grounding
 
 __all__ = ["RequestContext", "estimate_tokens", "prompt_text"]
 

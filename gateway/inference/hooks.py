@@ -19,19 +19,19 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import orjson
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from gateway.inference.context import RequestContext, estimate_tokens, prompt_text
-from gateway.inference.grounding import Retriever
 from gateway.inference.protocol import ChatCompletionRequest
 from guardrails import OFF, GuardrailBlockedError, Guardrails, log_events
 from llmops.errors import BadRequestError, ServiceUnavailableError
 from llmops.settings import PoolConfig
 from observability.drift import DriftDetector, Probe
+from retrieval.grounding import NO_ANSWER, Retriever
 from tenancy.accounting import Accountant
 from tenancy.ledger import UsageEvent
 from tenancy.limits import LimitExceededError
@@ -222,14 +222,18 @@ class GroundingHook(Hook):
         if self.retriever is None:
             raise BadRequestError("Retrieval is not available: no embedding model is "
                                   "configured.", param="retrieval")
-        grounding = await self.retriever.ground(ctx.who.tenant_id, parsed)
+        options = parsed.retrieval
+        grounding = await self.retriever.ground(
+            ctx.who.tenant_id, prompt_text(parsed) or "", options.vector_store_ids,
+            limit=options.max_num_results, filters=options.filters,
+            threshold=options.score_threshold, mode=options.search_mode)
         if ctx.policy.retrieval_injection != "off" or ctx.output is not None:
             screened = Guardrails.screen(ctx.policy, grounding.sources, ctx.guardrails)
             grounding = grounding.screened(
                 screened.kept, screened.dropped,
                 ctx.output.quote if ctx.output is not None else None)
         if not grounding.sources:
-            return grounding.no_answer(parsed)
+            return _no_answer(parsed, grounding.dropped)
         ctx.grounding = grounding
         messages = ctx.changes.get("messages") or ctx.original()["messages"]
         ctx.changes["messages"] = grounding.messages(messages)
@@ -250,6 +254,33 @@ class GroundingHook(Hook):
                  "created": int(time.time()), "model": ctx.model, "choices": [],
                  "citations": ctx.grounding.citations(),
                  "dropped_sources": ctx.grounding.dropped}]
+
+
+def _no_answer(request: ChatCompletionRequest, dropped: list[dict[str, Any]]) -> Response:
+    """What the gateway says, without asking the model, when no source is relevant."""
+    cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+    if not request.stream:
+        return Response(orjson.dumps({
+            "id": cid, "object": "chat.completion", "created": created,
+            "model": request.model, "citations": [], "dropped_sources": dropped,
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                         "message": {"role": "assistant", "content": NO_ANSWER}}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}),
+            media_type="application/json")
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"data: " + orjson.dumps({"id": cid, "object": "chat.completion.chunk",
+                                         "created": created, "model": request.model,
+                                         "choices": choices, **extra}) + b"\n\n"
+
+    async def frames() -> AsyncIterator[bytes]:
+        yield event([{"index": 0, "delta": {"role": "assistant", "content": NO_ANSWER},
+                      "finish_reason": None}])
+        yield event([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+        yield event([], citations=[], dropped_sources=dropped)
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(frames(), media_type="text/event-stream")
 
 
 class UsageHook(Hook):

@@ -18,8 +18,8 @@ import pytest
 from openai import NotFoundError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.inference.grounding import NO_ANSWER
 from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
+from retrieval.grounding import NO_ANSWER
 from tests.e2e.conftest import (
     API_KEY,
     Engines,

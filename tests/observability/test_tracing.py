@@ -29,11 +29,11 @@ from opentelemetry.trace import SpanKind, StatusCode
 from redis.asyncio import Redis
 
 from gateway.app import create_app
-from gateway.inference.grounding import Retriever
 from gateway.inference.spans import TracingMiddleware
 from llmops.settings import Settings
 from observability import tracing
 from retrieval import Hit
+from retrieval.grounding import Retriever
 from tenancy.tenants import ADMIN_TENANT
 from tests.observability.otlp import OtlpReceiver
 from tests.standin import serve_engine

@@ -4,23 +4,17 @@
 terms, and asks the index (always filtered to the caller's tenant and stores). `Grounding`
 turns the hits of a chat request's `retrieval` option into a system message of numbered
 sources and the citations returned with the answer; when nothing relevant is found the
-gateway answers so itself instead of letting the model guess.
+gateway answers `NO_ANSWER` itself instead of letting the model guess.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import orjson
-from starlette.responses import Response, StreamingResponse
-
 import tenancy
-from gateway.inference.protocol import ChatCompletionRequest
 from llmops.errors import BadRequestError, NotFoundError
 from observability import tracing
 from retrieval import InvalidFilterError, SparseEncoder, VectorIndex, parse_filters
@@ -121,18 +115,16 @@ class Retriever:
                        end=h.payload["end"], text=h.payload["text"], score=h.score,
                        attributes=h.payload.get("attributes", {})) for h in ranked]
 
-    async def ground(self, tenant_id: str, request: ChatCompletionRequest) -> Grounding:
-        options = request.retrieval
-        assert options is not None
-        query = _last_user_text(request)
+    async def ground(self, tenant_id: str, query: str, store_ids: Sequence[str], *,
+                     limit: int, filters: dict[str, Any] | None, threshold: float | None,
+                     mode: str) -> Grounding:
+        """The sources for an answer to `query` (the last user message of a chat)."""
         if not query:
             raise BadRequestError("Retrieval needs a user message to search for.",
                                   param="messages")
-        threshold = (options.score_threshold if options.score_threshold is not None
-                     else self.default_threshold)
-        sources = await self.search(tenant_id, options.vector_store_ids, [query],
-                                    limit=options.max_num_results, filters=options.filters,
-                                    threshold=threshold, mode=options.search_mode)
+        sources = await self.search(
+            tenant_id, store_ids, [query], limit=limit, filters=filters, mode=mode,
+            threshold=threshold if threshold is not None else self.default_threshold)
         return Grounding(sources)
 
 
@@ -142,15 +134,6 @@ class _Closed:
     def __getattr__(self, name: str) -> Any:
         raise RuntimeError("the vector index is not open")
 
-
-def _last_user_text(request: ChatCompletionRequest) -> str:
-    for message in reversed(request.messages):
-        if message.role == "user":
-            if isinstance(message.content, str):
-                return message.content
-            return " ".join(str(p.get("text", "")) for p in message.content or ()
-                            if p.get("type") == "text")
-    return ""
 
 
 @dataclass(frozen=True)
@@ -179,29 +162,3 @@ class Grounding:
         blocks = [f"[{i}] {s.filename}:\n{s.text}" for i, s in enumerate(self.sources, 1)]
         context = _INSTRUCTIONS + "\n\n" + "\n\n".join(blocks)
         return [{"role": "system", "content": context}, *original]
-
-    def no_answer(self, request: ChatCompletionRequest) -> Response:
-        """What the gateway says, without asking the model, when no source is relevant."""
-        cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-        if not request.stream:
-            return Response(orjson.dumps({
-                "id": cid, "object": "chat.completion", "created": created,
-                "model": request.model, "citations": [], "dropped_sources": self.dropped,
-                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                             "message": {"role": "assistant", "content": NO_ANSWER}}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}),
-                media_type="application/json")
-
-        def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-            return b"data: " + orjson.dumps({"id": cid, "object": "chat.completion.chunk",
-                                             "created": created, "model": request.model,
-                                             "choices": choices, **extra}) + b"\n\n"
-
-        async def frames() -> Any:
-            yield event([{"index": 0, "delta": {"role": "assistant", "content": NO_ANSWER},
-                          "finish_reason": None}])
-            yield event([{"index": 0, "delta": {}, "finish_reason": "stop"}])
-            yield event([], citations=[], dropped_sources=self.dropped)
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(frames(), media_type="text/event-stream")
