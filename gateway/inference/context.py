@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["RequestContext", "estimate_tokens", "prompt_text"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RequestContext:
     who: Principal
     request_id: str

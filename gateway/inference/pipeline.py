@@ -93,8 +93,8 @@ class Pipeline:
             request, self._call(ctx, endpoint.path, ctx.upstream_body(), headers))
         if response is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        if ctx.before_answer:  # started while the model worked: long done
-            await asyncio.shield(asyncio.gather(*ctx.before_answer))
+        for started in ctx.before_answer:  # started while the model worked: long done
+            await asyncio.shield(started)
         response.headers.update(ctx.response_headers)
         return response
 
