@@ -101,7 +101,8 @@ class Pipeline:
     async def _call(self, ctx: RequestContext, path: str, body: bytes,
                     headers: dict[str, str]) -> Response:
         assert ctx.entry is not None and ctx.parsed is not None
-        replica, resp = await self.upstream.dispatch(ctx.entry, path, body, headers)
+        replica, resp = await self.upstream.dispatch(ctx.entry, path, body, headers,
+                                                     ctx.parsed)
         ctx.pool, ctx.device = replica.config, replica.device
         served = {POOL_HEADER: replica.device}
         if ctx.parsed.stream and resp.status == 200:

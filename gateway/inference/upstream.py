@@ -9,6 +9,7 @@ import aiohttp
 import orjson
 
 from gateway.inference.hooks import RequestObserver
+from gateway.inference.protocol import OpenAIRequest
 from gateway.inference.spans import upstream_span
 from gateway.routing import Replica, Router
 from gateway.routing.policy import RouteRequest
@@ -60,12 +61,14 @@ class Upstream:
             await self._session.close()
 
     async def dispatch(self, entry: CatalogEntry, path: str, body: bytes,
-                       headers: dict[str, str]) -> tuple[Replica, aiohttp.ClientResponse]:
-        """The first replica's response, trying others while replicas fail to connect."""
+                       headers: dict[str, str], request: OpenAIRequest | None = None
+                       ) -> tuple[Replica, aiohttp.ClientResponse]:
+        """The first replica's response, trying others while replicas fail to connect;
+        `request` (the body, parsed) is what routing may look at."""
         router = self.routers[entry.base.name]
         tried: set[int] = set()
         for _ in range(self.config.max_attempts):
-            replica = router.choose(RouteRequest(entry.adapter, frozenset(tried)))
+            replica = router.choose(RouteRequest(entry.adapter, frozenset(tried), request))
             if replica is None:
                 break
             if tried and self.observer is not None:

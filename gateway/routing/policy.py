@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.inference.protocol import OpenAIRequest
 from gateway.routing.replica import Pool, Replica
 from llmops.settings import RoutingConfig
 
@@ -27,16 +28,19 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RouteRequest:
+    """What routing knows of one request: filters and scorers may read all of it."""
+
     adapter: str | None = None  # a LoRA adapter the replica must have loaded
     exclude: frozenset[int] = frozenset()  # ids of replicas already tried for this request
+    request: OpenAIRequest | None = None  # the body as the engine is sent it (none: our own)
 
 
 class Filter(Protocol):
     def __call__(self, request: RouteRequest, replicas: Iterable[Replica]) -> list[Replica]: ...
 
 
-# Scores a replica in [0, 1]; higher is better.
-Scorer = Callable[[Replica], float]
+# Scores a replica for a request in [0, 1]; higher is better.
+Scorer = Callable[[RouteRequest, Replica], float]
 
 
 def available(request: RouteRequest, replicas: Iterable[Replica]) -> list[Replica]:
@@ -75,15 +79,15 @@ def with_capacity(_: RouteRequest, replicas: Iterable[Replica]) -> list[Replica]
     return [r for r in replicas if r.has_capacity]
 
 
-def outstanding_score(replica: Replica) -> float:
+def outstanding_score(_: RouteRequest, replica: Replica) -> float:
     return 1.0 - min(replica.outstanding / replica.max_concurrency, 1.0)
 
 
-def queue_score(replica: Replica) -> float:
+def queue_score(_: RouteRequest, replica: Replica) -> float:
     return 1.0 - min(replica.waiting / max(replica.max_waiting, 1), 1.0)
 
 
-def kv_cache_score(replica: Replica) -> float:
+def kv_cache_score(_: RouteRequest, replica: Replica) -> float:
     return 1.0 - min(max(replica.kv_cache_usage, 0.0), 1.0)
 
 
@@ -117,6 +121,7 @@ def build_affinity(config: RoutingConfig) -> AdapterAffinity | None:
 
 
 def pick(
+    request: RouteRequest,
     replicas: Sequence[Replica],
     scorers: Sequence[WeightedScorer],
     rng: random.Random,
@@ -126,7 +131,7 @@ def pick(
     best: list[Replica] = []
     best_score = float("-inf")
     for replica in replicas:
-        score = sum(s.weight * s.scorer(replica) for s in scorers)
+        score = sum(s.weight * s.scorer(request, replica) for s in scorers)
         if score > best_score + 1e-9:
             best, best_score = [replica], score
         elif abs(score - best_score) <= 1e-9:
@@ -174,9 +179,9 @@ class Router:
                 continue
             roomy = with_capacity(request, fit)
             if roomy:
-                return pick(roomy, self.scorers, self.rng)
+                return pick(request, roomy, self.scorers, self.rng)
             if overflow is None:
                 overflow = fit
         if overflow is not None:
-            return pick(overflow, self.scorers, self.rng)
+            return pick(request, overflow, self.scorers, self.rng)
         return None

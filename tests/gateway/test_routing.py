@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from gateway.inference.protocol import ChatCompletionRequest
 from gateway.routing import (
     Circuit,
     CircuitState,
@@ -14,7 +15,13 @@ from gateway.routing import (
     build_scorers,
 )
 from gateway.routing.health import HealthMonitor, parse_vllm_metrics
-from gateway.routing.policy import RouteRequest, kv_cache_score, outstanding_score, queue_score
+from gateway.routing.policy import (
+    RouteRequest,
+    WeightedScorer,
+    kv_cache_score,
+    outstanding_score,
+    queue_score,
+)
 from llmops.catalog import Catalog
 from llmops.settings import ModelConfig, PoolConfig, RoutingConfig
 
@@ -112,8 +119,22 @@ def test_adapter_requests_go_where_the_adapter_is_loaded() -> None:
 def test_scorers_stay_in_unit_range() -> None:
     r = replica("r", outstanding=99, waiting=99, kv_cache_usage=1.7)
     for score in (outstanding_score, queue_score, kv_cache_score):
-        assert 0.0 <= score(r) <= 1.0
-    assert outstanding_score(replica("idle")) == 1.0
+        assert 0.0 <= score(ANY, r) <= 1.0
+    assert outstanding_score(ANY, replica("idle")) == 1.0
+
+
+def test_a_scorer_sees_the_request_it_routes() -> None:
+    a, b = replica("a"), replica("b")
+
+    def by_user(request: RouteRequest, candidate: Replica) -> float:
+        user = request.request.user if request.request is not None else None
+        return 1.0 if (candidate is a) == (user == "alice") else 0.0
+
+    r = Router([Pool("cpu", 0, [a, b])], [WeightedScorer("user", by_user, 1.0)])
+    for user, expected in (("alice", a), ("bob", b)):
+        body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                                     user=user)
+        assert r.choose(RouteRequest(request=body)) is expected
 
 
 def test_circuit_opens_after_consecutive_failures_and_closes_after_a_good_trial() -> None:
