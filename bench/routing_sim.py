@@ -597,7 +597,7 @@ def validate(load: float) -> tuple[EngineProfile, list[str]]:
         f"Per request, the simulator's TTFT is off by {pct(errors, 0.5) * 1000:.0f} ms "
         f"(median) and {pct(errors, 0.9) * 1000:.0f} ms (p90).",
         "",
-        "Every validation so far (this machine's 1-minute load average when the replay "
+        "Every validation so far (the host's 1-minute load average when the replay "
         "started and ended: other work shares its 2 cores, and the costs move with it):",
         "",
         table(["run (UTC)", "load", "replay (req/s)", "p50 error", "p90", "p99", "mean",
