@@ -10,7 +10,7 @@ from celery import Celery
 from llmops.settings import Settings
 
 __all__ = ["EVAL_QUEUE", "EVAL_TASK", "FINETUNE_QUEUE", "FINETUNE_TASK", "INGEST_QUEUE",
-           "INGEST_TASK", "make_celery"]
+           "INGEST_TASK", "RESPONSE_TASK", "make_celery"]
 
 FINETUNE_QUEUE = "finetune"
 FINETUNE_TASK = "llmops.finetune"
@@ -18,6 +18,8 @@ INGEST_QUEUE = "ingest"
 INGEST_TASK = "llmops.ingest"
 EVAL_QUEUE = "eval"
 EVAL_TASK = "llmops.eval_run"
+# Background responses call the gateway like eval runs do, on the same workers.
+RESPONSE_TASK = "llmops.background_response"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -25,7 +27,8 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         task_routes={FINETUNE_TASK: {"queue": FINETUNE_QUEUE},
                      INGEST_TASK: {"queue": INGEST_QUEUE},
-                     EVAL_TASK: {"queue": EVAL_QUEUE}},
+                     EVAL_TASK: {"queue": EVAL_QUEUE},
+                     RESPONSE_TASK: {"queue": EVAL_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
         # One job per worker process, taken only when it is free: a long training run must

@@ -1,6 +1,6 @@
 """Celery entry points: `celery -A workers.tasks worker -Q finetune --pool solo` trains,
 `celery -A workers.tasks worker -Q ingest` ingests files into vector stores,
-`celery -A workers.tasks worker -Q eval` runs evals."""
+`celery -A workers.tasks worker -Q eval` runs evals and background responses."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import asyncio
 
 from celery import Task
 
+from conversations.background import run_background
 from evals.runner import run_eval
 from finetune.run import run_job
 from llmops.settings import Settings
 from observability.tracing import configure_tracing, task_span
 from retrieval.ingestion import run_ingest
-from workers.app import EVAL_TASK, FINETUNE_TASK, INGEST_TASK, make_celery
+from workers.app import EVAL_TASK, FINETUNE_TASK, INGEST_TASK, RESPONSE_TASK, make_celery
 from workers.metrics import instrument_worker
 
 settings = Settings()
@@ -45,3 +46,12 @@ def eval_run(self: Task, run_id: str) -> str:
     """Run (or resume) one eval run; returns what became of it."""
     with task_span(EVAL_TASK, self.request, {"llmops.eval_run.id": run_id}):
         return asyncio.run(run_eval(run_id, settings))
+
+
+# Acked on receipt: a response stays queued in the database if its worker dies before it
+# starts, and one that started is marked failed when its stream ends early.
+@app.task(name=RESPONSE_TASK, bind=True)  # type: ignore[untyped-decorator]
+def background_response(self: Task, response_id: str) -> str:
+    """Compute one background response; returns its final status."""
+    with task_span(RESPONSE_TASK, self.request, {"llmops.response.id": response_id}):
+        return asyncio.run(run_background(response_id, settings))

@@ -4,6 +4,8 @@ from llmops.store.db import Database, upgrade
 from llmops.store.models import (
     ApiKey,
     Base,
+    Conversation,
+    ConversationItem,
     Eval,
     EvalOutputItem,
     EvalRun,
@@ -13,6 +15,7 @@ from llmops.store.models import (
     FineTuningJob,
     ModelPrice,
     StoredFile,
+    StoredResponse,
     Tenant,
     UsageRecord,
     VectorStore,
@@ -21,7 +24,7 @@ from llmops.store.models import (
     utcnow,
 )
 
-__all__ = ["ApiKey", "Base", "Database", "Eval", "EvalOutputItem", "EvalRun", "EvalWatch",
-           "FineTuningCheckpoint", "FineTuningEvent",
-           "FineTuningJob", "ModelPrice", "StoredFile", "Tenant", "UsageRecord", "VectorStore",
-           "VectorStoreFile", "aware", "upgrade", "utcnow"]
+__all__ = ["ApiKey", "Base", "Conversation", "ConversationItem", "Database", "Eval",
+           "EvalOutputItem", "EvalRun", "EvalWatch", "FineTuningCheckpoint", "FineTuningEvent",
+           "FineTuningJob", "ModelPrice", "StoredFile", "StoredResponse", "Tenant",
+           "UsageRecord", "VectorStore", "VectorStoreFile", "aware", "upgrade", "utcnow"]
