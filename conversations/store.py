@@ -14,6 +14,8 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from llmops.store import (
     Conversation,
@@ -33,48 +35,68 @@ TERMINAL = frozenset({"completed", "failed", "cancelled", "incomplete"})
 
 
 class Responses:
-    def __init__(self, db: Database, ttl_days: float | None) -> None:
+    def __init__(self, db: Database, ttl_days: float | None, flush_s: float = 0.05) -> None:
         self.db = db
         self.ttl = timedelta(days=ttl_days) if ttl_days is not None else None
-        self._pending: dict[str, asyncio.Task[None]] = {}
+        self.flush_s = flush_s
+        self._buffer: list[dict[str, Any]] = []  # rows waiting for the next batch
+        self._pending: dict[str, asyncio.Future[None]] = {}  # id -> its batch's commit
+        self._flusher: asyncio.Task[None] | None = None
 
     async def save(self, tenant_id: str, key_id: str, body: dict[str, Any],
                    input_items: list[dict[str, Any]], request: dict[str, Any] | None = None
                    ) -> None:
         """Insert the response, or update it unless it was cancelled meanwhile (a background
         response that finishes after its cancellation stays cancelled)."""
-        async with self.db.session() as session:
-            row = await session.get(StoredResponse, body["id"])
-            if row is None:
-                created = utcnow()
-                session.add(StoredResponse(
-                    id=body["id"], tenant_id=tenant_id, key_id=key_id, status=body["status"],
-                    body=body, input_items=input_items, request=request, created_at=created,
-                    expires_at=created + self.ttl if self.ttl is not None else None))
-            elif row.status != "cancelled":
-                row.status, row.body = body["status"], body
-                if input_items:
-                    row.input_items = input_items
-            await session.commit()
+        await self._write([self._row(tenant_id, key_id, body, input_items, request)])
 
     def save_later(self, tenant_id: str, key_id: str, body: dict[str, Any],
                    input_items: list[dict[str, Any]]) -> None:
-        """`save`, off the caller's path; reads of this id in this process wait for it."""
-        task = asyncio.get_running_loop().create_task(
-            self.save(tenant_id, key_id, body, input_items))
-        self._pending[body["id"]] = task
-        task.add_done_callback(lambda t: self._written(body["id"], t))
+        """`save`, off the caller's path: finished responses are written in batches every
+        `flush_s`, one transaction each; reads of a pending id in this process wait for it."""
+        self._buffer.append(self._row(tenant_id, key_id, body, input_items, None))
+        self._pending[body["id"]] = asyncio.get_running_loop().create_future()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
-    def _written(self, response_id: str, task: asyncio.Task[None]) -> None:
-        if self._pending.get(response_id) is task:
-            del self._pending[response_id]
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("could not store response %s: %s", response_id, exc)
+    async def _flush(self) -> None:
+        while self._buffer:
+            await asyncio.sleep(self.flush_s)
+            rows, self._buffer = self._buffer, []
+            try:
+                await self._write(rows)
+            except Exception as exc:
+                log.error("could not store %d responses: %s", len(rows), exc)
+            for row in rows:
+                waiting = self._pending.pop(row["id"], None)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(None)
+
+    def _row(self, tenant_id: str, key_id: str, body: dict[str, Any],
+             input_items: list[dict[str, Any]], request: dict[str, Any] | None
+             ) -> dict[str, Any]:
+        created = utcnow()
+        return {"id": body["id"], "tenant_id": tenant_id, "key_id": key_id,
+                "status": body["status"], "body": body, "input_items": input_items,
+                "request": request, "created_at": created,
+                "expires_at": created + self.ttl if self.ttl is not None else None}
+
+    async def _write(self, rows: list[dict[str, Any]]) -> None:
+        """Upsert `rows` in one statement; a cancelled response keeps its state."""
+        insert = pg_insert if self.db.engine.dialect.name == "postgresql" else sqlite_insert
+        stmt = insert(StoredResponse)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[StoredResponse.id],
+            set_={"status": stmt.excluded.status, "body": stmt.excluded.body},
+            where=StoredResponse.status != "cancelled")
+        async with self.db.session() as session:
+            await session.execute(stmt, rows)
+            await session.commit()
 
     async def drain(self) -> None:
         """Every pending write done (at shutdown)."""
-        if self._pending:
-            await asyncio.gather(*self._pending.values(), return_exceptions=True)
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
 
     async def get(self, tenant_id: str, response_id: str) -> StoredResponse:
         if (pending := self._pending.get(response_id)) is not None:
