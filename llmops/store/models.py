@@ -369,7 +369,7 @@ class StoredResponse(Base):
     __table_args__ = (Index("ix_responses_tenant_time", "tenant_id", "created_at"),
                       Index("ix_responses_expiry", "expires_at"))
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(40))
     key_id: Mapped[str] = mapped_column(String(40))  # a background response runs as this key
     status: Mapped[str] = mapped_column(String(16))
@@ -384,7 +384,7 @@ class Conversation(Base):
     __tablename__ = "conversations"
     __table_args__ = (Index("ix_conversations_tenant", "tenant_id"),)
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(40))
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -397,7 +397,7 @@ class ConversationItem(Base):
     __table_args__ = (UniqueConstraint("conversation_id", "position",
                                        name="uq_conversationitems_position"),)
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
     conversation_id: Mapped[str] = mapped_column(
         ForeignKey("conversations.id", ondelete="CASCADE"))
     position: Mapped[int]

@@ -17,7 +17,7 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "responses",
-        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("id", sa.String(length=64), nullable=False),
         sa.Column("tenant_id", sa.String(length=40), nullable=False),
         sa.Column("key_id", sa.String(length=40), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
@@ -32,7 +32,7 @@ def upgrade() -> None:
     op.create_index("ix_responses_expiry", "responses", ["expires_at"])
     op.create_table(
         "conversations",
-        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("id", sa.String(length=64), nullable=False),
         sa.Column("tenant_id", sa.String(length=40), nullable=False),
         sa.Column("metadata", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -41,8 +41,8 @@ def upgrade() -> None:
     op.create_index("ix_conversations_tenant", "conversations", ["tenant_id"])
     op.create_table(
         "conversation_items",
-        sa.Column("id", sa.String(length=40), nullable=False),
-        sa.Column("conversation_id", sa.String(length=40), nullable=False),
+        sa.Column("id", sa.String(length=64), nullable=False),
+        sa.Column("conversation_id", sa.String(length=64), nullable=False),
         sa.Column("position", sa.Integer(), nullable=False),
         sa.Column("item", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
