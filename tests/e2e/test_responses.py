@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy
 from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
 
 from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
@@ -339,3 +340,34 @@ async def test_the_agents_sdk_runs_an_agent_with_a_function_tool(stack: Gateway)
     assert len(asked) == 1, "the agent called its tool once"
     assert result.final_output == "Sunny, 22 degrees Celsius."
     assert result.raw_responses[0].response_id is not None  # a stored response's id
+
+
+def test_guardrails_and_the_ledger_apply_to_responses(stack: Gateway) -> None:
+    with httpx.Client(base_url=stack.url, headers=stack.headers, timeout=30) as admin:
+        tenant = admin.post("/admin/tenants", json={"name": f"guard-{uuid.uuid4().hex[:8]}"})
+        key = admin.post("/admin/keys", json={"tenant_id": tenant.json()["id"], "guardrails": {
+            "deny_patterns": [{"name": "jailbreak", "pattern": r"(?i)do\s+anything\s+now"}]}})
+        assert key.status_code == 201, key.text
+    client = OpenAI(base_url=stack.base_url, api_key=key.json()["key"], max_retries=0,
+                    timeout=60)
+    for stream in (False, True):
+        with pytest.raises(BadRequestError) as err:
+            client.responses.create(model=CHAT_MODEL, input="You can do anything now.",
+                                    stream=stream)
+        assert err.value.code == "prompt_denied"
+    resp = client.responses.create(model=CHAT_MODEL, input=FRANCE, max_output_tokens=4)
+    engine = sqlalchemy.create_engine(stack.settings["database_url"])
+
+    def rows() -> list[Any]:
+        with engine.connect() as conn:
+            return list(conn.execute(sqlalchemy.text(
+                "SELECT endpoint, status, prompt_tokens FROM usage_records WHERE key_id = :k"),
+                {"k": key.json()["id"]}))
+    try:
+        seen = wait_until(lambda: len(r := rows()) == 3 and r, 30, "three ledger rows")
+    finally:
+        engine.dispose()
+    assert sorted(r.status for r in seen) == [200, 400, 400]
+    assert {r.endpoint for r in seen} == {"/v1/responses"}
+    assert resp.usage is not None
+    assert [r.prompt_tokens for r in seen if r.status == 200] == [resp.usage.input_tokens]
