@@ -17,6 +17,7 @@ from llmops.store.models import (
     UsageRecord,
     VectorStore,
     VectorStoreFile,
+    VectorStoreFileBatch,
     aware,
     utcnow,
 )
@@ -24,4 +25,4 @@ from llmops.store.models import (
 __all__ = ["ApiKey", "Base", "Database", "Eval", "EvalOutputItem", "EvalRun", "EvalWatch",
            "FineTuningCheckpoint", "FineTuningEvent",
            "FineTuningJob", "ModelPrice", "StoredFile", "Tenant", "UsageRecord", "VectorStore",
-           "VectorStoreFile", "aware", "upgrade", "utcnow"]
+           "VectorStoreFile", "VectorStoreFileBatch", "aware", "upgrade", "utcnow"]

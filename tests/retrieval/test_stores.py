@@ -36,9 +36,9 @@ async def test_ingestion_completes_only_the_content_it_was_started_for(db: Datab
     stores = VectorStores(db)
     store = await stores.create("ten_a", None, {})
     file = await _file(db, "file-1", "a" * 64)
-    row, queued = await stores.attach(store, file, {"lang": "en"}, CHUNKING)
+    row, queued = await stores.attach(store, file, {"lang": "en"}, CHUNKING, "key_a")
     assert queued and row.status == "in_progress"
-    _, queued = await stores.attach(store, file, {"lang": "en"}, CHUNKING)
+    _, queued = await stores.attach(store, file, {"lang": "en"}, CHUNKING, "key_a")
     assert not queued  # the same content is already on its way
     assert not await stores.finish(store.id, file.id, "b" * 64, chunks=3)  # stale content
     assert await stores.finish(store.id, file.id, "a" * 64, chunks=3, usage_bytes=30)
@@ -47,7 +47,7 @@ async def test_ingestion_completes_only_the_content_it_was_started_for(db: Datab
     assert counts == {"in_progress": 0, "completed": 1, "failed": 0, "cancelled": 0,
                       "total": 1} and usage == 30
     # New attributes mean a new ingestion; a detached file is never completed.
-    _, queued = await stores.attach(store, file, {"lang": "de"}, CHUNKING)
+    _, queued = await stores.attach(store, file, {"lang": "de"}, CHUNKING, "key_a")
     assert queued and await stores.pending(store.id, file.id) is not None
     await stores.detach("ten_a", store.id, file.id)
     assert not await stores.finish(store.id, file.id, "a" * 64, chunks=3)
@@ -58,7 +58,7 @@ async def test_failures_are_recorded(db: Database) -> None:
     stores = VectorStores(db)
     store = await stores.create("ten_a", None, {})
     file = await _file(db, "file-2", "c" * 64)
-    await stores.attach(store, file, {}, CHUNKING)
+    await stores.attach(store, file, {}, CHUNKING, "key_a")
     error = {"code": "invalid_file", "message": "Could not parse a.txt: empty."}
     assert await stores.finish(store.id, file.id, "c" * 64, error=error)
     row = await stores.get_file("ten_a", store.id, file.id)
