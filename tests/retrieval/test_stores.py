@@ -5,11 +5,24 @@ batches attach their files whole, count and cancel them, and go with their store
 from __future__ import annotations
 
 import pytest
+import sqlalchemy
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import update
 
-from llmops.store import Database, StoredFile, VectorStoreFile, VectorStoreFileBatch, utcnow
+from llmops.store import (
+    Base,
+    Database,
+    StoredFile,
+    VectorStoreFile,
+    VectorStoreFileBatch,
+    upgrade,
+    utcnow,
+)
+from llmops.store.db import sync_url
 from retrieval.stores import Attach, VectorStores, batch_status
 from tenancy.tenants import NotFoundError
+from tests.evals.test_store import _tables
 
 CHUNKING = {"max_tokens": 254, "overlap_tokens": 127}
 
@@ -171,3 +184,15 @@ async def test_a_batch_lists_its_files_in_pages_even_when_attached_at_one_time(
             seen += [r.file_id for r in page]
             after = seen[-1]
         assert seen == sorted((f.id for f in files), reverse=order == "desc")
+
+
+def test_the_migration_matches_the_models(database_url: str) -> None:
+    upgrade(database_url)
+    engine = sqlalchemy.create_engine(sync_url(database_url))
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    finally:
+        engine.dispose()
+    ours = {"vector_stores", "vector_store_files", "vector_store_file_batches"}
+    assert [d for d in diff if _tables(d) & ours] == []
