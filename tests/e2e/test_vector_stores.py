@@ -1,7 +1,10 @@
 """Retrieval end to end with the official openai client: documents of every supported format
 uploaded, ingested by a real Celery worker through the real embedding engine into the
 embedded Qdrant index that the gateway owns, searched (hybrid, dense, sparse, filters), and
-used for cited answers by the real chat engine; tenants never see each other's stores."""
+used for cited answers by the real chat engine; tenants never see each other's stores.
+Ingestion's embedding calls are billed in the usage ledger to the key that attached the file,
+a refusal by that key's limits fails the file with the reason, and file batches ingest, list,
+cancel and refuse bad requests as OpenAI's do, through the official client's helpers."""
 
 from __future__ import annotations
 
