@@ -32,7 +32,7 @@ import orjson
 
 from llmops.files import Files
 from llmops.settings import Settings
-from llmops.store import Database
+from llmops.store import Database, VectorStoreFile
 from observability.worker_metrics import METRICS
 from retrieval import ParseError, SparseEncoder, chunk_text, extract_text
 from retrieval.stores import VectorStores
@@ -84,9 +84,8 @@ async def run_ingest(store_id: str, file_id: str, settings: Settings) -> str:
             if key_id is None:
                 raise IngestError("invalid_api_key", "The vector store's tenant has no usable "
                                   "API key to ingest with; attach the file again.")
-            chunks = await _ingest(row.tenant_id, key_id, store_id, file_id, row.chunking,
-                                   row.content_sha256, Files(db, settings.files.root,
-                                                             settings.files.max_bytes),
+            chunks = await _ingest(row, key_id, stores, Files(db, settings.files.root,
+                                                              settings.files.max_bytes),
                                    settings)
             outcome = "completed"
         except IngestError as exc:
@@ -108,9 +107,10 @@ async def run_ingest(store_id: str, file_id: str, settings: Settings) -> str:
         await db.close()
 
 
-async def _ingest(tenant_id: str, key_id: str, store_id: str, file_id: str,
-                  chunking: dict[str, Any], sha256: str, files: Files, settings: Settings
-                  ) -> int:
+async def _ingest(row: VectorStoreFile, key_id: str, stores: VectorStores, files: Files,
+                  settings: Settings) -> int:
+    tenant_id, store_id, file_id = row.tenant_id, row.store_id, row.file_id
+    chunking, sha256 = row.chunking, row.content_sha256
     embedding = settings.embedding_model()
     if embedding is None or embedding.weights is None:
         raise IngestError("server_error", "No embedding model with weights is configured.")
@@ -138,6 +138,11 @@ async def _ingest(tenant_id: str, key_id: str, store_id: str, file_id: str,
         dense: list[str] = []
         size = settings.retrieval.embed_batch
         for i in range(0, len(chunks), size):
+            # A file cancelled (its batch), detached or attached again meanwhile is not
+            # embedded further: its key pays for no more than it had asked for.
+            if i and not await stores.expects(store_id, file_id, sha256):
+                raise IngestError("cancelled", "The file is no longer waiting for this "
+                                  "content.")
             batch = [c.text for c in chunks[i: i + size]]
             sent = time.perf_counter()
             answer = await _call(session, "POST", f"{gateway}/v1/embeddings", {

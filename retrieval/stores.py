@@ -239,6 +239,11 @@ class VectorStores:
             row = await session.get(VectorStoreFile, (store_id, file_id))
         return row if row is not None and row.status == "in_progress" else None
 
+    async def expects(self, store_id: str, file_id: str, sha256: str) -> bool:
+        """Whether the file's ingestion of this content is still wanted."""
+        row = await self.pending(store_id, file_id)
+        return row is not None and row.content_sha256 == sha256
+
     async def finish(self, store_id: str, file_id: str, sha256: str, *, chunks: int = 0,
                      usage_bytes: int = 0, error: dict[str, str] | None = None) -> bool:
         """Complete (or fail, with `error`) the ingestion of this content; False when the row

@@ -5,7 +5,7 @@ file with the gateway's reason at once, and a rate limit that names its wait is 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,17 @@ Answer = Callable[[int], web.Response]
 
 
 @contextlib.asynccontextmanager
-async def gateway(answer: Answer) -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
-    """A stand-in gateway: `answer(n)` answers the n-th embedding call (from 1); the points
-    are taken as the real gateway takes them. Yields its URL and each call's headers (by
-    lowercase name)."""
+async def gateway(answer: Answer, meanwhile: Callable[[], Awaitable[None]] | None = None
+                  ) -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+    """A stand-in gateway: `answer(n)` answers the n-th embedding call (from 1), after
+    `meanwhile` ran; the points are taken as the real gateway takes them. Yields its URL and
+    each call's headers (by lowercase name)."""
     calls: list[dict[str, str]] = []
 
     async def embeddings(request: web.Request) -> web.Response:
         calls.append({name.lower(): value for name, value in request.headers.items()})
+        if meanwhile is not None:
+            await meanwhile()
         return answer(len(calls))
 
     async def points(request: web.Request) -> web.Response:
@@ -69,14 +72,15 @@ def tokenizer_dir() -> Path:
     return prepare_models(models_home())["embedding"]
 
 
-async def attached(db: Database, tmp_path: Path, key_id: str | None, tenant_id: str = "ten_a"
+async def attached(db: Database, tmp_path: Path, key_id: str | None, tenant_id: str = "ten_a",
+                   text: str = "The Zorblax kettle has a seven-year warranty.",
                    ) -> tuple[VectorStore, str]:
-    """A store of `tenant_id` with one short file attached by `key_id` (None: by no recorded
-    key, as files attached before keys were recorded)."""
+    """A store of `tenant_id` with one file attached by `key_id` (None: by no recorded key,
+    as files attached before keys were recorded)."""
     files, stores = Files(db, tmp_path / "files", 1 << 20), VectorStores(db)
 
     async def body() -> AsyncIterator[bytes]:
-        yield b"The Zorblax kettle has a seven-year warranty."
+        yield text.encode()
 
     file = await files.create(tenant_id, "kettle.txt", "assistants", body())
     store = await stores.create(tenant_id, None, {})
@@ -89,9 +93,11 @@ async def attached(db: Database, tmp_path: Path, key_id: str | None, tenant_id: 
     return store, file.id
 
 
-def settings_for(database_url: str, tmp_path: Path, url: str, weights: Path) -> Settings:
+def settings_for(database_url: str, tmp_path: Path, url: str, weights: Path,
+                 embed_batch: int = 64) -> Settings:
     return Settings(admin_key=ADMIN, database_url=database_url,
-                    files={"root": tmp_path / "files"}, retrieval={"gateway_url": url},
+                    files={"root": tmp_path / "files"},
+                    retrieval={"gateway_url": url, "embed_batch": embed_batch},
                     models=[{"name": "minilm", "kind": "embedding", "context_length": 256,
                              "weights": str(weights),
                              "pools": [{"device": "cpu", "urls": ["http://127.0.0.1:9"]}]}])
@@ -167,3 +173,21 @@ async def test_a_file_attached_before_keys_were_recorded_bills_its_tenant(
     assert calls == []
     status, error = await outcome(db, store, file_id)
     assert status == "failed" and error["code"] == "invalid_api_key"
+
+
+async def test_a_file_cancelled_meanwhile_is_embedded_no_further(
+        db: Database, database_url: str, tmp_path: Path, tokenizer_dir: Path) -> None:
+    text = " ".join(f"Sentence {i} of the long Zorblax kettle manual." for i in range(60))
+    store, file_id = await attached(db, tmp_path, "key_member", text=text)
+
+    async def cancel() -> None:  # as cancelling its batch does
+        async with db.session() as session:
+            await session.execute(update(VectorStoreFile).where(
+                VectorStoreFile.file_id == file_id).values(status="cancelled"))
+            await session.commit()
+
+    async with gateway(embedded, meanwhile=cancel) as (url, calls):
+        settings = settings_for(database_url, tmp_path, url, tokenizer_dir, embed_batch=1)
+        assert await run_ingest(store.id, file_id, settings) == "failed"
+    assert len(calls) == 1  # of the file's many chunks, one was embedded
+    assert await outcome(db, store, file_id) == ("cancelled", None)
