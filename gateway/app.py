@@ -36,7 +36,8 @@ from gateway.api.health import health_router, scrape
 from gateway.api.inference import add_wire_schemas, handlers, inference_router
 from gateway.api.models import models_router
 from gateway.api.responses import responses_router
-from gateway.api.vector_stores import internal_router, vector_stores_router
+from gateway.api.vector_store_file_batches import file_batches_router
+from gateway.api.vector_stores import Ingestion, internal_router, vector_stores_router
 from gateway.chores import Chores, load_prices, requeue_orphans
 from gateway.http.auth import authenticated
 from gateway.http.errors import install_error_handlers
@@ -235,8 +236,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(conversations_router(s.conversations, s.auth))
     app.include_router(admin_router(s.db, s.tenants, s.auth, s.prices, s.catalog, s.drift))
     if s.retriever is not None:
-        app.include_router(vector_stores_router(cfg, s.stores, s.files, s.retriever, s.celery,
-                                                s.auth))
+        ingestion = Ingestion(cfg, s.stores, s.files, s.celery)
+        app.include_router(vector_stores_router(s.stores, ingestion, s.retriever, s.auth))
+        app.include_router(file_batches_router(cfg, s.stores, ingestion, s.auth))
         app.include_router(internal_router(cfg, s.stores, s.retriever, s.auth))
     app.include_router(health_router(s.routers, s.metrics if cfg.metrics.port is None else None))
 

@@ -9,7 +9,7 @@ import asyncio
 import hashlib
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from sqlalchemy import select
@@ -89,6 +89,14 @@ class Files:
         if row is None or row.tenant_id != tenant_id:
             raise NotFoundError(f"No such File object: {file_id}")
         return row
+
+    async def get_many(self, tenant_id: str, file_ids: Sequence[str]) -> dict[str, StoredFile]:
+        """The files of this tenant among `file_ids`, by id (in one query); the rest are
+        missing or another tenant's."""
+        async with self.db.session() as session:
+            rows = await session.scalars(select(StoredFile).where(
+                StoredFile.tenant_id == tenant_id, StoredFile.id.in_(file_ids)))
+            return {row.id: row for row in rows}
 
     async def delete(self, tenant_id: str, file_id: str) -> None:
         row = await self.get(tenant_id, file_id)

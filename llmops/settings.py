@@ -174,6 +174,8 @@ class RetrievalConfig(_Strict):
     gateway_url: str | None = Field(
         None, description="Where ingestion workers reach the gateway; unset: host and port.")
     embed_batch: int = Field(64, ge=1, le=2048, description="Chunks per embedding request.")
+    max_batch_files: int = Field(
+        500, ge=1, le=10_000, description="Most files one vector store file batch may attach.")
     max_points_bytes: int = Field(
         256 * 1024 * 1024, ge=1024, description="Largest batch of chunks a worker may write.")
     score_threshold: float = Field(

@@ -36,7 +36,7 @@ from tenancy.tenants import (
     hash_key,
 )
 
-__all__ = ["BOOTSTRAP_ADMIN", "ON_BEHALF_HEADER", "Authenticator", "acting_for"]
+__all__ = ["BOOTSTRAP_ADMIN", "ON_BEHALF_HEADER", "Authenticator", "acting_for", "stand_in_key"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,15 @@ async def acting_for(tenancy: Tenancy, key_id: str) -> Principal | None:
         return BOOTSTRAP_ADMIN
     found = await tenancy.principal_of(key_id)
     return None if found is None else replace(found, delegated=True)
+
+
+async def stand_in_key(tenancy: Tenancy, tenant_id: str) -> str | None:
+    """The key to act for in a tenant's work that recorded no key (work started before keys
+    were recorded): the bootstrap admin key for the admin tenant, else the tenant's oldest
+    usable key, so that the tenant, never the admin, pays; None when it has none."""
+    if tenant_id == ADMIN_TENANT:
+        return BOOTSTRAP_ADMIN.key_id
+    return await tenancy.oldest_usable_key(tenant_id)
 
 
 class Authenticator:

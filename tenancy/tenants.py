@@ -209,6 +209,16 @@ class Tenancy:
             return None
         return _usable(key, tenant)
 
+    async def oldest_usable_key(self, tenant_id: str) -> str | None:
+        """The id of the tenant's oldest key that can still be used, or None (no such key, or
+        the tenant is disabled or unknown)."""
+        async with self.db.session() as session:
+            rows = (await session.execute(
+                select(ApiKey, Tenant).join(Tenant, ApiKey.tenant_id == Tenant.id)
+                .where(ApiKey.tenant_id == tenant_id, ApiKey.revoked_at.is_(None))
+                .order_by(ApiKey.created_at, ApiKey.id))).all()
+        return next((key.id for key, tenant in rows if _usable(key, tenant) is not None), None)
+
     async def principal_of(self, key_id: str) -> Principal | None:
         """The principal of a key named by id (for our own workers acting for the key that
         started their work), or None when it is unknown, revoked, expired or its tenant is

@@ -3,8 +3,10 @@
 `POST /v1/vector_stores/{id}/search`. Our one addition is named as such: `search_mode`
 (`hybrid`, `dense` or `sparse`) on search.
 
-Attaching a file queues its ingestion on the `ingest` queue. The gateway owns the vector
-index: ingestion workers parse, chunk and embed, then hand the finished points to the internal
+Attaching a file (alone, with a new store, or in a file batch: `Ingestion` is the one path)
+records the attaching key, whose limits and ledger the ingestion's embedding calls use, and
+queues its ingestion on the `ingest` queue. The gateway owns the vector index: ingestion
+workers parse, chunk and embed, then hand the finished points to the internal
 `PUT /internal/vector_stores/{id}/files/{file_id}/points`, which replaces the file's chunks in
 one step and marks it completed.
 """
@@ -37,7 +39,7 @@ from gateway.tasks import enqueue
 from llmops.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 from llmops.files import Files
 from llmops.settings import Settings
-from llmops.store import VectorStore, VectorStoreFile
+from llmops.store import StoredFile, VectorStore, VectorStoreFile
 from llmops.wire import Wire
 from retrieval import (
     Chunk,
@@ -51,7 +53,7 @@ from retrieval.stores import FILE_STATUSES, VectorStores
 from tenancy.auth import Authenticator
 from workers.app import INGEST_TASK
 
-__all__ = ["internal_router", "store_out", "vector_stores_router"]
+__all__ = ["Ingestion", "file_out", "internal_router", "store_out", "vector_stores_router"]
 
 Attribute = StrictStr | StrictInt | StrictFloat | StrictBool
 Attributes = Annotated[dict[Annotated[str, Field(max_length=64)], Attribute],
@@ -123,57 +125,82 @@ def file_out(row: VectorStoreFile) -> dict[str, Any]:
                 "chunk_overlap_tokens": row.chunking.get("overlap_tokens")}}}
 
 
-def vector_stores_router(settings: Settings, stores: VectorStores, files: Files,
-                         retriever: Retriever, celery: Celery, auth: Authenticator
-                         ) -> APIRouter:
-    router = APIRouter(prefix="/v1/vector_stores", tags=["vector stores"],
-                       dependencies=[Depends(authenticated(auth))])
-    embedding = settings.embedding_model()
-    # A chunk's tokens plus the two special tokens the embedder adds must fit its context.
-    context = (embedding.context_length if embedding else 512) - 2
+class Ingestion:
+    """Attached files on their way to the ingestion workers: one path for files attached
+    alone, with a new store, or in a file batch."""
 
-    def strategy(obj: dict[str, Any] | None) -> dict[str, int]:
+    def __init__(self, settings: Settings, stores: VectorStores, files: Files, celery: Celery
+                 ) -> None:
+        self.stores = stores
+        self.files = files
+        self.celery = celery
+        embedding = settings.embedding_model()
+        # A chunk's tokens plus the two special tokens the embedder adds must fit its context.
+        self.context = (embedding.context_length if embedding else 512) - 2
+
+    def chunking(self, obj: dict[str, Any] | None, param: str = "") -> dict[str, int]:
+        """A request's `chunking_strategy` (at `param`, a prefix) as stored, or a 400."""
         try:
-            chosen = ChunkingStrategy.from_request(obj, context)
+            chosen = ChunkingStrategy.from_request(obj, self.context)
         except InvalidChunkingError as exc:
-            raise BadRequestError(str(exc), param=exc.param) from None
+            raise BadRequestError(str(exc), param=param + exc.param) from None
         return {"max_tokens": chosen.max_tokens, "overlap_tokens": chosen.overlap_tokens}
 
-    async def owned(request: Request, store_id: str) -> VectorStore:
+    async def store(self, request: Request, store_id: str) -> VectorStore:
+        """The caller's tenant's store; another tenant's is missing (404)."""
         try:
-            return await stores.get(request.state.principal.tenant_id, store_id)
+            return await self.stores.get(request.state.principal.tenant_id, store_id)
         except tenancy.NotFoundError as exc:
             raise NotFoundError(str(exc), param="vector_store_id") from None
 
-    async def attach(store: VectorStore, file_id: str, attributes: dict[str, Any],
-                     chunking: dict[str, int], param: str) -> VectorStoreFile:
+    async def file(self, tenant_id: str, file_id: str, param: str) -> StoredFile:
+        """A file of the tenant, to attach; another tenant's is missing (400 naming `param`)."""
         try:
-            file = await files.get(store.tenant_id, file_id)
+            return await self.files.get(tenant_id, file_id)
         except tenancy.NotFoundError:
             raise BadRequestError(f"File {file_id} not found.", param=param) from None
-        row, queue = await stores.attach(store, file, attributes, chunking)
-        if queue:
-            try:
-                await enqueue(celery, INGEST_TASK, [store.id, file.id])
-            except ServiceUnavailableError as exc:  # failed, as a file that could not be read
-                await stores.finish(store.id, file.id, file.sha256, error={
-                    "code": "server_error", "message": f"{exc.message} Attach the file again."})
-                row = await stores.get_file(store.tenant_id, store.id, file.id)
-        return row
+
+    async def queue(self, store: VectorStore, attached: list[tuple[VectorStoreFile, bool]]
+                    ) -> list[VectorStoreFile]:
+        """Queue the ingestion of the attached files that need one; a file the queue refused
+        fails, as a file that could not be read would. Returns the rows as they now are."""
+        rows = []
+        for row, wanted in attached:
+            if wanted:
+                try:
+                    await enqueue(self.celery, INGEST_TASK, [store.id, row.file_id])
+                except ServiceUnavailableError as exc:
+                    await self.stores.finish(store.id, row.file_id, row.content_sha256, error={
+                        "code": "server_error",
+                        "message": f"{exc.message} Attach the file again."})
+                    row = await self.stores.get_file(store.tenant_id, store.id, row.file_id)
+            rows.append(row)
+        return rows
+
+
+def vector_stores_router(stores: VectorStores, ingestion: Ingestion, retriever: Retriever,
+                         auth: Authenticator) -> APIRouter:
+    router = APIRouter(prefix="/v1/vector_stores", tags=["vector stores"],
+                       dependencies=[Depends(authenticated(auth))])
+    strategy, owned = ingestion.chunking, ingestion.store
+
+    async def attach(request: Request, store: VectorStore, file_id: str,
+                     attributes: dict[str, Any], chunking: dict[str, int], param: str
+                     ) -> VectorStoreFile:
+        file = await ingestion.file(store.tenant_id, file_id, param)
+        attached = await stores.attach(store, file, attributes, chunking,
+                                       request.state.principal.key_id)
+        return (await ingestion.queue(store, [attached]))[0]
 
     @router.post("")
     async def create(request: Request, body: StoreIn) -> dict[str, Any]:
         chunking = strategy(body.chunking_strategy)
         tenant_id = request.state.principal.tenant_id
         for i, file_id in enumerate(body.file_ids):  # refuse before creating anything
-            try:
-                await files.get(tenant_id, file_id)
-            except tenancy.NotFoundError:
-                raise BadRequestError(f"File {file_id} not found.",
-                                      param=f"file_ids[{i}]") from None
+            await ingestion.file(tenant_id, file_id, f"file_ids[{i}]")
         row = await stores.create(tenant_id, body.name, body.metadata)
         for i, file_id in enumerate(body.file_ids):
-            await attach(row, file_id, {}, chunking, f"file_ids[{i}]")
+            await attach(request, row, file_id, {}, chunking, f"file_ids[{i}]")
         return await store_out(stores, row)
 
     @router.get("")
@@ -209,7 +236,7 @@ def vector_stores_router(settings: Settings, stores: VectorStores, files: Files,
     async def add_file(request: Request, store_id: str, body: FileIn) -> dict[str, Any]:
         store = await owned(request, store_id)
         chunking = strategy(body.chunking_strategy)
-        return file_out(await attach(store, body.file_id, body.attributes, chunking,
+        return file_out(await attach(request, store, body.file_id, body.attributes, chunking,
                                      "file_id"))
 
     @router.get("/{store_id}/files")

@@ -20,6 +20,7 @@ from llmops.store.models import (
     UsageRecord,
     VectorStore,
     VectorStoreFile,
+    VectorStoreFileBatch,
     aware,
     utcnow,
 )
@@ -27,4 +28,5 @@ from llmops.store.models import (
 __all__ = ["ApiKey", "Base", "Conversation", "ConversationItem", "Database", "Eval",
            "EvalOutputItem", "EvalRun", "EvalWatch", "FineTuningCheckpoint", "FineTuningEvent",
            "FineTuningJob", "ModelPrice", "StoredFile", "StoredResponse", "Tenant",
-           "UsageRecord", "VectorStore", "VectorStoreFile", "aware", "upgrade", "utcnow"]
+           "UsageRecord", "VectorStore", "VectorStoreFile", "VectorStoreFileBatch", "aware",
+           "upgrade", "utcnow"]

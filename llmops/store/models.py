@@ -39,6 +39,7 @@ __all__ = [
     "UsageRecord",
     "VectorStore",
     "VectorStoreFile",
+    "VectorStoreFileBatch",
     "aware",
     "utcnow",
 ]
@@ -247,6 +248,29 @@ class VectorStoreFile(Base):
     usage_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     chunks: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The key that attached the file: ingestion calls the embedding model as this key, so its
+    # limits, budget and ledger apply. None for files attached before keys were recorded.
+    key_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    # The file batch that last attached the file (None: attached alone). A file's ingestion
+    # state lives only here; a batch's counts are read from its files' rows.
+    batch_id: Mapped[str | None] = mapped_column(String(40), default=None, index=True)
+
+
+class VectorStoreFileBatch(Base):
+    """A batch of files attached to a vector store at once (OpenAI's file batches). Only what
+    the files' rows cannot say lives here: when it was made and whether it was cancelled. Its
+    files and their progress are the `vector_store_files` rows carrying its id, so that a
+    file's ingestion has one state, whichever way it was attached: a second table of batch
+    members would be a copy of those statuses to keep in step."""
+
+    __tablename__ = "vector_store_file_batches"
+    __table_args__ = (Index("ix_vsbatches_store_time", "store_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    store_id: Mapped[str] = mapped_column(ForeignKey("vector_stores.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    cancelled_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Eval(Base):

@@ -1,12 +1,16 @@
 """Retrieval end to end with the official openai client: documents of every supported format
 uploaded, ingested by a real Celery worker through the real embedding engine into the
 embedded Qdrant index that the gateway owns, searched (hybrid, dense, sparse, filters), and
-used for cited answers by the real chat engine; tenants never see each other's stores."""
+used for cited answers by the real chat engine; tenants never see each other's stores.
+Ingestion's embedding calls are billed in the usage ledger to the key that attached the file,
+a refusal by that key's limits fails the file with the reason, and file batches ingest, list,
+cancel and refuse bad requests as OpenAI's do, through the official client's helpers."""
 
 from __future__ import annotations
 
 import sqlite3
 import sys
+import time
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -15,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from openai import NotFoundError, OpenAI
+from openai import BadRequestError, NotFoundError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
@@ -357,3 +361,247 @@ def test_detaching_and_deleting_remove_results(client: OpenAI) -> None:
     client.vector_stores.delete(vs.id)
     with pytest.raises(NotFoundError):
         client.vector_stores.search(vs.id, query=question)
+
+
+# Ingestion billed to the store's tenant, and file batches.
+
+def member(gateway: Gateway, **limits: Any) -> tuple[OpenAI, str, str]:
+    """A client of a new member tenant: (client, tenant id, key id)."""
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers, timeout=60) as admin:
+        tenant = admin.post("/admin/tenants", json={"name": f"member-{uuid.uuid4().hex[:6]}"})
+        key = admin.post("/admin/keys", json={"tenant_id": tenant.json()["id"], **limits})
+    assert key.status_code == 201, key.text
+    return (OpenAI(base_url=gateway.base_url, api_key=key.json()["key"], max_retries=0,
+                   timeout=120), tenant.json()["id"], key.json()["id"])
+
+
+def query(gateway: Gateway, sql: str, **params: Any) -> list[Any]:
+    database = gateway.settings["database_url"].removeprefix("sqlite:///")
+    with sqlite3.connect(database) as conn:
+        return list(conn.execute(sql, params))
+
+
+def ingestion_ledger(gateway: Gateway, store_id: str, file_ids: list[str],
+                     timeout_s: float = 30) -> list[Any]:
+    """The usage rows of the embedding calls that ingested `file_ids` into the store, once
+    there is one per embedding request the files needed (the ledger is written behind)."""
+    embed_batch = gateway.settings["retrieval"].get("embed_batch", 64)
+    chunks = {f: n for f, n in query(
+        gateway, "SELECT file_id, chunks FROM vector_store_files WHERE store_id = :s",
+        s=store_id)}
+    expected = sum(-(-chunks[f] // embed_batch) for f in file_ids)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = [r for f in file_ids for r in query(
+            gateway, "SELECT request_id, tenant_id, key_id, endpoint, status "
+            "FROM usage_records WHERE request_id LIKE :p", p=f"ingest.{store_id}.{f}.%")]
+        if len(rows) >= expected or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def test_ingestion_is_billed_to_the_tenant_that_attached_the_file(
+        rag: tuple[Gateway, Running]) -> None:
+    gateway, _ = rag
+    client, tenant_id, key_id = member(gateway)
+    vs = client.vector_stores.create(name="billed")
+    uploaded = client.files.create(file=("kettle.txt", KETTLE.encode()), purpose="assistants")
+    done = client.vector_stores.files.create_and_poll(vector_store_id=vs.id,
+                                                      file_id=uploaded.id, poll_interval_ms=300)
+    assert done.status == "completed", done.last_error
+    rows = ingestion_ledger(gateway, vs.id, [uploaded.id])
+    assert rows, "no embedding call of the ingestion reached the ledger"
+    assert {(r[1], r[2], r[4]) for r in rows} == {(tenant_id, key_id, 200)}
+    assert all("embeddings" in r[3] for r in rows)
+    admin_rows = query(gateway, "SELECT count(*) FROM usage_records WHERE tenant_id = "
+                       "'ten_admin' AND request_id LIKE :p", p=f"ingest.{vs.id}.%")
+    assert admin_rows == [(0,)]
+
+
+def test_a_refusal_by_the_owners_limits_fails_the_file_with_the_reason(
+        rag: tuple[Gateway, Running]) -> None:
+    gateway, _ = rag
+    client, _, _ = member(gateway, tpm_limit=1)  # no embedding request fits
+    vs = client.vector_stores.create(name="limited")
+    uploaded = client.files.create(file=("heater.md", HEATER.encode()), purpose="assistants")
+    started = time.monotonic()
+    done = client.vector_stores.files.create_and_poll(vector_store_id=vs.id,
+                                                      file_id=uploaded.id, poll_interval_ms=300)
+    assert done.status == "failed" and done.last_error is not None
+    assert done.last_error.code == "rate_limit_exceeded"
+    assert "tokens per minute" in done.last_error.message
+    assert time.monotonic() - started < 60  # refused once, not retried on end
+
+
+BATCH_DOCS = {  # filename -> (content, a question only it answers)
+    "kettle.txt": (KETTLE, "How long is the warranty of the Zorblax kettle?"),
+    "heater.md": (HEATER, "What water temperature can the Glimmerfin aquarium heater hold?"),
+    "espresso.txt": (ESPRESSO, "How often should I descale the Quartzline espresso machine?"),
+}
+
+
+def test_a_file_batch_ingests_every_file_billed_to_its_tenant(
+        rag: tuple[Gateway, Running]) -> None:
+    gateway, _ = rag
+    client, tenant_id, key_id = member(gateway)
+    vs = client.vector_stores.create(name="batched")
+    ids = {name: client.files.create(file=(name, text.encode()), purpose="assistants").id
+           for name, (text, _) in BATCH_DOCS.items()}
+    batch = client.vector_stores.file_batches.create_and_poll(
+        vector_store_id=vs.id, file_ids=list(ids.values()), attributes={"source": "manual"},
+        poll_interval_ms=300)
+    assert batch.id.startswith("vsfb_") and batch.object == "vector_store.files_batch"
+    assert batch.status == "completed" and batch.vector_store_id == vs.id
+    assert batch.file_counts.model_dump() == {"in_progress": 0, "completed": 3, "failed": 0,
+                                              "cancelled": 0, "total": 3}
+    listed = client.vector_stores.file_batches.list_files(batch.id, vector_store_id=vs.id,
+                                                          limit=2, order="asc")
+    assert len(listed.data) == 2 and listed.has_more
+    everything = list(client.vector_stores.file_batches.list_files(
+        batch.id, vector_store_id=vs.id, limit=2))  # the client follows the cursor
+    assert sorted(f.id for f in everything) == sorted(ids.values())
+    assert all(f.status == "completed" and f.attributes == {"source": "manual"}
+               for f in everything)
+    assert client.vector_stores.file_batches.list_files(
+        batch.id, vector_store_id=vs.id, filter="failed").data == []
+    for name, (_, question) in BATCH_DOCS.items():
+        assert top_filenames(client, vs.id, question)[0] == name
+    rows = ingestion_ledger(gateway, vs.id, list(ids.values()))
+    assert len({r[0].split(".")[2] for r in rows}) == 3  # every file's calls are there
+    assert {(r[1], r[2]) for r in rows} == {(tenant_id, key_id)}
+
+
+def test_upload_and_poll_with_per_file_attributes(client: OpenAI) -> None:
+    vs = client.vector_stores.create(name="uploaded")
+    batch = client.vector_stores.file_batches.upload_and_poll(
+        vector_store_id=vs.id, files=[("lock.html", LOCK.encode())], poll_interval_ms=300)
+    assert batch.status == "completed" and batch.file_counts.completed == 1
+    uploaded = client.files.create(file=("kettle.txt", KETTLE.encode()), purpose="assistants")
+    per_file = client.vector_stores.file_batches.create_and_poll(
+        vector_store_id=vs.id, files=[{"file_id": uploaded.id, "attributes": {"year": 2024},
+                                       "chunking_strategy": {"type": "static", "static": {
+                                           "max_chunk_size_tokens": 100,
+                                           "chunk_overlap_tokens": 20}}}],
+        poll_interval_ms=300)
+    assert per_file.status == "completed"
+    [attached] = client.vector_stores.file_batches.list_files(per_file.id,
+                                                              vector_store_id=vs.id).data
+    assert attached.attributes == {"year": 2024}
+    assert attached.chunking_strategy.static.max_chunk_size_tokens == 100  # type: ignore[union-attr]
+    hits = client.vector_stores.search(vs.id, query="Zorblax warranty",
+                                       filters={"type": "eq", "key": "year", "value": 2024})
+    assert {h.file_id for h in hits.data} == {uploaded.id}
+
+
+def ingest_tasks(worker: Running) -> float:
+    resp = httpx.get(f"{worker.url}/metrics",
+                     headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10)
+    return sum(s.value for f in text_string_to_metric_families(resp.text) for s in f.samples
+               if s.name == "llmops_worker_tasks_total" and s.labels.get("queue") == "ingest")
+
+
+def test_cancelling_a_batch_stops_what_is_not_ingested_and_keeps_what_is(
+        rag: tuple[Gateway, Running], client: OpenAI) -> None:
+    _, worker = rag
+    vs = client.vector_stores.create(name="cancelled")
+    words = [f"Vexorian{i}{uuid.uuid4().hex[:4]}" for i in range(8)]
+    ids = [client.files.create(file=(f"{w}.txt", (f"The {w} gadget manual. " * 40).encode()),
+                               purpose="assistants").id for w in words]
+    before = ingest_tasks(worker)
+    batch = client.vector_stores.file_batches.create(vector_store_id=vs.id, file_ids=ids)
+    cancelled = client.vector_stores.file_batches.cancel(batch.id, vector_store_id=vs.id)
+    counts = cancelled.file_counts
+    assert cancelled.status == "cancelled" and counts.in_progress == 0
+    assert counts.cancelled >= 1 and counts.completed + counts.cancelled + counts.failed == 8
+    # Every queued task has run (those of cancelled files found nothing to do) ...
+    deadline = time.monotonic() + 120
+    while ingest_tasks(worker) < before + 8:
+        assert time.monotonic() < deadline, "the ingestion tasks never all ran"
+        time.sleep(0.3)
+    # ... and nothing changed: done files stay done and searchable, cancelled ones hold
+    # no chunks, even those whose ingestion was under way when the batch was cancelled.
+    after = client.vector_stores.file_batches.retrieve(batch.id, vector_store_id=vs.id)
+    assert after.status == "cancelled" and after.file_counts == counts
+    files = client.vector_stores.file_batches.list_files(batch.id, vector_store_id=vs.id,
+                                                         limit=100).data
+    done = {f.id for f in files if f.status == "completed"}
+    stopped = {f.id for f in files if f.status == "cancelled"}
+    assert len(stopped) == counts.cancelled and len(done) == counts.completed
+    for word, file_id in zip(words, ids, strict=True):
+        found = {h.file_id for h in client.vector_stores.search(
+            vs.id, query=f"{word} gadget", extra_body={"search_mode": "sparse"}).data}
+        assert (file_id in found) == (file_id in done), word
+    # A batch with nothing left to stop is left as it is.
+    again = client.vector_stores.file_batches.cancel(batch.id, vector_store_id=vs.id)
+    assert again.file_counts == counts
+
+
+def test_another_tenants_batches_are_missing(rag: tuple[Gateway, Running],
+                                             client: OpenAI) -> None:
+    gateway, _ = rag
+    vs = client.vector_stores.create(name="private")
+    mine = client.files.create(file=("kettle.txt", KETTLE.encode()), purpose="assistants")
+    batch = client.vector_stores.file_batches.create(vector_store_id=vs.id, file_ids=[mine.id])
+    other, _, _ = member(gateway)
+    with pytest.raises(NotFoundError):
+        other.vector_stores.file_batches.retrieve(batch.id, vector_store_id=vs.id)
+    with pytest.raises(NotFoundError):
+        other.vector_stores.file_batches.cancel(batch.id, vector_store_id=vs.id)
+    with pytest.raises(NotFoundError):
+        other.vector_stores.file_batches.list_files(batch.id, vector_store_id=vs.id)
+    with pytest.raises(NotFoundError):
+        other.vector_stores.file_batches.create(vector_store_id=vs.id, file_ids=[mine.id])
+    # In its own store, our file is as missing as any, and nothing is attached.
+    own = other.vector_stores.create(name="own")
+    with pytest.raises(BadRequestError) as refused:
+        other.vector_stores.file_batches.create(vector_store_id=own.id, file_ids=[mine.id])
+    assert refused.value.body["param"] == "file_ids[0]"  # type: ignore[index]
+    assert other.vector_stores.retrieve(own.id).file_counts.total == 0
+    # Its own batch id in our store is missing too.
+    theirs = other.files.create(file=("kettle.txt", KETTLE.encode()), purpose="assistants")
+    their_batch = other.vector_stores.file_batches.create(vector_store_id=own.id,
+                                                          file_ids=[theirs.id])
+    with pytest.raises(NotFoundError):
+        client.vector_stores.file_batches.retrieve(their_batch.id, vector_store_id=vs.id)
+
+
+def test_bad_batches_are_refused_whole(rag: tuple[Gateway, Running], client: OpenAI) -> None:
+    gateway, _ = rag
+    vs = client.vector_stores.create(name="refusals")
+    good = client.files.create(file=("kettle.txt", KETTLE.encode()), purpose="assistants").id
+    url = f"{gateway.base_url}/vector_stores/{vs.id}/file_batches"
+    cases = [
+        ({"file_ids": [good, "file-missing"]}, 400, "file_ids[1]"),
+        ({"file_ids": [good, good]}, 400, "file_ids[1]"),
+        ({"file_ids": []}, 400, "file_ids"),
+        ({}, 400, "file_ids"),
+        ({"file_ids": [good], "files": [{"file_id": good}]}, 400, "files"),
+        ({"files": [{"file_id": good}], "attributes": {"a": 1}}, 400, "attributes"),
+        ({"files": [{"file_id": good}, {"file_id": "file-missing"}]}, 400, "files[1].file_id"),
+        ({"files": [{"file_id": good, "chunking_strategy": {"type": "static", "static": {
+            "max_chunk_size_tokens": 100, "chunk_overlap_tokens": 90}}}]}, 400,
+         "files[0].chunking_strategy.static"),
+        ({"file_ids": [good] + [f"file-{i}" for i in range(500)]}, 400, "file_ids"),
+    ]
+    for body, status, param in cases:
+        resp = httpx.post(url, headers=gateway.headers, json=body, timeout=30)
+        assert resp.status_code == status, (body, resp.text)
+        error = resp.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"].startswith(param), (
+            body, error)
+    assert client.vector_stores.retrieve(vs.id).file_counts.total == 0
+    assert query(gateway, "SELECT count(*) FROM vector_store_file_batches WHERE store_id = :s",
+                 s=vs.id) == [(0,)]
+    missing = httpx.post(f"{gateway.base_url}/vector_stores/vs_nope/file_batches",
+                         headers=gateway.headers, json={"file_ids": [good]}, timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "vector_store_id"
+    batch = client.vector_stores.file_batches.create(vector_store_id=vs.id, file_ids=[good])
+    with pytest.raises(NotFoundError):
+        client.vector_stores.file_batches.retrieve("vsfb_nope", vector_store_id=vs.id)
+    bad_filter = httpx.get(f"{url}/{batch.id}/files", headers=gateway.headers,
+                           params={"filter": "done"}, timeout=30)
+    assert bad_filter.status_code == 400 and bad_filter.json()["error"]["param"] == "filter"
+    # A deleted store takes its batches along.
+    client.vector_stores.delete(vs.id)
+    assert query(gateway, "SELECT count(*) FROM vector_store_file_batches WHERE store_id = :s",
+                 s=vs.id) == [(0,)]

@@ -110,9 +110,12 @@ def owned(gateway: GatewayProcess, tenants: dict[str, dict[str, Any]]) -> dict[s
                      data={"purpose": "assistants"}).json()["id"]
         store = a.post("/v1/vector_stores", json={"name": "secret",
                                                   "file_ids": [doc]}).json()["id"]
+        batch = a.post(f"/v1/vector_stores/{store}/file_batches", json={"file_ids": [doc]})
+        assert batch.status_code == 200, batch.text
         job = a.post("/v1/fine_tuning/jobs", json={"model": CHAT, "training_file": training})
         assert job.status_code == 200, job.text
-        return {"training": training, "doc": doc, "store": store, "job": job.json()["id"]}
+        return {"training": training, "doc": doc, "store": store, "job": job.json()["id"],
+                "batch": batch.json()["id"]}
 
 
 def test_another_tenant_cannot_see_or_touch_a_tenants_resources(
@@ -136,6 +139,10 @@ def test_another_tenant_cannot_see_or_touch_a_tenants_resources(
         ("POST", f"/v1/vector_stores/{vs}/files", {"file_id": doc}),
         ("DELETE", f"/v1/vector_stores/{vs}/files/{doc}", None),
         ("POST", f"/v1/vector_stores/{vs}/search", {"query": "vault code"}),
+        ("POST", f"/v1/vector_stores/{vs}/file_batches", {"file_ids": [doc]}),
+        ("GET", f"/v1/vector_stores/{vs}/file_batches/{owned['batch']}", None),
+        ("POST", f"/v1/vector_stores/{vs}/file_batches/{owned['batch']}/cancel", None),
+        ("GET", f"/v1/vector_stores/{vs}/file_batches/{owned['batch']}/files", None),
         ("POST", "/v1/chat/completions", {"model": CHAT, "messages": [
             {"role": "user", "content": "vault code?"}], "retrieval": {"vector_store_ids": [vs]}}),
     ]
@@ -149,6 +156,8 @@ def test_another_tenant_cannot_see_or_touch_a_tenants_resources(
         resp = b.post(f"/v1/vector_stores/{own}/files", json={"file_id": doc})
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "file_id"
         assert resp.json()["error"]["message"] == f"File {doc} not found."
+        resp = b.post(f"/v1/vector_stores/{own}/file_batches", json={"file_ids": [doc]})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "file_ids[0]"
         resp = b.post("/v1/vector_stores", json={"name": "b2", "file_ids": [doc]})
         assert resp.status_code == 400 and resp.json()["error"]["param"].startswith("file_ids")
         resp = b.post("/v1/fine_tuning/jobs", json={"model": CHAT, "training_file": f})

@@ -9,8 +9,8 @@ import pytest
 
 from llmops.errors import AuthenticationError, PermissionDeniedError
 from llmops.store import ApiKey, Database, upgrade
-from tenancy.auth import BOOTSTRAP_ADMIN, Authenticator, acting_for
-from tenancy.tenants import ConflictError, Limits, NotFoundError, Tenancy
+from tenancy.auth import BOOTSTRAP_ADMIN, Authenticator, acting_for, stand_in_key
+from tenancy.tenants import ADMIN_TENANT, ConflictError, Limits, NotFoundError, Tenancy
 
 
 def test_migrations_are_idempotent(database_url: str) -> None:
@@ -73,6 +73,27 @@ async def test_our_workers_act_for_a_usable_key_only(db: Database) -> None:
     assert await acting_for(tenants, key.id) is None
     with pytest.raises(AuthenticationError):
         await auth.on_behalf(BOOTSTRAP_ADMIN, key.id)
+
+
+async def test_work_without_a_recorded_key_stands_in_a_usable_key_of_its_tenant(
+        db: Database) -> None:
+    """Files attached before keys were recorded are ingested as the tenant's oldest usable
+    key: the tenant pays, never the admin; a tenant without one gets no key at all."""
+    tenants = Tenancy(db)
+    team = await tenants.create_tenant("team-d")
+    assert await stand_in_key(tenants, team.id) is None
+    first, _ = await tenants.create_key(team.id)
+    second, _ = await tenants.create_key(team.id)
+    await tenants.create_key((await tenants.create_tenant("team-e")).id)
+    assert await stand_in_key(tenants, team.id) == first.id
+    await tenants.revoke_key(first.id)
+    assert await stand_in_key(tenants, team.id) == second.id
+    await tenants.update_key(second.id, expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    assert await stand_in_key(tenants, team.id) is None
+    await tenants.create_key(team.id)
+    await tenants.disable_tenant(team.id)
+    assert await stand_in_key(tenants, team.id) is None
+    assert await stand_in_key(tenants, ADMIN_TENANT) == BOOTSTRAP_ADMIN.key_id
 
 
 async def test_errors_name_the_problem(db: Database) -> None:
