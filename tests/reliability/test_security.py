@@ -55,7 +55,8 @@ def test_the_route_list_covers_the_whole_api(gateway: GatewayProcess) -> None:
     found = {p for _, p in routes(gateway)}
     prefixes = {"/v1/models", "/v1/chat", "/v1/completions", "/v1/embeddings", "/v1/files",
                 "/v1/fine_tuning", "/v1/vector_stores", "/admin/tenants", "/admin/keys",
-                "/admin/prices", "/admin/usage", "/admin/drift", "/internal/vector_stores"}
+                "/admin/prices", "/admin/usage", "/admin/drift", "/internal/vector_stores",
+                "/v1/responses", "/v1/conversations"}
     assert all(any(p.startswith(prefix) for p in found) for prefix in prefixes)
     assert len(routes(gateway)) >= 40
 
@@ -114,14 +115,20 @@ def owned(gateway: GatewayProcess, tenants: dict[str, dict[str, Any]]) -> dict[s
         assert batch.status_code == 200, batch.text
         job = a.post("/v1/fine_tuning/jobs", json={"model": CHAT, "training_file": training})
         assert job.status_code == 200, job.text
+        conversation = a.post("/v1/conversations", json={"items": [
+            {"role": "user", "content": "The vault code is 4471."}]})
+        assert conversation.status_code == 200, conversation.text
+        item = a.get(f"/v1/conversations/{conversation.json()['id']}/items").json()
         return {"training": training, "doc": doc, "store": store, "job": job.json()["id"],
-                "batch": batch.json()["id"]}
+                "batch": batch.json()["id"], "conversation": conversation.json()["id"],
+                "item": item["data"][0]["id"]}
 
 
 def test_another_tenant_cannot_see_or_touch_a_tenants_resources(
         gateway: GatewayProcess, tenants: dict[str, dict[str, Any]], owned: dict[str, str]
         ) -> None:
     f, doc, vs, job = owned["training"], owned["doc"], owned["store"], owned["job"]
+    conv = owned["conversation"]
     attempts = [
         ("GET", f"/v1/files/{f}", None), ("GET", f"/v1/files/{f}/content", None),
         ("DELETE", f"/v1/files/{doc}", None),
@@ -145,6 +152,18 @@ def test_another_tenant_cannot_see_or_touch_a_tenants_resources(
         ("GET", f"/v1/vector_stores/{vs}/file_batches/{owned['batch']}/files", None),
         ("POST", "/v1/chat/completions", {"model": CHAT, "messages": [
             {"role": "user", "content": "vault code?"}], "retrieval": {"vector_store_ids": [vs]}}),
+        ("GET", f"/v1/conversations/{conv}", None),
+        ("POST", f"/v1/conversations/{conv}", {"metadata": {"mine": "now"}}),
+        ("DELETE", f"/v1/conversations/{conv}", None),
+        ("GET", f"/v1/conversations/{conv}/items", None),
+        ("POST", f"/v1/conversations/{conv}/items", {"items": [
+            {"role": "user", "content": "hi"}]}),
+        ("GET", f"/v1/conversations/{conv}/items/{owned['item']}", None),
+        ("DELETE", f"/v1/conversations/{conv}/items/{owned['item']}", None),
+        ("POST", "/v1/responses", {"model": CHAT, "input": "vault code?",
+                                   "conversation": conv}),
+        ("POST", "/v1/responses", {"model": CHAT, "input": "vault code?", "tools": [
+            {"type": "file_search", "vector_store_ids": [vs]}], "tool_choice": "required"}),
     ]
     with gateway.client(tenants["b"]["key"]) as b:
         for method, path, body in attempts:
@@ -173,6 +192,7 @@ def test_another_tenant_cannot_see_or_touch_a_tenants_resources(
         assert a.get(f"/v1/vector_stores/{vs}").json()["name"] == "secret"
         assert a.get(f"/v1/vector_stores/{vs}/files/{doc}").status_code == 200
         assert a.get(f"/v1/fine_tuning/jobs/{job}").json()["status"] != "cancelled"
+        assert len(a.get(f"/v1/conversations/{conv}/items").json()["data"]) == 1
 
 
 def test_another_tenant_cannot_see_or_use_a_tenants_adapter(
