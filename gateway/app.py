@@ -53,6 +53,7 @@ from gateway.inference.hooks import (
 from gateway.inference.pipeline import Pipeline
 from gateway.inference.spans import TracingMiddleware
 from gateway.inference.upstream import Upstream
+from gateway.responses.protocol import ResponsesRequest
 from gateway.responses.service import RESPONSES, ResponsesService
 from gateway.routing import Pool, Router, build_affinity, build_scorers
 from gateway.routing.adapters import AdapterLoader
@@ -246,7 +247,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
                                  routes=app.routes)
-            add_wire_schemas(schema)
+            add_wire_schemas(schema, ResponsesRequest)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import Response
@@ -55,8 +56,10 @@ def inference_router(served: dict[str, Handler]) -> APIRouter:
     return router
 
 
-def add_wire_schemas(schema: dict[str, Any]) -> None:
-    """The endpoints' wire models, as the components their request bodies refer to."""
-    _, defs = models_json_schema([(e.schema, "validation") for e in ENDPOINTS],
+def add_wire_schemas(schema: dict[str, Any], *others: type[BaseModel]) -> None:
+    """The endpoints' wire models (and `others`), as the components their request bodies
+    refer to."""
+    models = [e.schema for e in ENDPOINTS] + list(others)
+    _, defs = models_json_schema([(m, "validation") for m in models],
                                  ref_template="#/components/schemas/{model}")
     schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])

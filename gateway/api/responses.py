@@ -47,7 +47,9 @@ def responses_router(service: ResponsesService, responses: Responses, upstream: 
         except tenancy.NotFoundError as exc:
             raise NotFoundError(str(exc), param="response_id") from None
 
-    @router.post("", summary=RESPONSES.summary)
+    @router.post("", summary=RESPONSES.summary, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": {
+            "$ref": f"#/components/schemas/{ResponsesRequest.__name__}"}}}}})
     async def create(request: Request) -> Response:
         return await service.create(request)
 

@@ -137,7 +137,8 @@ def _rss(pid: int) -> int:
 
 def _reconcile(database_url: str, key_id: str, sent: dict[str, tuple[str, int]],
                result: SoakResult) -> None:
-    """The soak key's records (the ingestion worker's embedding calls use another key)."""
+    """The soak key's records, but for the ingestion of the store's file (billed to the key
+    that attached it, with request ids of their own)."""
     engine = sqlalchemy.create_engine(database_url)
     deadline = time.monotonic() + 120
     try:
@@ -145,7 +146,8 @@ def _reconcile(database_url: str, key_id: str, sent: dict[str, tuple[str, int]],
             with engine.connect() as conn:
                 rows = {r.request_id: r for r in conn.execute(sqlalchemy.text(
                     "SELECT request_id, status, prompt_tokens, completion_tokens "
-                    "FROM usage_records WHERE key_id = :key"), {"key": key_id})}
+                    "FROM usage_records WHERE key_id = :key AND request_id NOT LIKE 'ingest.%'"),
+                    {"key": key_id})}
             final = {rid for rid, r in rows.items() if r.status != 0}
             if set(sent) <= final or time.monotonic() > deadline:
                 break
