@@ -39,6 +39,7 @@ from gateway.http.errors import install_error_handlers
 from gateway.http.middleware import BodyLimitMiddleware, InferenceRoutes, RequestIdMiddleware
 from gateway.inference.hooks import (
     AdmissionHook,
+    ConformanceHook,
     DriftHook,
     GroundingHook,
     GuardrailHook,
@@ -164,6 +165,7 @@ def build(settings: Settings) -> Services:
                          GroundingHook(retriever), UsageHook()]
     if drift is not None:
         hooks.append(DriftHook(drift))
+    hooks.append(ConformanceHook())  # last: it sees what the others made of the answer
     return Services(
         settings=settings, db=db, redis=redis, celery=celery, catalog=catalog, routers=routers,
         upstream=upstream, tenants=tenants,
