@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 
 from evals.store import Evals, ItemOutcome
 from finetune.jobs import FineTuning
@@ -23,6 +24,7 @@ from llmops.store import Database
 from tests.conformance import assert_conforms
 from tests.databases import in_process_gateway
 from tests.gateway.test_evals_api import EVAL, WIRE_SAMPLE
+from tests.standin import serve_engine
 
 ADMIN = "sk-unit-conformance"
 Api = tuple[httpx.AsyncClient, Settings]
@@ -103,6 +105,52 @@ def test_streamed_nulls_are_dropped() -> None:
     assert_conforms(data, "CreateChatCompletionStreamResponse")
     assert data["choices"][0]["delta"] == {"content": None, "tool_calls": [
         {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f"}}]}
+
+
+async def vllm_shaped(request: web.Request) -> web.StreamResponse:
+    """vLLM's answers: whole, streamed, or its refusal of a too long answer."""
+    body = await request.json()
+    if body.get("max_tokens", 0) > 2048:
+        return web.json_response({"error": {
+            "message": "max_tokens=4096 cannot be greater than max_model_len=2048.",
+            "type": "BadRequestError", "param": "max_tokens", "code": 400}}, status=400)
+    if not body.get("stream"):
+        return web.json_response(CHAT)
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    for chunk in ({**CHUNK, "system_fingerprint": None},
+                  {**CHUNK, "choices": [{**CHUNK["choices"][0], "finish_reason": "stop"}]},
+                  {**CHUNK, "choices": [], "usage": USAGE}):
+        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    return resp
+
+
+async def test_the_gateway_answers_a_vllm_shaped_engine_in_openais_shape(tmp_path: Path
+                                                                       ) -> None:
+    async with serve_engine(vllm_shaped) as url:
+        settings = Settings(admin_key=ADMIN, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                            redis_prefix=f"llmops-test-{uuid.uuid4().hex[:12]}",
+                            files={"root": tmp_path / "files"},
+                            ledger={"spool_path": tmp_path / "spool"},
+                            models=[{"name": "m", "kind": "chat",
+                                     "pools": [{"device": "cpu", "urls": [url]}]}])
+        async with in_process_gateway(settings, ADMIN) as client:
+            ask = {"model": "m", "messages": [{"role": "user", "content": "France?"}]}
+            await ok(client.post("/v1/chat/completions", json=ask),
+                     "CreateChatCompletionResponse")
+            resp = await client.post("/v1/chat/completions", json={
+                **ask, "stream": True, "stream_options": {"include_usage": True}})
+            chunks = [orjson.loads(line[6:]) for line in resp.text.split("\n")
+                      if line.startswith("data: {")]
+            assert len(chunks) == 3 and resp.text.endswith("data: [DONE]\n\n")
+            for chunk in chunks:
+                assert_conforms(chunk, "CreateChatCompletionStreamResponse")
+            refused = await client.post("/v1/chat/completions", json={**ask, "max_tokens": 4096})
+            assert refused.status_code == 400
+            assert_conforms(refused.json(), "ErrorResponse")
+            assert refused.json()["error"]["param"] == "max_tokens"
+            assert refused.json()["error"]["code"] is None  # vLLM's code is the HTTP status
 
 
 @pytest.fixture
