@@ -340,7 +340,7 @@ class DriftHook(Hook):
 # Properties OpenAI's schema has as optional but not nullable, where engines (vLLM) send null:
 # typed clients take a null there for a value of the wrong type, so it is left out instead.
 _ANSWER_NULLS = ("system_fingerprint", "usage")  # a whole answer's; a chunk's usage may be null
-_CHUNK_NULLS = ("system_fingerprint",)
+_CHUNK_NULLS = ("system_fingerprint", "obfuscation")
 _USAGE_NULLS = ("prompt_tokens_details", "completion_tokens_details")
 _DETAIL_NULLS = ("cached_tokens", "audio_tokens", "text_tokens", "image_tokens",
                  "cache_write_tokens", "reasoning_tokens", "accepted_prediction_tokens",

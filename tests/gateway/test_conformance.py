@@ -21,7 +21,7 @@ from finetune.jobs import FineTuning
 from gateway.inference.hooks import CHANGED, KEEP, ConformanceHook
 from llmops.settings import Settings
 from llmops.store import Database
-from tests.conformance import assert_conforms
+from tests.conformance import DOCUMENT, assert_conforms
 from tests.databases import in_process_gateway
 from tests.gateway.test_evals_api import EVAL, WIRE_SAMPLE
 from tests.standin import serve_engine
@@ -151,6 +151,42 @@ async def test_the_gateway_answers_a_vllm_shaped_engine_in_openais_shape(tmp_pat
             assert_conforms(refused.json(), "ErrorResponse")
             assert refused.json()["error"]["param"] == "max_tokens"
             assert refused.json()["error"]["code"] is None  # vLLM's code is the HTTP status
+
+
+def nulls(schema: dict[str, Any]) -> dict[str, None]:
+    """Every optional property of `schema`, as null."""
+    return {name: None for name in schema["properties"] if name not in schema.get("required", ())}
+
+
+def test_every_optional_property_the_schema_keeps_from_null_is_dropped() -> None:
+    """Against the vendored schema itself, so that a newer schema with more such properties
+    fails here: each optional property of the engines' objects is sent as null; what may not
+    be null must go, what may stays."""
+    schemas = orjson.loads(DOCUMENT.read_bytes())["components"]["schemas"]
+    usage = schemas["CompletionUsage"]
+    details = {name: nulls(usage["properties"][name]) for name in
+               ("prompt_tokens_details", "completion_tokens_details")}
+    message = {**CHAT["choices"][0]["message"],  # type: ignore[index]
+               **nulls(schemas["ChatCompletionResponseMessage"])}
+    chat = {**CHAT, **nulls(schemas["CreateChatCompletionResponse"]),
+            "choices": [{**CHAT["choices"][0], "message": message}]}  # type: ignore[index]
+    completion = {**COMPLETION, **nulls(schemas["CreateCompletionResponse"])}
+    call = schemas["ChatCompletionMessageToolCallChunk"]
+    delta = {**nulls(schemas["ChatCompletionStreamResponseDelta"]), "tool_calls": [
+        {"index": 0, **nulls(call), "function": nulls(call["properties"]["function"])}]}
+    chunk = {**CHUNK, **nulls(schemas["CreateChatCompletionStreamResponse"]),
+             "choices": [{**CHUNK["choices"][0], "delta": delta}]}  # type: ignore[index]
+    with_usage = {**CHUNK, "usage": {**CHUNK["usage"], **details}}  # type: ignore[dict-item]
+    for answer, whole, schema in ((chat, True, "CreateChatCompletionResponse"),
+                                  ({**chat, "usage": {**USAGE, **details}}, True,
+                                   "CreateChatCompletionResponse"),
+                                  (completion, True, "CreateCompletionResponse"),
+                                  (chunk, False, "CreateChatCompletionStreamResponse"),
+                                  (with_usage, False, "CreateChatCompletionStreamResponse")):
+        with pytest.raises(AssertionError):
+            assert_conforms(answer, schema)
+        assert normalised(answer, whole)[0] == CHANGED
+        assert_conforms(normalised(answer, whole)[1], schema)
 
 
 @pytest.fixture
