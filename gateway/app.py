@@ -44,6 +44,7 @@ from gateway.http.errors import install_error_handlers
 from gateway.http.middleware import BodyLimitMiddleware, InferenceRoutes, RequestIdMiddleware
 from gateway.inference.hooks import (
     AdmissionHook,
+    ConformanceHook,
     DriftHook,
     GroundingHook,
     GuardrailHook,
@@ -181,6 +182,7 @@ def build(settings: Settings) -> Services:
                          GroundingHook(retriever), UsageHook()]
     if drift is not None:
         hooks.append(DriftHook(drift))
+    hooks.append(ConformanceHook())  # last: it sees what the others made of the answer
     pipeline = Pipeline(catalog, upstream, hooks, settings.max_body_bytes)
     responses = Responses(db, settings.responses.ttl_days)
     conversations = Conversations(db, settings.responses.max_conversation_items)

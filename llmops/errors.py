@@ -133,7 +133,7 @@ class UpstreamTimeoutError(APIError):
 
 
 def error_body(
-    message: str, type_: str, *, param: str | None = None, code: str | int | None = None
+    message: str, type_: str, *, param: str | None = None, code: str | None = None
 ) -> bytes:
     return orjson.dumps(
         {"error": {"message": message, "type": type_, "param": param, "code": code}}

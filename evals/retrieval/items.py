@@ -81,7 +81,8 @@ async def retrieval_item(item: dict[str, Any], data_source: dict[str, Any],
     model = str(rag["model"]) if rag else ""
     search: dict[str, Any] = {"query": question.question,
                               "max_num_results": data_source["max_num_results"],
-                              "search_mode": data_source.get("search_mode", "hybrid")}
+                              "search_mode": data_source.get("search_mode", "hybrid"),
+                              "include_chunk": True}  # the sample shows which chunk ranked
     if data_source.get("filters") is not None:
         search["filters"] = data_source["filters"]
     try:

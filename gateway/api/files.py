@@ -32,10 +32,11 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _file_out(row: StoredFile) -> dict[str, Any]:
+    # Files do not expire here, and nothing needs details: `expires_at` and `status_details`
+    # are left out, as OpenAI's schema has them (optional, never null).
     return {"id": row.id, "object": "file", "bytes": row.bytes,
             "created_at": epoch(row.created_at), "filename": row.filename,
-            "purpose": row.purpose, "status": "processed", "expires_at": None,
-            "status_details": None}
+            "purpose": row.purpose, "status": "processed"}
 
 
 OnDelete = Callable[[str, str], Awaitable[None]]  # (tenant_id, file_id)

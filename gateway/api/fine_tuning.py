@@ -29,12 +29,12 @@ from llmops.errors import (
 )
 from llmops.files import Files
 from llmops.settings import Settings
-from llmops.store import FineTuningJob
+from llmops.store import FineTuningEvent, FineTuningJob
 from llmops.wire import Open, Wire
 from tenancy.auth import Authenticator
 from workers.app import FINETUNE_TASK
 
-__all__ = ["fine_tuning_router"]
+__all__ = ["event_out", "fine_tuning_router", "job_out"]
 
 Auto = Literal["auto"]
 
@@ -139,6 +139,15 @@ def job_out(job: FineTuningJob) -> dict[str, Any]:
     }
 
 
+def event_out(event: FineTuningEvent) -> dict[str, Any]:
+    out = {"id": f"ftevent-{event.id}", "object": "fine_tuning.job.event",
+           "created_at": epoch(event.created_at), "level": event.level,
+           "message": event.message, "type": event.type}
+    if event.data is not None:  # OpenAI's `data` is an object when present, never null
+        out["data"] = event.data
+    return out
+
+
 def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celery: Celery,
                        auth: Authenticator, evals: Evals) -> APIRouter:
     router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
@@ -218,10 +227,7 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
         cursor = int(after.removeprefix("ftevent-")) if after and after[8:].isdigit() else None
         rows, more = await jobs.events(job_id, request.state.principal.tenant_id,
                                        limit=max(1, min(limit, 1000)), after=cursor)
-        return {"object": "list", "has_more": more, "data": [
-            {"id": f"ftevent-{e.id}", "object": "fine_tuning.job.event",
-             "created_at": epoch(e.created_at), "level": e.level,
-             "message": e.message, "type": e.type, "data": e.data} for e in rows]}
+        return {"object": "list", "has_more": more, "data": [event_out(e) for e in rows]}
 
     @router.get("/{job_id}/checkpoints")
     async def checkpoints(request: Request, job_id: str) -> dict[str, Any]:

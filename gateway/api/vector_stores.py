@@ -1,7 +1,8 @@
 """OpenAI's vector stores API: `POST/GET/DELETE /v1/vector_stores[/{id}]`,
 `POST/GET/DELETE /v1/vector_stores/{id}/files[/{file_id}]` and
-`POST /v1/vector_stores/{id}/search`. Our one addition is named as such: `search_mode`
-(`hybrid`, `dense` or `sparse`) on search.
+`POST /v1/vector_stores/{id}/search`. Our additions are named as such, on search:
+`search_mode` (`hybrid`, `dense` or `sparse`) and `include_chunk` (each result's chunk index
+and character offsets, which OpenAI's closed result object has no room for: asked for only).
 
 Attaching a file (alone, with a new store, or in a file batch: `Ingestion` is the one path)
 records the attaching key, whose limits and ledger the ingestion's embedding calls use, and
@@ -90,6 +91,9 @@ class SearchIn(Wire):
     ranking_options: RankingOptions = Field(default_factory=RankingOptions)
     rewrite_query: bool = False
     search_mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
+    include_chunk: bool = Field(False, description="Ours: give each result a `chunk` (its "
+                                "index in the file and its character offsets), outside "
+                                "OpenAI's schema of a result.")
 
 
 class PointIn(BaseModel):
@@ -109,11 +113,13 @@ class PointsIn(BaseModel):
 
 async def store_out(stores: VectorStores, row: VectorStore) -> dict[str, Any]:
     counts, usage = await stores.file_counts(row.id)
-    return {"id": row.id, "object": "vector_store", "name": row.name,
+    # Stores do not expire here: no `expires_after` (OpenAI's is an object when present,
+    # never null); an unnamed store's name is empty (OpenAI's is a string, never null).
+    return {"id": row.id, "object": "vector_store", "name": row.name or "",
             "created_at": epoch(row.created_at), "last_active_at": epoch(row.last_active_at),
             "status": "in_progress" if counts["in_progress"] else "completed",
             "usage_bytes": usage, "file_counts": counts, "metadata": row.metadata_,
-            "expires_after": None, "expires_at": None}
+            "expires_at": None}
 
 
 def file_out(row: VectorStoreFile) -> dict[str, Any]:
@@ -282,13 +288,14 @@ def vector_stores_router(stores: VectorStores, ingestion: Ingestion, retriever: 
             request.state.principal.tenant_id, [store_id], queries,
             limit=body.max_num_results, filters=body.filters, mode=body.search_mode,
             threshold=body.ranking_options.score_threshold, ranker=body.ranking_options.ranker)
+        data = [{"file_id": s.file_id, "filename": s.filename, "score": s.score,
+                 "attributes": s.attributes, "content": [{"type": "text", "text": s.text}]}
+                for s in sources]
+        if body.include_chunk:  # OpenAI closes a result's properties: only when asked for
+            for result, s in zip(data, sources, strict=True):
+                result["chunk"] = {"index": s.chunk, "start": s.start, "end": s.end}
         return {"object": "vector_store.search_results.page", "search_query": queries,
-                "has_more": False, "next_page": None, "data": [
-                    {"file_id": s.file_id, "filename": s.filename, "score": s.score,
-                     "attributes": s.attributes,
-                     "content": [{"type": "text", "text": s.text}],
-                     "chunk": {"index": s.chunk, "start": s.start, "end": s.end}}
-                    for s in sources]}
+                "has_more": False, "next_page": None, "data": data}
 
     return router
 

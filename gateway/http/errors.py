@@ -28,7 +28,7 @@ def error_response(
     type_: str,
     *,
     param: str | None = None,
-    code: str | int | None = None,
+    code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
     return Response(

@@ -11,9 +11,11 @@ __all__ = ["bounded", "page"]
 
 
 def page(data: list[dict[str, Any]], more: bool) -> dict[str, Any]:
+    """An empty page's `first_id` and `last_id` are empty: OpenAI's schema has them as
+    strings that are always there, never null."""
     return {"object": "list", "data": data, "has_more": more,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None}
+            "first_id": data[0]["id"] if data else "",
+            "last_id": data[-1]["id"] if data else ""}
 
 
 def bounded(limit: int, most: int = 100) -> int:

@@ -1,6 +1,6 @@
 """The concerns an inference request passes through, one hook each, in the order they are
 listed by the app: admission (limits, budgets, the ledger, metrics), guardrails, grounding,
-usage and drift.
+usage, drift, and the engine's answers put in OpenAI's published shape.
 
 A hook may act at four points, each optional:
 - `before`: before the model is called, in order; it may change what the engine is sent
@@ -36,8 +36,8 @@ from tenancy.accounting import Accountant
 from tenancy.ledger import UsageEvent
 from tenancy.limits import LimitExceededError
 
-__all__ = ["CHANGED", "DROP", "KEEP", "AdmissionHook", "DriftHook", "GroundingHook",
-           "GuardrailHook", "Hook", "Hooks", "RequestObserver", "UsageHook"]
+__all__ = ["CHANGED", "DROP", "KEEP", "AdmissionHook", "ConformanceHook", "DriftHook",
+           "GroundingHook", "GuardrailHook", "Hook", "Hooks", "RequestObserver", "UsageHook"]
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,8 @@ def _no_answer(request: ChatCompletionRequest, dropped: list[dict[str, Any]]
             "created": int(time.time()), "model": request.model, "citations": [],
             "dropped_sources": dropped,
             "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                         "message": {"role": "assistant", "content": NO_ANSWER}}],
+                         "message": {"role": "assistant", "content": NO_ANSWER,
+                                     "refusal": None}}],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
 
 
@@ -319,3 +320,52 @@ class DriftHook(Hook):
         if ctx.probe is not None and ctx.entry is not None and (status == 200 or status >= 500):
             self.drift.record(ctx.entry.name, ctx.probe, ctx.completion_tokens,
                               failed=status >= 500)
+
+
+# Properties OpenAI's schema has as optional but not nullable, where engines (vLLM) send null:
+# typed clients take a null there for a value of the wrong type, so it is left out instead.
+_ANSWER_NULLS = ("system_fingerprint", "usage")  # a whole answer's; a chunk's usage may be null
+_CHUNK_NULLS = ("system_fingerprint", "obfuscation")
+_USAGE_NULLS = ("prompt_tokens_details", "completion_tokens_details")
+_DETAIL_NULLS = ("cached_tokens", "audio_tokens", "text_tokens", "image_tokens",
+                 "cache_write_tokens", "reasoning_tokens", "accepted_prediction_tokens",
+                 "rejected_prediction_tokens")
+_MESSAGE_NULLS = ("annotations", "function_call", "tool_calls")
+_DELTA_NULLS = ("role", "function_call", "tool_calls")
+_TOOL_CALL_NULLS = ("id", "type", "function")
+_FUNCTION_NULLS = ("name", "arguments")
+
+
+class ConformanceHook(Hook):
+    """Engine answers (chat completions, completions, embeddings, whole or streamed) in OpenAI's
+    published shape: a null where OpenAI's schema has an optional property that may not be
+    null is left out. The engine's own extra fields stay (no object they sit in is closed).
+    A chunk with nothing to leave out is sent as the engine's bytes."""
+
+    def on_data(self, ctx: RequestContext, data: dict[str, Any], whole: bool) -> int:
+        changed = _drop_nulls(data, _ANSWER_NULLS if whole else _CHUNK_NULLS)
+        if isinstance(usage := data.get("usage"), dict):
+            changed |= _drop_nulls(usage, _USAGE_NULLS)
+            for name in _USAGE_NULLS:
+                if isinstance(details := usage.get(name), dict):
+                    changed |= _drop_nulls(details, _DETAIL_NULLS)
+        for choice in data.get("choices") or ():
+            if whole:
+                if isinstance(message := choice.get("message"), dict):
+                    changed |= _drop_nulls(message, _MESSAGE_NULLS)
+            elif isinstance(delta := choice.get("delta"), dict):
+                changed |= _drop_nulls(delta, _DELTA_NULLS)
+                for call in delta.get("tool_calls") or ():
+                    changed |= _drop_nulls(call, _TOOL_CALL_NULLS)
+                    if isinstance(function := call.get("function"), dict):
+                        changed |= _drop_nulls(function, _FUNCTION_NULLS)
+        return CHANGED if changed else KEEP
+
+
+def _drop_nulls(obj: dict[str, Any], names: tuple[str, ...]) -> bool:
+    dropped = False
+    for name in names:
+        if name in obj and obj[name] is None:
+            del obj[name]
+            dropped = True
+    return dropped

@@ -206,7 +206,8 @@ def _upstream_error(status: int, data: bytes, headers: dict[str, str], model: st
             "The model backend failed."), headers)
     if status == 404:
         return api_error_response(ModelNotFoundError(model), headers)
+    # vLLM puts the HTTP status in `code`; OpenAI's codes are names (or null).
     body = error_body(message or "The request was rejected by the model backend.",
                       "invalid_request_error", param=param if isinstance(param, str) else None,
-                      code=code if isinstance(code, (str, int)) else None)
+                      code=code if isinstance(code, str) else None)
     return Response(body, status_code=status, media_type="application/json", headers=headers)

@@ -202,8 +202,9 @@ def as_chunks(answer: dict[str, Any]) -> list[dict[str, Any]]:
     extra = {k: v for k, v in answer.items()
              if k not in ("id", "object", "created", "model", "choices", "usage")}
     return [
-        {**head, "choices": [{"index": c.get("index", 0), "finish_reason": None,
-                              "delta": c.get("message") or {}} for c in choices]},
+        {**head, "choices": [{"index": c.get("index", 0), "finish_reason": None, "delta": {
+            k: v for k, v in (c.get("message") or {}).items() if v is not None}}
+            for c in choices]},
         {**head, "choices": [{"index": c.get("index", 0), "delta": {},
                               "finish_reason": c.get("finish_reason")} for c in choices]},
         {**head, "choices": [], **extra},

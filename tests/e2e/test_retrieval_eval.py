@@ -130,7 +130,8 @@ def check_ranks(client: OpenAI, store_id: str, output: Any) -> int | None:
     first = next((r["rank"] for r in found if relevant(item, r)), None)
     assert rank == first, (item, found)
     page = client.vector_stores.search(store_id, query=item["question"],
-                                       max_num_results=MAX_RESULTS)
+                                       max_num_results=MAX_RESULTS,
+                                       extra_body={"include_chunk": True})
     assert [(r.file_id, r.model_extra["chunk"]["index"]) for r in page.data] == [  # type: ignore[index]
         (r["file_id"], r["chunk"]["index"]) for r in found]
     hits = {r.name: r for r in output.results}

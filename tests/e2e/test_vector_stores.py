@@ -177,7 +177,8 @@ def test_each_format_is_ingested_and_the_right_document_ranks_first(
 
 def test_search_results_point_into_the_original_text(client: OpenAI, store: dict[str, Any]
                                                      ) -> None:
-    page = client.vector_stores.search(store["id"], query="Glimmerfin heater temperature")
+    page = client.vector_stores.search(store["id"], query="Glimmerfin heater temperature",
+                                       extra_body={"include_chunk": True})
     hit = page.data[0]
     assert hit.filename == "heater.md" and hit.attributes == {"category": "pets", "year": 2023}
     chunk = hit.model_extra["chunk"]  # type: ignore[index]

@@ -59,7 +59,8 @@ async def test_search_only_scores_the_rank_and_passes_within_the_largest_k() -> 
                                 gateway)
     assert gateway.asked == [("search", {
         "vector_store_id": "vs_1", "query": ITEM["question"], "max_num_results": 5,
-        "search_mode": "hybrid", "filters": {"type": "eq", "key": "a", "value": 1}})]
+        "search_mode": "hybrid", "filters": {"type": "eq", "key": "a", "value": 1},
+        "include_chunk": True})]  # the search results' `chunk` is asked for: the sample shows it
     verdicts = {r["name"]: (r["passed"], r["score"]) for r in item.results}
     assert verdicts == {"hit@1": (False, 0.0), "hit@3": (True, 1.0), "hit@5": (True, 1.0),
                         "reciprocal_rank": (True, 0.5)}
@@ -68,6 +69,7 @@ async def test_search_only_scores_the_rank_and_passes_within_the_largest_k() -> 
     assert item.sample["retrieval"]["rank"] == 2 and item.sample["output"] == []
     assert [r["rank"] for r in item.sample["search_results"]] == [1, 2, 3]
     assert item.sample["search_results"][1]["text"] == WARRANTY
+    assert item.sample["search_results"][1]["chunk"] == {"index": 0}
 
 
 async def test_not_found_within_the_largest_k_fails() -> None:
