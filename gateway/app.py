@@ -19,18 +19,20 @@ from fastapi.openapi.utils import get_openapi
 from redis.asyncio import Redis
 from starlette.responses import Response
 
+from batches import Batches, BatchService, EndpointRule
 from evals.runs import RunStarter
 from evals.scheduler import WatchScheduler
 from evals.store import Evals
 from evals.watches import EvalWatches
 from finetune.jobs import FineTuning
 from gateway.api.admin import admin_router
+from gateway.api.batches import batches_router
 from gateway.api.eval_watches import eval_watches_router
 from gateway.api.evals import evals_router
 from gateway.api.files import files_router
 from gateway.api.fine_tuning import fine_tuning_router
 from gateway.api.health import health_router, scrape
-from gateway.api.inference import add_wire_schemas, handlers, inference_router
+from gateway.api.inference import ENDPOINTS, add_wire_schemas, handlers, inference_router
 from gateway.api.models import models_router
 from gateway.api.vector_stores import internal_router, vector_stores_router
 from gateway.chores import Chores, load_prices, requeue_orphans
@@ -45,7 +47,7 @@ from gateway.inference.hooks import (
     Hook,
     UsageHook,
 )
-from gateway.inference.pipeline import Pipeline
+from gateway.inference.pipeline import Pipeline, parse_request
 from gateway.inference.spans import TracingMiddleware
 from gateway.inference.upstream import Upstream
 from gateway.routing import Pool, Router, build_affinity, build_scorers
@@ -73,7 +75,15 @@ from tenancy.auth import Authenticator
 from tenancy.ledger import LedgerPublisher, LedgerWriter
 from tenancy.limits import Limiter
 from tenancy.tenants import Tenancy
-from workers.app import EVAL_QUEUE, EVAL_TASK, FINETUNE_QUEUE, INGEST_QUEUE, make_celery
+from workers.app import (
+    BATCH_QUEUE,
+    BATCH_TASK,
+    EVAL_QUEUE,
+    EVAL_TASK,
+    FINETUNE_QUEUE,
+    INGEST_QUEUE,
+    make_celery,
+)
 
 __all__ = ["Services", "build", "create_app", "services_of"]
 
@@ -108,6 +118,7 @@ class Services:
     watches: EvalWatches
     runs: RunStarter  # every eval run starts here: the API's, a watch's, promotion's
     scheduler: WatchScheduler
+    batches: BatchService
     stores: VectorStores
     retriever: Retriever | None  # None without an embedding model
     metrics: GatewayMetrics | None
@@ -133,7 +144,7 @@ def build(settings: Settings) -> Services:
         metrics = GatewayMetrics(settings.metrics, settings.models, routers)
         metrics.add_readings(platform_readings(
             db, redis, celery.conf.broker_transport_options.get("global_keyprefix", ""),
-            (FINETUNE_QUEUE, INGEST_QUEUE, EVAL_QUEUE)))
+            (FINETUNE_QUEUE, INGEST_QUEUE, EVAL_QUEUE, BATCH_QUEUE)))
         metrics.add_readings(budget_readings(limiter, metrics.tenants))
         metrics.add_collector(EVAL_WATCHES_FAMILY,
                               EvalWatchGauges(watches.enabled_views, metrics.tenants))
@@ -155,6 +166,12 @@ def build(settings: Settings) -> Services:
     runs = RunStarter(evals, files, catalog, settings.evals,
                       lambda run_id: enqueue(celery, EVAL_TASK, [run_id]),
                       stores if retriever is not None else None)
+    # A batch's lines are read by the endpoints' own parsers: refused exactly as they would be.
+    rules = {e.path: EndpointRule(functools.partial(parse_request, e.schema), e.kind)
+             for e in ENDPOINTS}
+    batches = BatchService(Batches(db), files, catalog, settings.batches, rules,
+                           lambda batch_id: enqueue(celery, BATCH_TASK, [batch_id]),
+                           settings.max_body_bytes)
     prices = PriceBook()
     publisher = LedgerPublisher(redis, settings.redis_prefix, settings.ledger.spool_path)
     accountant = Accountant(limiter, publisher, prices)
@@ -171,7 +188,7 @@ def build(settings: Settings) -> Services:
         prices=prices, publisher=publisher, limiter=limiter, accountant=accountant,
         files=files, jobs=FineTuning(db), evals=evals, watches=watches, runs=runs,
         scheduler=WatchScheduler(watches, runs, tenants, settings.eval_watches.start_timeout_s),
-        stores=stores, retriever=retriever, metrics=metrics, drift=drift,
+        batches=batches, stores=stores, retriever=retriever, metrics=metrics, drift=drift,
         pipeline=Pipeline(catalog, upstream, hooks, settings.max_body_bytes))
 
 
@@ -201,6 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(fine_tuning_router(cfg, s.jobs, s.files, s.celery, s.auth, s.evals))
     app.include_router(evals_router(s.evals, s.catalog, s.runs, s.auth))
     app.include_router(eval_watches_router(cfg, s.evals, s.watches, s.runs, s.auth))
+    app.include_router(batches_router(s.batches, s.auth))
     app.include_router(admin_router(s.db, s.tenants, s.auth, s.prices, s.catalog, s.drift))
     if s.retriever is not None:
         app.include_router(vector_stores_router(cfg, s.stores, s.files, s.retriever, s.celery,
@@ -265,7 +283,8 @@ async def lifespan(s: Services, app: FastAPI) -> AsyncIterator[None]:
                                            functools.partial(scrape, s.metrics))
             await metrics_server.start()
     chores.every(3.0, loader.reconcile)
-    chores.every(10.0, lambda: requeue_orphans(s.jobs, s.evals, s.celery, s.redis))
+    chores.every(10.0, lambda: requeue_orphans(s.jobs, s.evals, s.batches.batches, s.celery,
+                                                     s.redis))
     if cfg.eval_watches.scheduler:
         chores.every(cfg.eval_watches.poll_s, s.scheduler.tick)
     # Long-lived start-up objects leave the collector's view: fewer, shorter pauses.

@@ -23,6 +23,7 @@ COPY retrieval retrieval
 COPY tenancy tenancy
 COPY guardrails guardrails
 COPY evals evals
+COPY batches batches
 COPY observability observability
 RUN pip install --no-deps .
 

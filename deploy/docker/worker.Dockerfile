@@ -21,6 +21,7 @@ COPY retrieval retrieval
 COPY tenancy tenancy
 COPY guardrails guardrails
 COPY evals evals
+COPY batches batches
 COPY observability observability
 
 FROM source AS build-cpu

@@ -4,6 +4,8 @@ from llmops.store.db import Database, upgrade
 from llmops.store.models import (
     ApiKey,
     Base,
+    Batch,
+    BatchRequest,
     Eval,
     EvalOutputItem,
     EvalRun,
@@ -21,7 +23,8 @@ from llmops.store.models import (
     utcnow,
 )
 
-__all__ = ["ApiKey", "Base", "Database", "Eval", "EvalOutputItem", "EvalRun", "EvalWatch",
+__all__ = ["ApiKey", "Base", "Batch", "BatchRequest", "Database", "Eval", "EvalOutputItem",
+           "EvalRun", "EvalWatch",
            "FineTuningCheckpoint", "FineTuningEvent",
            "FineTuningJob", "ModelPrice", "StoredFile", "Tenant", "UsageRecord", "VectorStore",
            "VectorStoreFile", "aware", "upgrade", "utcnow"]
