@@ -31,8 +31,8 @@ def line(custom_id: Any = "a", url: str = URL, method: str = "POST", **body: Any
     return orjson.dumps({k: v for k, v in request.items() if v is not None})
 
 
-def check(*lines: bytes, who: Principal = MEMBER, endpoint: str = URL, catalog: Catalog | None = None
-          ) -> Any:
+def check(*lines: bytes, who: Principal = MEMBER, endpoint: str = URL,
+          catalog: Catalog | None = None) -> Any:
     return validate(b"\n".join(lines) + b"\n", endpoint, RULES,
                     catalog or Catalog([CHAT, EMBED]), who, max_line_bytes=4096, max_errors=100)
 
