@@ -3,9 +3,11 @@ admin key acting for the key that created the batch (`x-llmops-on-behalf-of`), s
 line counts against that key's limits and budgets, passes its guardrails and lands in its
 usage ledger.
 
-A line is tried again only when the gateway cannot have served it: a refusal for now (429)
-or a connection that was never made. Any other outcome, an error answer, a broken connection
-or a timeout included, is the line's result: sending it again could serve it twice.
+A line is tried again only when the gateway cannot have served it: a refusal for now (429,
+or 503, which the gateway answers before any engine saw the request: no healthy replica, its
+key store or limiter unreachable) or a connection that was never made. Any other outcome, an
+error answer, a broken connection or a timeout included, is the line's result: sending it
+again could serve it twice.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tenancy.tenants import ON_BEHALF_HEADER
 __all__ = ["GatewaySender"]
 
 _MAX_WAIT_S = 30.0
+_NOT_SERVED = (429, 503)
 
 
 class GatewaySender:
@@ -66,7 +69,7 @@ class GatewaySender:
             except aiohttp.ClientError as exc:
                 return Answer(None, None, {"code": "request_failed",
                                            "message": f"The request failed: {exc}"[:500]}), rid
-            if status == 429 and attempt < self.attempts:
+            if status in _NOT_SERVED and attempt < self.attempts:
                 if retry_after.replace(".", "", 1).isdigit():
                     wait = min(float(retry_after), _MAX_WAIT_S)
                 await asyncio.sleep(wait)

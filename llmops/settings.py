@@ -278,7 +278,8 @@ class BatchesConfig(_Strict):
         600.0, gt=0, description="Longest a worker waits for the gateway's answer to one line.")
     attempts: int = Field(
         5, ge=1, le=20, description="Tries per line while the gateway refuses it for now "
-        "(429) or cannot be reached; other answers are the line's result (never sent twice).")
+        "(429, 503) or cannot be reached; other answers are the line's result (never sent "
+        "twice).")
     lease_s: float = Field(
         60.0, gt=0, description="A worker's hold on a batch between heartbeats; when it runs "
         "out (the worker died) the batch is queued again and resumes where it stopped.")
