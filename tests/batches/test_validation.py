@@ -117,3 +117,11 @@ def test_listed_errors_are_bounded_but_all_are_counted() -> None:
 def test_blank_lines_are_skipped_and_numbering_follows_the_file() -> None:
     data = line("a") + b"\n\n  \n" + line("b") + b"\n"
     assert [(r.line, r.custom_id) for r in parse_lines(data, URL)] == [(1, "a"), (4, "b")]
+
+
+def test_the_package_exports() -> None:
+    import batches
+
+    assert set(batches.__all__) == {
+        "ACTIVE", "ENDPOINTS", "TERMINAL", "Answer", "BatchIn", "BatchLine", "BatchService",
+        "Batches", "EndpointRule", "LineError", "validate"}
