@@ -180,7 +180,10 @@ def main() -> None:
         "gateway, on the idle engine and while the second batch's lines were served; their "
         "time to first token:\n\n"
         + table(["engine", "requests", "TTFT p50 (ms)", "TTFT p90 (ms)", "p50 ratio"],
-                latency) + "\n")
+                latency) + "\n\n"
+        "A batch's lines reach the engine with the same priority as interactive requests: "
+        "what protects interactive latency is the batch's bound on lines in flight "
+        "(`batches.concurrency`), which is also what its throughput scales with.\n")
     command = (f".venv/bin/python -m bench.batch_throughput --lines {args.lines} "
                f"--max-tokens {args.max_tokens} --concurrency {args.concurrency}")
     print(command)
