@@ -255,7 +255,8 @@ class _Run:
                 yield _expired_line(line)
 
         row = await self.files.create(batch.tenant_id, f"{batch.id}_{kind}.jsonl",
-                                      BATCH_OUTPUT, chunks(), file_id=file_id)
+                                      BATCH_OUTPUT, chunks(), file_id=file_id,
+                                      max_bytes=self.config.max_output_bytes)
         return row.id
 
 

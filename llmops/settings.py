@@ -268,6 +268,10 @@ class BatchesConfig(_Strict):
         "whole when the batch is created (to validate every line) and when it runs.")
     max_errors: int = Field(
         1000, ge=1, description="Most invalid lines a failed batch lists in its `errors`.")
+    max_output_bytes: int = Field(
+        4 * 1024 * 1024 * 1024, ge=1024, description="Largest output or error file a batch "
+        "writes (not bound by `files.max_bytes`, the upload limit); a batch whose answers "
+        "exceed it fails when it is finalized.")
     max_active: int = Field(
         20, ge=1, description="Batches one tenant may have validating, in progress, "
         "finalizing or cancelling at once.")

@@ -55,13 +55,16 @@ class Gateway:
             if text == "fail":
                 return Answer(400, {"error": {"message": "no", "type": "invalid_request_error",
                                               "param": "max_tokens", "code": None}}), rid
-            return Answer(200, {"object": "chat.completion", "echo": text}), rid
+            answer: dict[str, Any] = {"object": "chat.completion", "echo": text}
+            if text == "long":
+                answer["padding"] = "x" * 600
+            return Answer(200, answer), rid
         return send
 
 
 @pytest.fixture
 def files(db: Database, tmp_path: Path) -> Files:
-    return Files(db, tmp_path / "files", 1 << 20)
+    return Files(db, tmp_path / "files", 4096)  # the upload limit: outputs are not bound by it
 
 
 async def new_batch(db: Database, files: Files, lines: list[dict[str, Any]],
@@ -103,6 +106,21 @@ async def test_answers_go_to_output_and_error_files_in_openai_format(
     assert sorted(gateway.seen) == ["a", "b", "c"]
     # Done is done: another delivery of the task finds nothing to claim.
     assert await execute_batch(batch.id, Batches(db), files, CONFIG, gateway) == "not claimed"
+
+
+async def test_outputs_are_bound_by_their_own_limit_not_the_upload_limit(
+        db: Database, files: Files) -> None:
+    batch = await new_batch(db, files, [request(str(i), "long") for i in range(8)])
+    assert await execute_batch(batch.id, Batches(db), files, CONFIG, Gateway()) == "completed"
+    done = await Batches(db).get("ten_a", batch.id)
+    assert done.output_file_id is not None
+    assert (await files.get("ten_a", done.output_file_id)).bytes > 4096
+    small = await new_batch(db, files, [request(str(i), "long") for i in range(8)])
+    tight = CONFIG.model_copy(update={"max_output_bytes": 2048})
+    assert await execute_batch(small.id, Batches(db), files, tight, Gateway()) == "failed"
+    failed = await Batches(db).get("ten_a", small.id)
+    assert failed.errors is not None and "2048" in failed.errors[0]["message"]
+    assert failed.output_file_id is None
 
 
 async def test_a_resumed_batch_sends_no_line_twice(db: Database, files: Files) -> None:
