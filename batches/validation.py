@@ -151,6 +151,9 @@ def validate(data: bytes, endpoint: str, rules: Mapping[str, EndpointRule], cata
             if body.get("stream"):
                 raise _Refused("invalid_request", "Requests in a batch cannot stream.",
                                "body.stream")
+            if body.get("background"):  # the batch is the background
+                raise _Refused("invalid_request", "Requests in a batch cannot run in the "
+                               "background.", "body.background")
             model = _model(sent, body, rule)
             _check_model(catalog, who, model, kind, endpoint)
         except _Refused as exc:

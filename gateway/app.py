@@ -17,9 +17,11 @@ from celery import Celery
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from redis.asyncio import Redis
+from starlette.requests import Request
 from starlette.responses import Response
 
 from batches import Batches, BatchService, EndpointRule
+from conversations import Conversations, Responses
 from evals.runs import RunStarter
 from evals.scheduler import WatchScheduler
 from evals.store import Evals
@@ -27,6 +29,7 @@ from evals.watches import EvalWatches
 from finetune.jobs import FineTuning
 from gateway.api.admin import admin_router
 from gateway.api.batches import batches_router
+from gateway.api.conversations import conversations_router
 from gateway.api.eval_watches import eval_watches_router
 from gateway.api.evals import evals_router
 from gateway.api.files import files_router
@@ -34,6 +37,7 @@ from gateway.api.fine_tuning import fine_tuning_router
 from gateway.api.health import health_router, scrape
 from gateway.api.inference import ENDPOINTS, add_wire_schemas, handlers, inference_router
 from gateway.api.models import models_router
+from gateway.api.responses import responses_router
 from gateway.api.vector_stores import internal_router, vector_stores_router
 from gateway.chores import Chores, load_prices, requeue_orphans
 from gateway.http.auth import authenticated
@@ -50,6 +54,8 @@ from gateway.inference.hooks import (
 from gateway.inference.pipeline import Pipeline, parse_request
 from gateway.inference.spans import TracingMiddleware
 from gateway.inference.upstream import Upstream
+from gateway.responses.protocol import ResponsesRequest
+from gateway.responses.service import RESPONSES, ResponsesService
 from gateway.routing import Pool, Router, build_affinity, build_scorers
 from gateway.routing.adapters import AdapterLoader
 from gateway.routing.health import HealthMonitor
@@ -82,6 +88,7 @@ from workers.app import (
     EVAL_TASK,
     FINETUNE_QUEUE,
     INGEST_QUEUE,
+    RESPONSE_TASK,
     make_celery,
 )
 
@@ -124,6 +131,9 @@ class Services:
     metrics: GatewayMetrics | None
     drift: DriftDetector | None
     pipeline: Pipeline
+    responses: Responses
+    conversations: Conversations
+    responder: ResponsesService  # POST /v1/responses
 
 
 def build(settings: Settings) -> Services:
@@ -169,6 +179,8 @@ def build(settings: Settings) -> Services:
     # A batch's lines are read by the endpoints' own parsers: refused exactly as they would be.
     rules = {e.path: EndpointRule(functools.partial(parse_request, e.schema), e.kind)
              for e in ENDPOINTS}
+    rules[RESPONSES.path] = EndpointRule(functools.partial(parse_request, ResponsesRequest),
+                                         RESPONSES.kind)
     batches = BatchService(Batches(db), files, catalog, settings.batches, rules,
                            lambda batch_id: enqueue(celery, BATCH_TASK, [batch_id]),
                            settings.max_body_bytes)
@@ -181,6 +193,13 @@ def build(settings: Settings) -> Services:
                          GroundingHook(retriever), UsageHook()]
     if drift is not None:
         hooks.append(DriftHook(drift))
+    pipeline = Pipeline(catalog, upstream, hooks, settings.max_body_bytes)
+    responses = Responses(db, settings.responses.ttl_days)
+    conversations = Conversations(db, settings.responses.max_conversation_items)
+    responder = ResponsesService(
+        pipeline, upstream, catalog, responses, conversations, settings.responses.max_chain,
+        settings.max_body_bytes,
+        lambda response_id: enqueue(celery, RESPONSE_TASK, [response_id]))
     return Services(
         settings=settings, db=db, redis=redis, celery=celery, catalog=catalog, routers=routers,
         upstream=upstream, tenants=tenants,
@@ -189,7 +208,8 @@ def build(settings: Settings) -> Services:
         files=files, jobs=FineTuning(db), evals=evals, watches=watches, runs=runs,
         scheduler=WatchScheduler(watches, runs, tenants, settings.eval_watches.start_timeout_s),
         batches=batches, stores=stores, retriever=retriever, metrics=metrics, drift=drift,
-        pipeline=Pipeline(catalog, upstream, hooks, settings.max_body_bytes))
+        pipeline=pipeline, responses=responses, conversations=conversations,
+        responder=responder)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -202,6 +222,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = s
     install_error_handlers(app)
     served = handlers(s.pipeline, principal)
+
+    async def respond(request: Request) -> Response:
+        await principal(request)
+        return await s.responder.create(request)
+
+    served[RESPONSES.path] = respond
     app.add_middleware(InferenceRoutes, endpoints=served)
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes, by_prefix={
         "/v1/files": cfg.files.max_bytes + 64 * 1024,  # + the form's overhead
@@ -219,6 +245,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(evals_router(s.evals, s.catalog, s.runs, s.auth))
     app.include_router(eval_watches_router(cfg, s.evals, s.watches, s.runs, s.auth))
     app.include_router(batches_router(s.batches, s.auth))
+    app.include_router(responses_router(s.responder, s.responses, s.upstream, s.catalog,
+                                        s.auth, cfg.max_body_bytes))
+    app.include_router(conversations_router(s.conversations, s.auth))
     app.include_router(admin_router(s.db, s.tenants, s.auth, s.prices, s.catalog, s.drift))
     if s.retriever is not None:
         app.include_router(vector_stores_router(cfg, s.stores, s.files, s.retriever, s.celery,
@@ -283,6 +312,7 @@ async def lifespan(s: Services, app: FastAPI) -> AsyncIterator[None]:
                                            functools.partial(scrape, s.metrics))
             await metrics_server.start()
     chores.every(3.0, loader.reconcile)
+    chores.every(600.0, s.responses.purge_expired)
     chores.every(10.0, lambda: requeue_orphans(s.jobs, s.evals, s.batches.batches, s.celery,
                                                      s.redis))
     if cfg.eval_watches.scheduler:
@@ -301,6 +331,8 @@ async def lifespan(s: Services, app: FastAPI) -> AsyncIterator[None]:
         if s.drift is not None:
             await s.drift.stop()
         await s.accountant.drain()  # every finished request's record is published
+        await s.responses.drain()  # every finished response is stored
+        await s.conversations.drain()
         if s.retriever is not None:
             await asyncio.to_thread(s.retriever.index.close)
         await chores.stop()

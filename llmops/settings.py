@@ -36,6 +36,7 @@ __all__ = [
     "MetricsConfig",
     "ModelConfig",
     "PoolConfig",
+    "ResponsesConfig",
     "RetrievalConfig",
     "RoutingConfig",
     "Settings",
@@ -325,6 +326,18 @@ class GuardrailsConfig(_Strict):
         "dropped); tenants' and then keys' policies override it, field by field.")
 
 
+class ResponsesConfig(_Strict):
+    """The Responses and Conversations APIs' stored state."""
+
+    ttl_days: float | None = Field(
+        30, gt=0, description="How long stored responses are kept; none: until deleted.")
+    max_chain: int = Field(
+        100, ge=1, le=10_000,
+        description="The most stored responses a `previous_response_id` chain may replay.")
+    max_conversation_items: int = Field(
+        1000, ge=1, description="The most items a conversation may hold.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMOPS_", env_nested_delimiter="__", extra="forbid"
@@ -356,6 +369,7 @@ class Settings(BaseSettings):
     evals: EvalsConfig = Field(default_factory=EvalsConfig)
     eval_watches: EvalWatchesConfig = Field(default_factory=EvalWatchesConfig)
     batches: BatchesConfig = Field(default_factory=BatchesConfig)
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     log_level: str = "info"
 
     @classmethod

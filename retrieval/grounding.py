@@ -125,7 +125,7 @@ class Retriever:
         sources = await self.search(
             tenant_id, store_ids, [query], limit=limit, filters=filters, mode=mode,
             threshold=threshold if threshold is not None else self.default_threshold)
-        return Grounding(sources)
+        return Grounding(sources, query=query)
 
 
 class _Closed:
@@ -143,6 +143,7 @@ class Grounding:
     # as `dropped_sources` next to the citations.
     dropped: list[dict[str, Any]] = field(default_factory=list)
     quote: Callable[[str], str] | None = None  # what a citation shows of its chunk's text
+    query: str = ""  # what was searched for
 
     def citations(self) -> list[dict[str, Any]]:
         return [s.citation(i, self.quote) for i, s in enumerate(self.sources, 1)]
@@ -155,7 +156,7 @@ class Grounding:
             [{"file_id": s.file_id, "filename": s.filename, "chunk": s.chunk,
               "score": round(s.score, 4), "reason": "prompt_injection", "marker": marker}
              for i, marker in dropped.items() for s in (self.sources[i],)],
-            quote)
+            quote, self.query)
 
     def messages(self, original: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The client's messages after a system message holding the sources."""

@@ -11,7 +11,7 @@ from celery import Celery
 from llmops.settings import Settings
 
 __all__ = ["BATCH_QUEUE", "BATCH_TASK", "EVAL_QUEUE", "EVAL_TASK", "FINETUNE_QUEUE",
-           "FINETUNE_TASK", "INGEST_QUEUE", "INGEST_TASK", "make_celery"]
+           "FINETUNE_TASK", "INGEST_QUEUE", "INGEST_TASK", "RESPONSE_TASK", "make_celery"]
 
 FINETUNE_QUEUE = "finetune"
 FINETUNE_TASK = "llmops.finetune"
@@ -21,6 +21,8 @@ EVAL_QUEUE = "eval"
 EVAL_TASK = "llmops.eval_run"
 BATCH_QUEUE = "batch"
 BATCH_TASK = "llmops.batch"
+# Background responses call the gateway like eval runs do, on the same workers.
+RESPONSE_TASK = "llmops.background_response"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -29,7 +31,8 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={FINETUNE_TASK: {"queue": FINETUNE_QUEUE},
                      INGEST_TASK: {"queue": INGEST_QUEUE},
                      EVAL_TASK: {"queue": EVAL_QUEUE},
-                     BATCH_TASK: {"queue": BATCH_QUEUE}},
+                     BATCH_TASK: {"queue": BATCH_QUEUE},
+                     RESPONSE_TASK: {"queue": EVAL_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
         # One job per worker process, taken only when it is free: a long training run must

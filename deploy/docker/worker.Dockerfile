@@ -18,6 +18,7 @@ COPY gateway gateway
 COPY workers workers
 COPY finetune finetune
 COPY retrieval retrieval
+COPY conversations conversations
 COPY tenancy tenancy
 COPY guardrails guardrails
 COPY evals evals

@@ -4,7 +4,8 @@ usage and drift.
 
 A hook may act at four points, each optional:
 - `before`: before the model is called, in order; it may change what the engine is sent
-  (`ctx.changes`), refuse the request (raise), or answer in the model's place (return one);
+  (`ctx.changes`), refuse the request (raise), or answer in the model's place (return the
+  whole answer, which the pipeline sends whole or as a stream, as the client asked);
 - `on_data`: on each answer object, in order: the whole answer, or each streamed chunk (the
   same hook sees both); it may change the object (CHANGED) or, in a stream, drop it (DROP);
 - `flush`: when a stream's answer ends (before its usage chunk, or `[DONE]`): objects to send
@@ -19,11 +20,10 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import orjson
-from starlette.responses import Response, StreamingResponse
 
 from gateway.inference.context import RequestContext, estimate_tokens, prompt_text
 from gateway.inference.protocol import ChatCompletionRequest
@@ -48,7 +48,7 @@ _SCAN_INLINE_BYTES = 64 * 1024
 class Hook:
     """One concern on the request path; every method is optional."""
 
-    async def before(self, ctx: RequestContext) -> Response | None:
+    async def before(self, ctx: RequestContext) -> dict[str, Any] | None:
         return None
 
     def on_data(self, ctx: RequestContext, data: dict[str, Any], whole: bool) -> int:
@@ -72,7 +72,7 @@ class Hooks:
         self._flush = [h for h in hooks if type(h).flush is not Hook.flush]
         self._after = [h for h in hooks if type(h).after is not Hook.after]
 
-    async def before(self, ctx: RequestContext) -> Response | None:
+    async def before(self, ctx: RequestContext) -> dict[str, Any] | None:
         """The first answer a hook gives in the model's place, if any."""
         for hook in self._before:
             if (answered := await hook.before(ctx)) is not None:
@@ -215,7 +215,7 @@ class GroundingHook(Hook):
     def __init__(self, retriever: Retriever | None) -> None:
         self.retriever = retriever
 
-    async def before(self, ctx: RequestContext) -> Response | None:
+    async def before(self, ctx: RequestContext) -> dict[str, Any] | None:
         parsed = ctx.parsed
         if not isinstance(parsed, ChatCompletionRequest) or parsed.retrieval is None:
             return None
@@ -232,12 +232,13 @@ class GroundingHook(Hook):
             grounding = grounding.screened(
                 screened.kept, screened.dropped,
                 ctx.output.quote if ctx.output is not None else None)
-        if not grounding.sources:
-            return _no_answer(parsed, grounding.dropped)
-        ctx.grounding = grounding
-        messages = ctx.changes.get("messages") or ctx.original()["messages"]
-        ctx.changes["messages"] = grounding.messages(messages)
         ctx.removed.add("retrieval")  # ours, not the engine's
+        ctx.grounding = grounding
+        if not grounding.sources and options.required:
+            return _no_answer(parsed, grounding.dropped)
+        if grounding.sources:
+            messages = ctx.changes.get("messages") or ctx.original()["messages"]
+            ctx.changes["messages"] = grounding.messages(messages)
         return None
 
     def on_data(self, ctx: RequestContext, data: dict[str, Any], whole: bool) -> int:
@@ -256,31 +257,15 @@ class GroundingHook(Hook):
                  "dropped_sources": ctx.grounding.dropped}]
 
 
-def _no_answer(request: ChatCompletionRequest, dropped: list[dict[str, Any]]) -> Response:
+def _no_answer(request: ChatCompletionRequest, dropped: list[dict[str, Any]]
+               ) -> dict[str, Any]:
     """What the gateway says, without asking the model, when no source is relevant."""
-    cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-    if not request.stream:
-        return Response(orjson.dumps({
-            "id": cid, "object": "chat.completion", "created": created,
-            "model": request.model, "citations": [], "dropped_sources": dropped,
+    return {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion",
+            "created": int(time.time()), "model": request.model, "citations": [],
+            "dropped_sources": dropped,
             "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
                          "message": {"role": "assistant", "content": NO_ANSWER}}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}),
-            media_type="application/json")
-
-    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        return b"data: " + orjson.dumps({"id": cid, "object": "chat.completion.chunk",
-                                         "created": created, "model": request.model,
-                                         "choices": choices, **extra}) + b"\n\n"
-
-    async def frames() -> AsyncIterator[bytes]:
-        yield event([{"index": 0, "delta": {"role": "assistant", "content": NO_ANSWER},
-                      "finish_reason": None}])
-        yield event([{"index": 0, "delta": {}, "finish_reason": "stop"}])
-        yield event([], citations=[], dropped_sources=dropped)
-        yield b"data: [DONE]\n\n"
-
-    return StreamingResponse(frames(), media_type="text/event-stream")
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
 
 
 class UsageHook(Hook):

@@ -8,9 +8,10 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -19,7 +20,14 @@ from gateway.http.errors import api_error_response
 from gateway.inference.context import RequestContext
 from gateway.inference.hooks import KEEP, Hook, Hooks
 from gateway.inference.protocol import OpenAIRequest
-from gateway.inference.sse import SSE_HEADERS, RelayResponse, SseRelay, unless_disconnected
+from gateway.inference.sse import (
+    SSE_HEADERS,
+    AnswerTranslator,
+    RelayResponse,
+    SseRelay,
+    as_chunks,
+    unless_disconnected,
+)
 from gateway.inference.upstream import Upstream
 from llmops.catalog import Catalog
 from llmops.errors import (
@@ -36,6 +44,7 @@ __all__ = ["POOL_HEADER", "Endpoint", "Pipeline", "parse_request"]
 log = logging.getLogger(__name__)
 
 POOL_HEADER = "x-llmops-pool"
+_M = TypeVar("_M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,11 @@ class Endpoint:
     schema: type[OpenAIRequest]
     kind: str  # the model kind this endpoint serves
     summary: str = ""
+    upstream: str | None = None  # the engines' path, when another API translates into it
+
+    @property
+    def engine_path(self) -> str:
+        return self.upstream or self.path
 
 
 class Pipeline:
@@ -54,13 +68,16 @@ class Pipeline:
         self.hooks = Hooks(hooks)
         self.max_body_bytes = max_body_bytes
 
-    async def serve(self, request: Request, endpoint: Endpoint) -> Response:
-        """Serve one request of an authenticated caller (`request.state.principal`)."""
+    async def serve(self, request: Request, endpoint: Endpoint, body: bytes | None = None,
+                    translator: AnswerTranslator | None = None) -> Response:
+        """Serve one request of an authenticated caller (`request.state.principal`): the
+        request's body, or `body` made of it by another API, whose `translator` then shows
+        the answer."""
         ctx = RequestContext(request.state.principal, request.state.request_id, endpoint.path,
                              endpoint.kind, self.hooks.after)
         request.state.context = ctx  # the request's span reads it when the request ends
         try:
-            response = await self._serve(request, endpoint, ctx)
+            response = await self._serve(request, endpoint, ctx, body, translator)
         except APIError as exc:
             ctx.close(exc.status)
             raise
@@ -71,9 +88,9 @@ class Pipeline:
             ctx.close(response.status_code)
         return response
 
-    async def _serve(self, request: Request, endpoint: Endpoint, ctx: RequestContext
-                     ) -> Response:
-        ctx.body = await read_body(request, self.max_body_bytes)
+    async def _serve(self, request: Request, endpoint: Endpoint, ctx: RequestContext,
+                     body: bytes | None, translator: AnswerTranslator | None) -> Response:
+        ctx.body = body if body is not None else await read_body(request, self.max_body_bytes)
         ctx.parsed = parsed = parse_request(endpoint.schema, ctx.body)
         ctx.model = parsed.model
         ctx.entry = entry = usable_entry(self.catalog, ctx.who, parsed.model, endpoint.kind,
@@ -81,10 +98,11 @@ class Pipeline:
         if entry.upstream_name != parsed.model:
             ctx.changes["model"] = entry.upstream_name
         if (answered := await self.hooks.before(ctx)) is not None:
-            return answered
+            return _own_answer(ctx, answered, translator)
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         response = await unless_disconnected(
-            request, self._call(ctx, endpoint.path, ctx.upstream_body(), headers))
+            request, self._call(ctx, endpoint.engine_path, ctx.upstream_body(), headers,
+                                translator))
         if response is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         for started in ctx.before_answer:  # started while the model worked: long done
@@ -93,14 +111,14 @@ class Pipeline:
         return response
 
     async def _call(self, ctx: RequestContext, path: str, body: bytes,
-                    headers: dict[str, str]) -> Response:
+                    headers: dict[str, str], translator: AnswerTranslator | None) -> Response:
         assert ctx.entry is not None and ctx.parsed is not None
         replica, resp = await self.upstream.dispatch(ctx.entry, path, body, headers,
                                                      ctx.parsed)
         ctx.pool, ctx.device = replica.config, replica.device
         served = {POOL_HEADER: replica.device}
         if ctx.parsed.stream and resp.status == 200:
-            relay = SseRelay(ctx, self.hooks)
+            relay = SseRelay(ctx, self.hooks, translator)
             return RelayResponse(resp, replica, {**SSE_HEADERS, **served}, relay)
         data = await self.upstream.read(replica, resp)
         if resp.status >= 400:
@@ -111,17 +129,33 @@ class Pipeline:
             answer = None
         if isinstance(answer, dict):
             ctx.usage_from(answer.get("usage"))
-            if self.hooks.on_data(ctx, answer, True) != KEEP:
-                data = orjson.dumps(answer)
-        elif ctx.output is not None:  # an answer that cannot be checked is not sent
+            if self.hooks.on_data(ctx, answer, True) != KEEP or translator is not None:
+                data = orjson.dumps(answer if translator is None
+                                    else translator.whole(ctx, answer))
+        elif ctx.output is not None or translator is not None:
+            # An answer that cannot be checked (or shown in the client's API) is not sent.
             raise UpstreamError("The model backend sent an answer that is not JSON.")
         return Response(data, status_code=resp.status, media_type="application/json",
                         headers=served)
 
 
+def _own_answer(ctx: RequestContext, answer: dict[str, Any],
+                translator: AnswerTranslator | None) -> Response:
+    """An answer a hook gave in the model's place, whole or streamed as the client asked."""
+    assert ctx.parsed is not None
+    if not ctx.parsed.stream:
+        shown = answer if translator is None else translator.whole(ctx, answer)
+        return Response(orjson.dumps(shown), media_type="application/json")
+    chunks = as_chunks(answer)
+    if translator is not None:
+        body = b"".join(translator.chunk(ctx, c) for c in chunks) + translator.done(ctx)
+    else:
+        body = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) \
+            + b"data: [DONE]\n\n"
+    return Response(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def parse_request(schema: type[OpenAIRequest], body: bytes) -> OpenAIRequest:
+def parse_request(schema: type[_M], body: bytes) -> _M:
     try:
         return schema.model_validate_json(body)
     except ValidationError as exc:

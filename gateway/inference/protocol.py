@@ -70,6 +70,9 @@ class RetrievalOptions(BaseModel):
     score_threshold: _Probability | None = None
     filters: dict[str, Any] | None = None
     search_mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
+    # Answer only from the sources: with none relevant the gateway says so itself. False: the
+    # model answers without sources then.
+    required: bool = True
 
 
 class ChatCompletionRequest(_Sampling):

@@ -30,7 +30,7 @@ __all__ = ["OPERATIONS", "PROVIDER", "TracingMiddleware", "upstream_span"]
 
 # GenAI semantic conventions: the operation of each endpoint, and the provider serving it.
 OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion",
-              "/v1/embeddings": "embeddings"}
+              "/v1/embeddings": "embeddings", "/v1/responses": "chat"}
 PROVIDER = "vllm"
 _MAX_CAPTURED_BYTES = 1 << 20  # a captured answer beyond this is left out, not cut
 _OFF: AbstractContextManager[None] = contextlib.nullcontext()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -20,22 +20,38 @@ from gateway.inference.hooks import CHANGED, DROP, Hooks
 from gateway.routing import Replica
 from llmops.errors import error_body
 
-__all__ = ["SSE_HEADERS", "RelayResponse", "SseRelay", "unless_disconnected"]
+__all__ = ["SSE_HEADERS", "AnswerTranslator", "RelayResponse", "SseRelay", "as_chunks",
+           "unless_disconnected"]
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 _DONE = b"data: [DONE]"
 _T = TypeVar("_T")
 
 
+class AnswerTranslator(Protocol):
+    """Shows a chat answer, after the hooks, in another API's shape (the Responses API)."""
+
+    def whole(self, ctx: RequestContext, answer: dict[str, Any]) -> dict[str, Any]: ...
+
+    def chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> bytes: ...
+
+    def done(self, ctx: RequestContext) -> bytes: ...
+
+    def failed(self, ctx: RequestContext, message: str, code: str) -> bytes: ...
+
+
 class SseRelay:
     """Cuts a byte stream into events and passes each `data: {...}` event through the hooks:
     usage is read from every event, an event a hook changed is sent re-encoded, one it dropped
     is not sent, and what the hooks flush at the answer's end goes out just before the final
-    usage chunk (or `[DONE]`), so that the usage chunk stays last, as OpenAI sends it."""
+    usage chunk (or `[DONE]`), so that the usage chunk stays last, as OpenAI sends it. With
+    a translator, the events it makes of each chunk are sent instead."""
 
-    def __init__(self, ctx: RequestContext, hooks: Hooks) -> None:
+    def __init__(self, ctx: RequestContext, hooks: Hooks,
+                 translator: AnswerTranslator | None = None) -> None:
         self.ctx = ctx
         self.hooks = hooks
+        self.translator = translator
         self._partial = b""
         self._flushed = False
 
@@ -61,12 +77,19 @@ class SseRelay:
                 verdict = self.hooks.on_data(self.ctx, obj, False)
                 if verdict == DROP:
                     continue
+                if self.translator is not None:
+                    out.append(self.translator.chunk(self.ctx, obj))
+                    continue
                 out.append((b"data: " + orjson.dumps(obj) if verdict == CHANGED else event)
                            + b"\n\n")
             else:
                 if event == _DONE:
                     self._flush(out)
-                out.append(event + b"\n\n")
+                    if self.translator is not None:
+                        out.append(self.translator.done(self.ctx))
+                        continue
+                if self.translator is None:
+                    out.append(event + b"\n\n")
         return b"".join(out)
 
     def tail(self) -> bytes:
@@ -76,10 +99,18 @@ class SseRelay:
         rest, self._partial = self._partial, b""
         return b"".join(out) + rest
 
+    def failed(self, message: str, type_: str, code: str) -> bytes:
+        """The last event of a stream whose engine failed."""
+        if self.translator is not None:
+            return self.translator.failed(self.ctx, message, code)
+        return b"data: " + error_body(message, type_, code=code) + b"\n\n" + _DONE + b"\n\n"
+
     def _flush(self, out: list[bytes]) -> None:
         if not self._flushed:
             self._flushed = True
-            out += [b"data: " + orjson.dumps(obj) + b"\n\n" for obj in self.hooks.flush(self.ctx)]
+            for obj in self.hooks.flush(self.ctx):
+                out.append(self.translator.chunk(self.ctx, obj) if self.translator is not None
+                           else b"data: " + orjson.dumps(obj) + b"\n\n")
 
 
 class RelayResponse(StreamingResponse):
@@ -111,11 +142,11 @@ class RelayResponse(StreamingResponse):
                 return
             self.failed = True
             if isinstance(exc, TimeoutError):
-                yield _error_event("The model backend stopped sending in time.",
-                                   "timeout_error", "upstream_timeout")
+                yield self.relay.failed("The model backend stopped sending in time.",
+                                        "timeout_error", "upstream_timeout")
             else:
-                yield _error_event("The model backend failed while streaming.",
-                                   "upstream_error", "bad_gateway")
+                yield self.relay.failed("The model backend failed while streaming.",
+                                        "upstream_error", "bad_gateway")
 
     def _on_client_left(self) -> None:
         self.client_left = True
@@ -162,5 +193,18 @@ async def unless_disconnected(request: Request, work: Coroutine[Any, Any, _T]) -
         listener.cancel()
 
 
-def _error_event(message: str, type_: str, code: str) -> bytes:
-    return b"data: " + error_body(message, type_, code=code) + b"\n\n" + _DONE + b"\n\n"
+def as_chunks(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """A whole chat answer that no engine streamed (the gateway's own) as stream chunks: the
+    text, the finish, then the answer's other fields (citations) in a chunk of their own."""
+    head: dict[str, Any] = {k: answer[k] for k in ("id", "created", "model") if k in answer}
+    head["object"] = "chat.completion.chunk"
+    choices = answer.get("choices") or []
+    extra = {k: v for k, v in answer.items()
+             if k not in ("id", "object", "created", "model", "choices", "usage")}
+    return [
+        {**head, "choices": [{"index": c.get("index", 0), "finish_reason": None,
+                              "delta": c.get("message") or {}} for c in choices]},
+        {**head, "choices": [{"index": c.get("index", 0), "delta": {},
+                              "finish_reason": c.get("finish_reason")} for c in choices]},
+        {**head, "choices": [], **extra},
+    ]

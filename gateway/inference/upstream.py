@@ -4,6 +4,7 @@ fails before answering, and read whole answers, all on one pooled HTTP client.""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import aiohttp
 import orjson
@@ -134,6 +135,19 @@ class Upstream:
                                 f"{data[:300].decode(errors='replace')}")
         rows = sorted(orjson.loads(data)["data"], key=lambda d: d["index"])
         return [r["embedding"] for r in rows]
+
+    async def count_tokens(self, entry: CatalogEntry, messages: list[dict[str, Any]]
+                           ) -> tuple[int, int]:
+        """(prompt tokens, the engine's context length) of chat `messages` for `entry`'s
+        model, as the engine's tokenizer and chat template count them."""
+        body = orjson.dumps({"model": entry.upstream_name, "messages": messages})
+        replica, resp = await self.dispatch(entry, "/tokenize", body,
+                                            {"content-type": "application/json"})
+        data = await self.read(replica, resp)
+        if resp.status != 200:
+            raise UpstreamError(f"The model backend could not count tokens ({resp.status}).")
+        counted = orjson.loads(data)
+        return int(counted["count"]), int(counted["max_model_len"])
 
     async def _post(self, replica: Replica, path: str, body: bytes, headers: dict[str, str],
                     model: str) -> aiohttp.ClientResponse:

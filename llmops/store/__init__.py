@@ -6,6 +6,8 @@ from llmops.store.models import (
     Base,
     Batch,
     BatchRequest,
+    Conversation,
+    ConversationItem,
     Eval,
     EvalOutputItem,
     EvalRun,
@@ -15,6 +17,7 @@ from llmops.store.models import (
     FineTuningJob,
     ModelPrice,
     StoredFile,
+    StoredResponse,
     Tenant,
     UsageRecord,
     VectorStore,
@@ -23,8 +26,8 @@ from llmops.store.models import (
     utcnow,
 )
 
-__all__ = ["ApiKey", "Base", "Batch", "BatchRequest", "Database", "Eval", "EvalOutputItem",
-           "EvalRun", "EvalWatch",
-           "FineTuningCheckpoint", "FineTuningEvent",
-           "FineTuningJob", "ModelPrice", "StoredFile", "Tenant", "UsageRecord", "VectorStore",
-           "VectorStoreFile", "aware", "upgrade", "utcnow"]
+__all__ = ["ApiKey", "Base", "Batch", "BatchRequest", "Conversation", "ConversationItem",
+           "Database", "Eval", "EvalOutputItem", "EvalRun", "EvalWatch", "FineTuningCheckpoint",
+           "FineTuningEvent", "FineTuningJob", "ModelPrice", "StoredFile", "StoredResponse",
+           "Tenant", "UsageRecord", "VectorStore", "VectorStoreFile", "aware", "upgrade",
+           "utcnow"]

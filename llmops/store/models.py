@@ -25,6 +25,8 @@ __all__ = [
     "Base",
     "Batch",
     "BatchRequest",
+    "Conversation",
+    "ConversationItem",
     "Eval",
     "EvalOutputItem",
     "EvalRun",
@@ -34,6 +36,7 @@ __all__ = [
     "FineTuningJob",
     "ModelPrice",
     "StoredFile",
+    "StoredResponse",
     "Tenant",
     "UsageRecord",
     "VectorStore",
@@ -419,3 +422,46 @@ class BatchRequest(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+class StoredResponse(Base):
+    """A response of the Responses API: the object as last shown to its caller, and the input
+    items it was created with (its context is the chain of `previous_response_id`s, each
+    contributing its input and its output). Deleted by its owner or after its retention."""
+
+    __tablename__ = "responses"
+    __table_args__ = (Index("ix_responses_tenant_time", "tenant_id", "created_at"),
+                      Index("ix_responses_expiry", "expires_at"))
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    key_id: Mapped[str] = mapped_column(String(40))  # a background response runs as this key
+    status: Mapped[str] = mapped_column(String(16))
+    body: Mapped[dict[str, Any]]  # the Response object
+    input_items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    request: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # background
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    __table_args__ = (Index("ix_conversations_tenant", "tenant_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ConversationItem(Base):
+    """One item of a conversation, in order: `position` grows as items are appended."""
+
+    __tablename__ = "conversation_items"
+    __table_args__ = (UniqueConstraint("conversation_id", "position",
+                                       name="uq_conversationitems_position"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"))
+    position: Mapped[int]
+    item: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -99,6 +99,21 @@ def test_embeddings_and_completions_bodies_follow_their_endpoint() -> None:
     assert [(e.line, e.param) for e in out.errors] == [(1, "body.max_tokens")]
 
 
+def test_responses_lines_are_read_by_the_responses_endpoints_parser() -> None:
+    from gateway.responses.protocol import ResponsesRequest
+
+    rules = {**RULES, "/v1/responses": EndpointRule(
+        functools.partial(parse_request, ResponsesRequest), "chat")}
+    lines = [line("r", url="/v1/responses", model="chat", input="hi"),
+             line("t", url="/v1/responses", model="chat", input="hi", temperature=3),
+             line("b", url="/v1/responses", model="chat", input="hi", background=True),
+             line("e", url="/v1/responses", model="embed", input="hi")]
+    out = validate(b"\n".join(lines), "/v1/responses", rules, Catalog([CHAT, EMBED]), MEMBER,
+                   max_line_bytes=4096, max_errors=10)
+    assert [(e.line, e.param) for e in out.errors] == [
+        (2, "body.temperature"), (3, "body.background"), (4, "body.model")]
+
+
 def test_responses_lines_need_a_model_until_the_endpoint_declares_its_body() -> None:
     rules = {k: v for k, v in RULES.items() if k != "/v1/responses"}
     lines = [line("r", url="/v1/responses", model="chat", input="hi"),

@@ -1,10 +1,10 @@
 """Batches end to end with the official openai client: real vLLM-CPU engines behind a real
 gateway, Redis, and a real Celery batch worker process that sends each line through the
-gateway as the key that created the batch. Good batches over chat completions, completions
-and embeddings (with lines the gateway refuses at run time in the error file), bad ones that
-fail at validation naming their lines, a cancel mid-run that keeps the finished lines, a
-worker SIGKILLed mid-batch whose batch resumes on another worker without running a line
-twice (checked in the usage ledger), tenant isolation, refused parameters, and the CLI's
+gateway as the key that created the batch. Good batches over chat completions, completions,
+embeddings (with lines the gateway refuses at run time in the error file) and responses; bad
+ones that fail at validation naming their lines; a cancel mid-run that keeps the finished
+lines; a worker SIGKILLed mid-batch whose batch resumes on another worker without running a
+line twice (checked in the usage ledger); tenant isolation; refused parameters; and the CLI's
 `batches create --follow`."""
 
 from __future__ import annotations
@@ -161,6 +161,23 @@ def test_good_batches_answer_every_line_once_on_each_endpoint(
         rows = settled_ledger(gateway, batch.id, len(lines))
         assert len(rows) == len(lines)
         assert {r.key_id for r in rows} == {key["id"]}
+
+
+@pytest.mark.timeout(180)
+def test_a_batch_of_responses(gateway: Gateway, batcher: Running, admin: httpx.Client) -> None:
+    client = client_for(gateway, new_key(admin)["key"])
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+              "body": {"model": CHAT_MODEL, "input": text, "max_output_tokens": 8,
+                       "temperature": 0}}
+             for i, text in enumerate(["What is the capital of France?", "Say hi."])]
+    done = finished(client, submit(client, lines, "/v1/responses").id)
+    assert done.status == "completed", done
+    output = lines_of(client, done.output_file_id)
+    assert sorted(o["custom_id"] for o in output) == ["r0", "r1"]
+    for out in output:
+        body = out["response"]["body"]
+        assert body["object"] == "response" and body["status"] == "completed"
+        assert body["output"][0]["content"][0]["text"]
 
 
 @pytest.mark.timeout(120)

@@ -1,0 +1,45 @@
+"""A stored response's stream, replayed: the events a client would have seen, rebuilt from
+the finished Response object (`GET /v1/responses/{id}?stream=true` of a background
+response), each with its `sequence_number`, from `starting_after` on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+__all__ = ["replay"]
+
+_END = {"completed": "response.completed", "incomplete": "response.incomplete",
+        "failed": "response.failed", "cancelled": "response.cancelled"}
+
+
+def replay(final: dict[str, Any], starting_after: int | None = None) -> Iterator[bytes]:
+    for seq, (kind, fields) in enumerate(_events(final)):
+        if starting_after is None or seq > starting_after:
+            event = {"type": kind, "sequence_number": seq, **fields}
+            yield b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def _events(final: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    start = {**final, "status": "in_progress", "output": [], "usage": None}
+    yield "response.created", {"response": start}
+    yield "response.in_progress", {"response": start}
+    for index, item in enumerate(final.get("output") or []):
+        yield "response.output_item.added", {"output_index": index, "item": item}
+        if item.get("type") == "message":
+            for c, part in enumerate(item.get("content") or []):
+                where = {"item_id": item["id"], "output_index": index, "content_index": c}
+                text = part.get("text", "")
+                yield "response.content_part.added", {
+                    **where, "part": {**part, "text": "", "annotations": []}}
+                yield "response.output_text.delta", {**where, "delta": text, "logprobs": []}
+                yield "response.output_text.done", {**where, "text": text, "logprobs": []}
+                yield "response.content_part.done", {**where, "part": part}
+        elif item.get("type") == "function_call":
+            yield "response.function_call_arguments.done", {
+                "item_id": item["id"], "output_index": index, "name": item["name"],
+                "arguments": item["arguments"]}
+        yield "response.output_item.done", {"output_index": index, "item": item}
+    yield _END.get(final.get("status", ""), "response.completed"), {"response": final}

@@ -1,0 +1,134 @@
+"""The Responses API's translation over chat completions: requests into chat bodies, and chat
+answers (whole or streamed) into Response objects and the Responses event sequence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.inference.context import RequestContext
+from gateway.responses.answer import ResponseBuilder
+from gateway.responses.protocol import ResponsesRequest
+from gateway.responses.replay import replay
+from gateway.responses.translate import chat_request
+from llmops.errors import BadRequestError
+from retrieval.grounding import Grounding, Source
+from tenancy import Principal
+from tenancy.tenants import Limits
+
+
+def request(**fields: Any) -> ResponsesRequest:
+    return ResponsesRequest.model_validate({"model": "m", "input": "Hi", **fields})
+
+
+def context(grounding: Grounding | None = None) -> RequestContext:
+    who = Principal("key", "tenant", "member", None, Limits(), Limits())
+    ctx = RequestContext(who, "rid", "/v1/responses", "chat", lambda *_: None)
+    ctx.prompt_tokens, ctx.completion_tokens, ctx.grounding = 7, 3, grounding
+    return ctx
+
+
+def events(data: bytes) -> list[dict[str, Any]]:
+    return [orjson.loads(frame.split(b"data: ", 1)[1])
+            for frame in data.split(b"\n\n") if frame]
+
+
+def test_a_request_becomes_a_chat_body() -> None:
+    body = chat_request(request(
+        instructions="Be brief.", max_output_tokens=9, temperature=0.5, user="u",
+        text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
+        tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+        tool_choice={"type": "function", "name": "f"}), [])
+    assert body["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert body["max_tokens"] == 9 and body["user"] == "u"
+    assert body["response_format"] == {"type": "json_schema",
+                                       "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    assert body["tools"][0]["function"]["name"] == "f"
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "f"}}
+
+
+def test_file_search_becomes_retrieval_required_only_when_asked() -> None:
+    tool = {"type": "file_search", "vector_store_ids": ["vs_1"], "max_num_results": 3}
+    auto = chat_request(request(tools=[tool]), [])
+    forced = chat_request(request(tools=[tool], tool_choice={"type": "file_search"}), [])
+    assert auto["retrieval"] == {"vector_store_ids": ["vs_1"], "max_num_results": 3,
+                                 "required": False}
+    assert forced["retrieval"]["required"] is True and "tools" not in forced
+    assert "retrieval" not in chat_request(request(tools=[tool], tool_choice="none"), [])
+
+
+def test_a_tool_choice_naming_an_unknown_function_is_refused() -> None:
+    with pytest.raises(BadRequestError) as err:
+        chat_request(request(tools=[{"type": "function", "name": "f"}],
+                             tool_choice={"type": "function", "name": "g"}), [])
+    assert err.value.param == "tool_choice"
+
+
+def test_a_whole_answer_becomes_a_response_with_usage() -> None:
+    stored: list[dict[str, Any]] = []
+    answer = {"choices": [{"finish_reason": "tool_calls", "message": {
+        "content": "Let me look.", "tool_calls": [
+            {"id": "call_1", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]}}],
+              "usage": {"prompt_tokens": 7, "prompt_tokens_details": {"cached_tokens": 4}}}
+    obj = ResponseBuilder(request(), "resp_1", stored.append).whole(context(), answer)
+    assert obj["status"] == "completed" and stored == [obj]
+    assert [i["type"] for i in obj["output"]] == ["message", "function_call"]
+    assert obj["output"][1]["call_id"] == "call_1"
+    assert obj["usage"] == {"input_tokens": 7, "input_tokens_details": {"cached_tokens": 4},
+                            "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 0},
+                            "total_tokens": 10}
+
+
+def test_a_cut_answer_is_incomplete() -> None:
+    answer = {"choices": [{"finish_reason": "length", "message": {"content": "Once"}}]}
+    obj = ResponseBuilder(request(), "resp_1", lambda _: None).whole(context(), answer)
+    assert obj["status"] == "incomplete"
+    assert obj["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_a_stream_of_chunks_becomes_the_event_sequence() -> None:
+    stored: list[dict[str, Any]] = []
+    builder = ResponseBuilder(request(stream=True), "resp_1", stored.append)
+    ctx = context()
+    out = b"".join([
+        builder.chunk(ctx, {"choices": [{"delta": {"role": "assistant", "content": "Par"}}]}),
+        builder.chunk(ctx, {"choices": [{"delta": {"content": "is."}, "finish_reason": "stop"}]}),
+        builder.done(ctx)])
+    seen = events(out)
+    assert [e["type"] for e in seen] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.content_part.added", "response.output_text.delta",
+        "response.output_text.delta", "response.output_text.done",
+        "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert [e["sequence_number"] for e in seen] == list(range(len(seen)))
+    assert seen[-1]["response"]["output"][0]["content"][0]["text"] == "Paris."
+    assert stored == [seen[-1]["response"]]
+
+
+def test_citations_point_at_the_sources_the_answer_drew_on() -> None:
+    sources = [Source("file-a", "a.txt", 0, 0, 10, "alpha", 0.9, {}),
+               Source("file-b", "b.txt", 0, 0, 10, "beta", 0.8, {})]
+    ctx = context(Grounding(sources, query="q"))
+    answer = {"choices": [{"finish_reason": "stop", "message": {"content": "It is A [1]."}}]}
+    obj = ResponseBuilder(request(include=["file_search_call.results"]), "resp_1",
+                          lambda _: None).whole(ctx, answer)
+    search, message = obj["output"]
+    assert search["type"] == "file_search_call" and search["queries"] == ["q"]
+    assert [r["file_id"] for r in search["results"]] == ["file-a", "file-b"]
+    notes = message["content"][0]["annotations"]
+    assert notes == [
+        {"type": "file_citation", "file_id": "file-a", "filename": "a.txt", "index": 8},
+        {"type": "file_citation", "file_id": "file-b", "filename": "b.txt", "index": 12}]
+
+
+def test_a_replay_resumes_after_a_sequence_number() -> None:
+    stored: list[dict[str, Any]] = []
+    answer = {"choices": [{"finish_reason": "stop", "message": {"content": "Paris."}}]}
+    final = ResponseBuilder(request(background=True), "resp_1", stored.append).whole(
+        context(), answer)
+    every = events(b"".join(replay(final)))
+    assert every[-1]["type"] == "response.completed" and every[-1]["response"] == final
+    rest = events(b"".join(replay(final, starting_after=3)))
+    assert rest == every[4:]
