@@ -24,7 +24,6 @@ import openai
 import pytest
 import sqlalchemy
 from openai import OpenAI
-from openai.types.responses import Response
 
 from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL
 from tests.e2e.conftest import API_KEY, Gateway, Running, start_batch_worker
@@ -176,9 +175,10 @@ def test_a_batch_of_responses(gateway: Gateway, batcher: Running, admin: httpx.C
     output = lines_of(client, done.output_file_id)
     assert sorted(o["custom_id"] for o in output) == ["r0", "r1"]
     for out in output:
-        response = Response.model_validate(out["response"]["body"])  # the client's own type
-        assert response.status in ("completed", "incomplete")  # 8 tokens may cut it short
-        assert response.output_text
+        body = out["response"]["body"]
+        assert body["object"] == "response" and body["id"].startswith("resp")
+        assert body["status"] in ("completed", "incomplete")  # 8 tokens may cut it short
+        assert body["output"][0]["content"][0]["text"]
 
 
 @pytest.mark.timeout(120)
