@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import Response
 
+from batches import Batches, BatchService, EndpointRule
 from conversations import Conversations, Responses
 from evals.runs import RunStarter
 from evals.scheduler import WatchScheduler
@@ -27,13 +28,14 @@ from evals.store import Evals
 from evals.watches import EvalWatches
 from finetune.jobs import FineTuning
 from gateway.api.admin import admin_router
+from gateway.api.batches import batches_router
 from gateway.api.conversations import conversations_router
 from gateway.api.eval_watches import eval_watches_router
 from gateway.api.evals import evals_router
 from gateway.api.files import files_router
 from gateway.api.fine_tuning import fine_tuning_router
 from gateway.api.health import health_router, scrape
-from gateway.api.inference import add_wire_schemas, handlers, inference_router
+from gateway.api.inference import ENDPOINTS, add_wire_schemas, handlers, inference_router
 from gateway.api.models import models_router
 from gateway.api.responses import responses_router
 from gateway.api.vector_store_file_batches import file_batches_router
@@ -51,7 +53,7 @@ from gateway.inference.hooks import (
     Hook,
     UsageHook,
 )
-from gateway.inference.pipeline import Pipeline
+from gateway.inference.pipeline import Pipeline, parse_request
 from gateway.inference.spans import TracingMiddleware
 from gateway.inference.upstream import Upstream
 from gateway.responses.protocol import ResponsesRequest
@@ -82,6 +84,8 @@ from tenancy.ledger import LedgerPublisher, LedgerWriter
 from tenancy.limits import Limiter
 from tenancy.tenants import Tenancy
 from workers.app import (
+    BATCH_QUEUE,
+    BATCH_TASK,
     EVAL_QUEUE,
     EVAL_TASK,
     FINETUNE_QUEUE,
@@ -123,6 +127,7 @@ class Services:
     watches: EvalWatches
     runs: RunStarter  # every eval run starts here: the API's, a watch's, promotion's
     scheduler: WatchScheduler
+    batches: BatchService
     stores: VectorStores
     retriever: Retriever | None  # None without an embedding model
     metrics: GatewayMetrics | None
@@ -151,7 +156,7 @@ def build(settings: Settings) -> Services:
         metrics = GatewayMetrics(settings.metrics, settings.models, routers)
         metrics.add_readings(platform_readings(
             db, redis, celery.conf.broker_transport_options.get("global_keyprefix", ""),
-            (FINETUNE_QUEUE, INGEST_QUEUE, EVAL_QUEUE)))
+            (FINETUNE_QUEUE, INGEST_QUEUE, EVAL_QUEUE, BATCH_QUEUE)))
         metrics.add_readings(budget_readings(limiter, metrics.tenants))
         metrics.add_collector(EVAL_WATCHES_FAMILY,
                               EvalWatchGauges(watches.enabled_views, metrics.tenants))
@@ -173,6 +178,14 @@ def build(settings: Settings) -> Services:
     runs = RunStarter(evals, files, catalog, settings.evals,
                       lambda run_id: enqueue(celery, EVAL_TASK, [run_id]),
                       stores if retriever is not None else None)
+    # A batch's lines are read by the endpoints' own parsers: refused exactly as they would be.
+    rules = {e.path: EndpointRule(functools.partial(parse_request, e.schema), e.kind)
+             for e in ENDPOINTS}
+    rules[RESPONSES.path] = EndpointRule(functools.partial(parse_request, ResponsesRequest),
+                                         RESPONSES.kind)
+    batches = BatchService(Batches(db), files, catalog, settings.batches, rules,
+                           lambda batch_id: enqueue(celery, BATCH_TASK, [batch_id]),
+                           settings.max_body_bytes)
     prices = PriceBook()
     publisher = LedgerPublisher(redis, settings.redis_prefix, settings.ledger.spool_path)
     accountant = Accountant(limiter, publisher, prices)
@@ -197,7 +210,7 @@ def build(settings: Settings) -> Services:
         prices=prices, publisher=publisher, limiter=limiter, accountant=accountant,
         files=files, jobs=FineTuning(db), evals=evals, watches=watches, runs=runs,
         scheduler=WatchScheduler(watches, runs, tenants, settings.eval_watches.start_timeout_s),
-        stores=stores, retriever=retriever, metrics=metrics, drift=drift,
+        batches=batches, stores=stores, retriever=retriever, metrics=metrics, drift=drift,
         pipeline=pipeline, responses=responses, conversations=conversations,
         responder=responder)
 
@@ -234,6 +247,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(fine_tuning_router(cfg, s.jobs, s.files, s.celery, s.auth, s.evals))
     app.include_router(evals_router(s.evals, s.catalog, s.runs, s.auth))
     app.include_router(eval_watches_router(cfg, s.evals, s.watches, s.runs, s.auth))
+    app.include_router(batches_router(s.batches, s.auth))
     app.include_router(responses_router(s.responder, s.responses, s.upstream, s.catalog,
                                         s.auth, cfg.max_body_bytes))
     app.include_router(conversations_router(s.conversations, s.auth))
@@ -303,7 +317,8 @@ async def lifespan(s: Services, app: FastAPI) -> AsyncIterator[None]:
             await metrics_server.start()
     chores.every(3.0, loader.reconcile)
     chores.every(600.0, s.responses.purge_expired)
-    chores.every(10.0, lambda: requeue_orphans(s.jobs, s.evals, s.celery, s.redis))
+    chores.every(10.0, lambda: requeue_orphans(s.jobs, s.evals, s.batches.batches, s.celery,
+                                                     s.redis))
     if cfg.eval_watches.scheduler:
         chores.every(cfg.eval_watches.poll_s, s.scheduler.tick)
     # Long-lived start-up objects leave the collector's view: fewer, shorter pauses.

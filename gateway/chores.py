@@ -14,6 +14,7 @@ from celery import Celery
 from redis.asyncio import Redis
 from sqlalchemy import select
 
+from batches import Batches
 from evals.store import Evals
 from finetune.jobs import FineTuning
 from gateway.tasks import enqueue
@@ -21,7 +22,14 @@ from llmops.store import Database, ModelPrice
 from observability.sources import celery_queue_lengths
 from tenancy.accounting import PriceBook
 from tenancy.pricing import Price
-from workers.app import EVAL_QUEUE, EVAL_TASK, FINETUNE_QUEUE, FINETUNE_TASK
+from workers.app import (
+    BATCH_QUEUE,
+    BATCH_TASK,
+    EVAL_QUEUE,
+    EVAL_TASK,
+    FINETUNE_QUEUE,
+    FINETUNE_TASK,
+)
 
 __all__ = ["Chores", "every", "load_prices", "requeue_orphans"]
 
@@ -72,18 +80,21 @@ async def load_prices(db: Database, prices: PriceBook) -> None:
                          for r in rows}
 
 
-async def requeue_orphans(jobs: FineTuning, evals: Evals, celery: Celery, redis: Redis,
-                          unclaimed_for: timedelta = timedelta(minutes=1)) -> None:
-    """Fine-tuning jobs and eval runs no worker holds go back on their queue: a worker died
+async def requeue_orphans(jobs: FineTuning, evals: Evals, batches: Batches, celery: Celery,
+                          redis: Redis, unclaimed_for: timedelta = timedelta(minutes=1)
+                          ) -> None:
+    """Fine-tuning jobs, eval runs and batches no worker holds go back on their queue: a worker died
     (its lease expired; a run resumes where it stopped), or the message was lost before any
     worker claimed it (a worker that died between taking and claiming it; a gateway that died
     between writing the row and sending it). They are sent while their queue is empty only:
     a message still waiting is not copied again and again. The lease lets one worker take
     each, so a copy of a message still held somewhere is harmless."""
     prefix = celery.conf.broker_transport_options.get("global_keyprefix", "")
-    waiting = await celery_queue_lengths(redis, prefix, (FINETUNE_QUEUE, EVAL_QUEUE))
+    waiting = await celery_queue_lengths(redis, prefix, (FINETUNE_QUEUE, EVAL_QUEUE,
+                                                         BATCH_QUEUE))
     lost: tuple[tuple[str, str, Callable[[timedelta], Awaitable[list[str]]]], ...] = (
-        (FINETUNE_QUEUE, FINETUNE_TASK, jobs.orphaned), (EVAL_QUEUE, EVAL_TASK, evals.orphaned))
+        (FINETUNE_QUEUE, FINETUNE_TASK, jobs.orphaned), (EVAL_QUEUE, EVAL_TASK, evals.orphaned),
+        (BATCH_QUEUE, BATCH_TASK, batches.orphaned))
     for queue, task, orphaned in lost:
         if waiting[queue]:
             continue

@@ -1,5 +1,7 @@
 """Uploaded files (OpenAI's Files API) owned by tenants: rows in the SQL store, bytes in a
-local folder. An upload is written to a temporary file, counted and hashed as it arrives,
+local folder. Clients upload files of the `PURPOSES`; our workers write files of the
+`OUTPUT_PURPOSES` (a batch's output and error files), which their owner downloads but
+cannot upload. An upload is written to a temporary file, counted and hashed as it arrives,
 synced, and renamed into place only when complete, so a failed or oversized upload leaves
 nothing behind."""
 
@@ -17,9 +19,11 @@ from sqlalchemy import select
 from llmops.store import Database, StoredFile
 from tenancy.tenants import NotFoundError
 
-__all__ = ["PURPOSES", "FileTooLargeError", "Files"]
+__all__ = ["BATCH_OUTPUT", "OUTPUT_PURPOSES", "PURPOSES", "FileTooLargeError", "Files"]
 
 PURPOSES = ("fine-tune", "assistants", "batch", "user_data", "evals")
+BATCH_OUTPUT = "batch_output"
+OUTPUT_PURPOSES = (BATCH_OUTPUT,)
 
 
 class FileTooLargeError(ValueError):
@@ -36,8 +40,13 @@ class Files:
         return self.root / row.tenant_id / row.id
 
     async def create(self, tenant_id: str, filename: str, purpose: str,
-                     chunks: AsyncIterator[bytes]) -> StoredFile:
-        file_id = "file-" + secrets.token_hex(12)
+                     chunks: AsyncIterator[bytes], *, file_id: str | None = None,
+                     max_bytes: int | None = None) -> StoredFile:
+        """Store a file; `file_id`: the id a worker chose (so that a retried write replaces
+        its own earlier attempt instead of leaving a second file); `max_bytes`: a worker's
+        own bound instead of the upload limit."""
+        file_id = file_id or "file-" + secrets.token_hex(12)
+        limit = self.max_bytes if max_bytes is None else max_bytes
         final = self.root / tenant_id / file_id
         part = self.root / "incoming" / f"{file_id}.part"
         part.parent.mkdir(parents=True, exist_ok=True)
@@ -47,9 +56,8 @@ class Files:
             with part.open("wb") as out:
                 async for chunk in chunks:
                     size += len(chunk)
-                    if size > self.max_bytes:
-                        raise FileTooLargeError(
-                            f"File exceeds the limit of {self.max_bytes} bytes.")
+                    if size > limit:
+                        raise FileTooLargeError(f"File exceeds the limit of {limit} bytes.")
                     digest.update(chunk)
                     await asyncio.to_thread(out.write, chunk)
                 await asyncio.to_thread(os.fsync, out.fileno())

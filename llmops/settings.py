@@ -24,6 +24,7 @@ from pydantic_settings import (
 from guardrails.schema import GuardrailsPolicy
 
 __all__ = [
+    "BatchesConfig",
     "DriftConfig",
     "EvalWatchesConfig",
     "EvalsConfig",
@@ -260,6 +261,40 @@ class EvalsConfig(_Strict):
     heartbeat_s: float = Field(5.0, gt=0)
 
 
+class BatchesConfig(_Strict):
+    """Batches (OpenAI's Batch API): the limits of input files and how workers run them."""
+
+    max_lines: int = Field(
+        50_000, ge=1, description="Most requests (lines) one batch's input file may hold.")
+    max_file_bytes: int = Field(
+        100 * 1024 * 1024, ge=1024, description="Largest input file of a batch; it is read "
+        "whole when the batch is created (to validate every line) and when it runs.")
+    max_errors: int = Field(
+        1000, ge=1, description="Most invalid lines a failed batch lists in its `errors`.")
+    max_output_bytes: int = Field(
+        4 * 1024 * 1024 * 1024, ge=1024, description="Largest output or error file a batch "
+        "writes (not bound by `files.max_bytes`, the upload limit); a batch whose answers "
+        "exceed it fails when it is finalized.")
+    max_active: int = Field(
+        20, ge=1, description="Batches one tenant may have validating, in progress, "
+        "finalizing or cancelling at once.")
+    concurrency: int = Field(
+        8, ge=1, le=256, description="Requests of one batch a worker sends to the gateway "
+        "at once.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Longest a worker waits for the gateway's answer to one line.")
+    attempts: int = Field(
+        5, ge=1, le=20, description="Tries per line while the gateway refuses it for now "
+        "(429, 503) or cannot be reached; other answers are the line's result (never sent "
+        "twice).")
+    lease_s: float = Field(
+        60.0, gt=0, description="A worker's hold on a batch between heartbeats; when it runs "
+        "out (the worker died) the batch is queued again and resumes where it stopped.")
+    heartbeat_s: float = Field(
+        5.0, gt=0, description="How often a worker renews its lease and learns of a cancel "
+        "or of the batch's expiry.")
+
+
 class EvalWatchesConfig(_Strict):
     """Regression watches: evals run on a schedule, their pass rates exported as metrics."""
 
@@ -335,6 +370,7 @@ class Settings(BaseSettings):
     guardrails: GuardrailsConfig = Field(default_factory=GuardrailsConfig)
     evals: EvalsConfig = Field(default_factory=EvalsConfig)
     eval_watches: EvalWatchesConfig = Field(default_factory=EvalWatchesConfig)
+    batches: BatchesConfig = Field(default_factory=BatchesConfig)
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     log_level: str = "info"
 

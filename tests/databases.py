@@ -33,11 +33,11 @@ async def db(database_url: str) -> AsyncIterator[Database]:
     upgrade(database_url)
     database = Database(database_url)
     async with database.engine.begin() as conn:  # each test starts from empty tables
-        for table in ("eval_output_items", "eval_runs", "evals", "vector_store_files",
-                      "vector_store_file_batches",
-                      "vector_stores", "fine_tuning_events", "fine_tuning_checkpoints",
-                      "fine_tuning_jobs", "files", "usage_records", "api_keys", "tenants",
-                      "model_prices"):
+        for table in ("batch_requests", "batches", "conversation_items", "conversations",
+                      "responses", "eval_output_items", "eval_runs", "evals",
+                      "vector_store_files", "vector_store_file_batches", "vector_stores",
+                      "fine_tuning_events", "fine_tuning_checkpoints", "fine_tuning_jobs",
+                      "files", "usage_records", "api_keys", "tenants", "model_prices"):
             await conn.execute(sqlalchemy.text(f"DELETE FROM {table}"))
     yield database
     await database.close()

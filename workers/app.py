@@ -1,7 +1,8 @@
 """The Celery app: Redis as the broker, one queue per kind of work so that GPU workers take
 only training (`celery -A workers.tasks worker -Q finetune --pool solo`), CPU workers only
-ingestion (`celery -A workers.tasks worker -Q ingest`) and eval runs
-(`celery -A workers.tasks worker -Q eval`)."""
+ingestion (`celery -A workers.tasks worker -Q ingest`), eval runs
+(`celery -A workers.tasks worker -Q eval`) and batches
+(`celery -A workers.tasks worker -Q batch`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from celery import Celery
 
 from llmops.settings import Settings
 
-__all__ = ["EVAL_QUEUE", "EVAL_TASK", "FINETUNE_QUEUE", "FINETUNE_TASK", "INGEST_QUEUE",
-           "INGEST_TASK", "RESPONSE_TASK", "make_celery"]
+__all__ = ["BATCH_QUEUE", "BATCH_TASK", "EVAL_QUEUE", "EVAL_TASK", "FINETUNE_QUEUE",
+           "FINETUNE_TASK", "INGEST_QUEUE", "INGEST_TASK", "RESPONSE_TASK", "make_celery"]
 
 FINETUNE_QUEUE = "finetune"
 FINETUNE_TASK = "llmops.finetune"
@@ -18,6 +19,8 @@ INGEST_QUEUE = "ingest"
 INGEST_TASK = "llmops.ingest"
 EVAL_QUEUE = "eval"
 EVAL_TASK = "llmops.eval_run"
+BATCH_QUEUE = "batch"
+BATCH_TASK = "llmops.batch"
 # Background responses call the gateway like eval runs do, on the same workers.
 RESPONSE_TASK = "llmops.background_response"
 
@@ -28,6 +31,7 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={FINETUNE_TASK: {"queue": FINETUNE_QUEUE},
                      INGEST_TASK: {"queue": INGEST_QUEUE},
                      EVAL_TASK: {"queue": EVAL_QUEUE},
+                     BATCH_TASK: {"queue": BATCH_QUEUE},
                      RESPONSE_TASK: {"queue": EVAL_QUEUE}},
         task_serializer="json",
         accept_content=["json"],

@@ -13,6 +13,8 @@ from celery import signals
 from llmops.settings import Settings
 from observability.worker_metrics import METRICS, WorkerMetricsServer
 from workers.app import (
+    BATCH_QUEUE,
+    BATCH_TASK,
     EVAL_QUEUE,
     EVAL_TASK,
     FINETUNE_QUEUE,
@@ -26,7 +28,7 @@ __all__ = ["instrument_worker", "task_outcome"]
 log = logging.getLogger(__name__)
 
 _QUEUES = {FINETUNE_TASK: FINETUNE_QUEUE, INGEST_TASK: INGEST_QUEUE,
-           EVAL_TASK: EVAL_QUEUE}
+           EVAL_TASK: EVAL_QUEUE, BATCH_TASK: BATCH_QUEUE}
 _started: dict[str, float] = {}  # task id -> start (monotonic); threads pool: one per thread
 
 

@@ -1,6 +1,7 @@
 """Celery entry points: `celery -A workers.tasks worker -Q finetune --pool solo` trains,
 `celery -A workers.tasks worker -Q ingest` ingests files into vector stores,
-`celery -A workers.tasks worker -Q eval` runs evals and background responses."""
+`celery -A workers.tasks worker -Q eval` runs evals and background responses,
+`celery -A workers.tasks worker -Q batch` runs batches."""
 
 from __future__ import annotations
 
@@ -8,13 +9,21 @@ import asyncio
 
 from celery import Task
 
+from batches.run import run_batch
 from conversations.background import run_background
 from evals.runner import run_eval
 from finetune.run import run_job
 from llmops.settings import Settings
 from observability.tracing import configure_tracing, task_span
 from retrieval.ingestion import run_ingest
-from workers.app import EVAL_TASK, FINETUNE_TASK, INGEST_TASK, RESPONSE_TASK, make_celery
+from workers.app import (
+    BATCH_TASK,
+    EVAL_TASK,
+    FINETUNE_TASK,
+    INGEST_TASK,
+    RESPONSE_TASK,
+    make_celery,
+)
 from workers.metrics import instrument_worker
 
 settings = Settings()
@@ -46,6 +55,15 @@ def eval_run(self: Task, run_id: str) -> str:
     """Run (or resume) one eval run; returns what became of it."""
     with task_span(EVAL_TASK, self.request, {"llmops.eval_run.id": run_id}):
         return asyncio.run(run_eval(run_id, settings))
+
+
+# Acked on receipt, like eval runs: the batch's lease in the database brings back a batch
+# whose worker died, and its lines are never sent twice.
+@app.task(name=BATCH_TASK, bind=True)  # type: ignore[untyped-decorator]
+def batch(self: Task, batch_id: str) -> str:
+    """Run (or resume, or finish cancelling) one batch; returns what became of it."""
+    with task_span(BATCH_TASK, self.request, {"llmops.batch.id": batch_id}):
+        return asyncio.run(run_batch(batch_id, settings))
 
 
 # Acked on receipt: a response stays queued in the database if its worker dies before it

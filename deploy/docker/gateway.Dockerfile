@@ -24,6 +24,7 @@ COPY conversations conversations
 COPY tenancy tenancy
 COPY guardrails guardrails
 COPY evals evals
+COPY batches batches
 COPY observability observability
 RUN pip install --no-deps .
 

@@ -22,6 +22,7 @@ COPY conversations conversations
 COPY tenancy tenancy
 COPY guardrails guardrails
 COPY evals evals
+COPY batches batches
 COPY observability observability
 
 FROM source AS build-cpu

@@ -37,7 +37,7 @@ from llmops.errors import (
     UpstreamError,
     error_body,
 )
-from tenancy.visibility import may_see
+from tenancy.visibility import usable_entry
 
 __all__ = ["POOL_HEADER", "Endpoint", "Pipeline", "parse_request"]
 
@@ -93,14 +93,8 @@ class Pipeline:
         ctx.body = body if body is not None else await read_body(request, self.max_body_bytes)
         ctx.parsed = parsed = parse_request(endpoint.schema, ctx.body)
         ctx.model = parsed.model
-        entry = self.catalog.resolve(parsed.model)
-        if entry is None or not may_see(self.catalog, ctx.who, entry):
-            raise ModelNotFoundError(parsed.model)  # the same answer: no information leak
-        if entry.base.kind != endpoint.kind:
-            raise BadRequestError(
-                f"The model `{parsed.model}` is a {entry.base.kind} model and cannot be used "
-                f"with {endpoint.path}.", param="model", code="model_not_supported")
-        ctx.entry = entry
+        ctx.entry = entry = usable_entry(self.catalog, ctx.who, parsed.model, endpoint.kind,
+                                         endpoint.path)
         if entry.upstream_name != parsed.model:
             ctx.changes["model"] = entry.upstream_name
         if (answered := await self.hooks.before(ctx)) is not None:

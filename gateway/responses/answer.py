@@ -66,7 +66,7 @@ def response_object(req: ResponsesRequest, response_id: str, created_at: int, *,
 
 def _usage(ctx: RequestContext, cached: int) -> dict[str, Any]:
     return {"input_tokens": ctx.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": cached},
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
             "output_tokens": ctx.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": ctx.prompt_tokens + ctx.completion_tokens}

@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from redis.asyncio import Redis
 
+from llmops.cli.batches import add_batches_commands
 from llmops.cli.evals import add_evals_commands
 from llmops.cli.finetune import add_finetune_commands
 from llmops.cli.models import prepare_models
@@ -22,6 +23,7 @@ from llmops.cli.stack import (
     CHAT_MODEL,
     EMBEDDING_MODEL,
     StackLayout,
+    batch_worker_service,
     eval_worker_service,
     gateway_service,
     ingest_worker_service,
@@ -56,6 +58,7 @@ def _services(args: argparse.Namespace, dirs: dict[str, Path]) -> list:  # type:
         worker_service(layout.config, args.worker_metrics_port),
         ingest_worker_service(layout.config, args.ingest_metrics_port),
         eval_worker_service(layout.config, args.eval_metrics_port),
+        batch_worker_service(layout.config, args.batch_metrics_port),
     ]
 
 
@@ -121,8 +124,8 @@ def _stop_all(layout: StackLayout, services: list) -> None:  # type: ignore[type
 
 def cmd_down(args: argparse.Namespace) -> int:
     layout = _layout(args)
-    stopped = [n for n in ("evaluator", "ingester", "worker", "gateway", "vllm-embedding",
-                           "vllm-chat")
+    stopped = [n for n in ("batcher", "evaluator", "ingester", "worker", "gateway",
+                           "vllm-embedding", "vllm-chat")
                if layout.stop(n)]
     print("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
     return 0
@@ -313,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="the ingestion worker's /metrics")
         p.add_argument("--eval-metrics-port", type=int, default=8105,
                        help="the eval worker's /metrics")
+        p.add_argument("--batch-metrics-port", type=int, default=8106,
+                       help="the batch worker's /metrics")
 
     up = sub.add_parser("up", help="start the local stack and print how to call it")
     stack_args(up)
@@ -363,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     k_revoke.set_defaults(func=_store(cmd_keys_revoke))
     add_finetune_commands(sub)
     add_evals_commands(sub)
+    add_batches_commands(sub)
     sub.add_parser("ledger-writer", help="write usage records from Redis to the database"
                    ).set_defaults(func=cmd_ledger_writer)
     usage = sub.add_parser("usage", help="usage and spend from the ledger")

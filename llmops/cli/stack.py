@@ -27,6 +27,7 @@ __all__ = [
     "EMBEDDING_MODEL",
     "Service",
     "StackLayout",
+    "batch_worker_service",
     "eval_worker_service",
     "free_port",
     "gateway_service",
@@ -156,6 +157,16 @@ def eval_worker_service(config: Path, metrics_port: int | None = None) -> Servic
             "--pool", "threads", "--concurrency", "2", "--loglevel", "info", "-n", "eval@%h"]
     return Service("evaluator", argv, metrics_port or 0, None,
                    _worker_env(config, metrics_port))
+
+
+def batch_worker_service(config: Path, metrics_port: int | None = None) -> Service:
+    """A Celery worker for batches, on a queue of its own: a batch lasts as long as its lines'
+    model calls (minutes to a day). Threads, as a batch mostly waits for the gateway: two
+    batches at once, each bounding its own requests (`batches.concurrency`). `metrics_port`:
+    where it serves `/metrics`."""
+    argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "batch",
+            "--pool", "threads", "--concurrency", "2", "--loglevel", "info", "-n", "batch@%h"]
+    return Service("batcher", argv, metrics_port or 0, None, _worker_env(config, metrics_port))
 
 
 def local_config(state: Path, port: int, chat_port: int, embedding_port: int,

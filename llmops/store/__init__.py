@@ -4,6 +4,8 @@ from llmops.store.db import Database, upgrade
 from llmops.store.models import (
     ApiKey,
     Base,
+    Batch,
+    BatchRequest,
     Conversation,
     ConversationItem,
     Eval,
@@ -25,8 +27,8 @@ from llmops.store.models import (
     utcnow,
 )
 
-__all__ = ["ApiKey", "Base", "Conversation", "ConversationItem", "Database", "Eval",
-           "EvalOutputItem", "EvalRun", "EvalWatch", "FineTuningCheckpoint", "FineTuningEvent",
-           "FineTuningJob", "ModelPrice", "StoredFile", "StoredResponse", "Tenant",
-           "UsageRecord", "VectorStore", "VectorStoreFile", "VectorStoreFileBatch", "aware",
-           "upgrade", "utcnow"]
+__all__ = ["ApiKey", "Base", "Batch", "BatchRequest", "Conversation", "ConversationItem",
+           "Database", "Eval", "EvalOutputItem", "EvalRun", "EvalWatch", "FineTuningCheckpoint",
+           "FineTuningEvent", "FineTuningJob", "ModelPrice", "StoredFile", "StoredResponse",
+           "Tenant", "UsageRecord", "VectorStore", "VectorStoreFile", "VectorStoreFileBatch",
+           "aware", "upgrade", "utcnow"]

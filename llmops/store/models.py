@@ -23,6 +23,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 __all__ = [
     "ApiKey",
     "Base",
+    "Batch",
+    "BatchRequest",
     "Conversation",
     "ConversationItem",
     "Eval",
@@ -384,6 +386,66 @@ class EvalWatch(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Batch(Base):
+    """A batch (OpenAI's Batch API): the requests of an input file, run by a worker through
+    the gateway as the key that created it. The lease works as for fine-tuning jobs; the
+    request counts are updated with every result, in the same transaction. No foreign key to
+    the tenant: the bootstrap admin's tenant has no row (`Batches.forget_tenant` removes a
+    tenant's batches)."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_tenant_time", "tenant_id", "created_at"),
+                      Index("ix_batches_status", "status"))
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    key_id: Mapped[str] = mapped_column(String(40))  # whose limits and ledger the lines use
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(8), default="24h")
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, default=None)
+    status: Mapped[str] = mapped_column(String(16), default="validating")
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
+    output_file_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    error_file_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    total: Mapped[int] = mapped_column(default=0)
+    completed: Mapped[int] = mapped_column(default=0)
+    failed: Mapped[int] = mapped_column(default=0)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    attempts: Mapped[int] = mapped_column(default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    in_progress_at: Mapped[datetime | None] = mapped_column(default=None)
+    finalizing_at: Mapped[datetime | None] = mapped_column(default=None)
+    completed_at: Mapped[datetime | None] = mapped_column(default=None)
+    failed_at: Mapped[datetime | None] = mapped_column(default=None)
+    expired_at: Mapped[datetime | None] = mapped_column(default=None)
+    cancelling_at: Mapped[datetime | None] = mapped_column(default=None)
+    cancelled_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class BatchRequest(Base):
+    """One line of a batch, written when its request is sent and completed with the gateway's
+    answer. Unique per (batch, custom_id): a line is sent once, whichever worker runs it; a
+    line sent but never answered (its worker died) is reported as interrupted, not sent
+    again."""
+
+    __tablename__ = "batch_requests"
+    __table_args__ = (UniqueConstraint("batch_id", "custom_id", name="uq_batchreqs_custom_id"),
+                      Index("ix_batchreqs_batch_line", "batch_id", "line"))
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    custom_id: Mapped[str] = mapped_column(String(512))
+    line: Mapped[int]  # 1-based line of the input file: the output keeps the input's order
+    request_id: Mapped[str] = mapped_column(String(128))
+    status_code: Mapped[int | None] = mapped_column(default=None)  # None: sent, unanswered
+    body: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
 class StoredResponse(Base):
     """A response of the Responses API: the object as last shown to its caller, and the input
     items it was created with (its context is the chain of `previous_response_id`s, each

@@ -12,7 +12,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from llmops.cli.stack import eval_worker_service, ingest_worker_service, worker_service
+from llmops.cli.stack import (
+    batch_worker_service,
+    eval_worker_service,
+    ingest_worker_service,
+    worker_service,
+)
 from llmops.settings import Settings
 from tests.deploy.chart import (
     CHART_DIR,
@@ -196,6 +201,12 @@ def test_gpu_pools_get_gpus_scheduling_and_probes(rendered: dict[str, list[Manif
     # Eval runs reach models through the gateway: no GPU, no weights.
     assert "nvidia.com/gpu" not in evaluator["containers"][0]["resources"].get("limits", {})
     assert "model-cache" not in {v["name"] for v in evaluator["volumes"]}
+    # So do batches.
+    batcher = pod_spec(one(docs, "Deployment", f"{FULLNAME}-worker-batch"))
+    assert batcher["containers"][0]["args"] == [
+        "celery", *batch_worker_service(Path("config.yaml")).argv[3:]]
+    assert "nvidia.com/gpu" not in batcher["containers"][0]["resources"].get("limits", {})
+    assert "model-cache" not in {v["name"] for v in batcher["volumes"]}
 
 
 def test_cpu_only_runs_no_gpu_anywhere(rendered: dict[str, list[Manifest]]) -> None:
@@ -266,16 +277,17 @@ def test_network_policy_admits_only_gateway_and_workers(
     assert admitted == {f"{FULLNAME}-gateway", f"{FULLNAME}-worker-finetune",
                         f"{FULLNAME}-worker-ingest"}
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
-    # The data stores are fenced the same way; eval workers, which call models through the
-    # gateway, reach the store and the broker only.
+    # The data stores are fenced the same way; eval and batch workers, which call models
+    # through the gateway, reach the store and the broker only.
     for store in ("postgresql", "redis", "qdrant"):
         fence = one(docs, "NetworkPolicy", f"{FULLNAME}-{store}")
         [fenced] = fence["spec"]["ingress"][0]["from"]
         clients = {d["metadata"]["name"] for d in docs
                    if d["kind"] in {"Deployment", "StatefulSet"}
                    and _selects(fenced["podSelector"], d["spec"]["template"]["metadata"]["labels"])}
-        evaluator = {f"{FULLNAME}-worker-eval"} if store in ("postgresql", "redis") else set()
-        assert clients == admitted | evaluator, store
+        through = ({f"{FULLNAME}-worker-eval", f"{FULLNAME}-worker-batch"}
+                   if store in ("postgresql", "redis") else set())
+        assert clients == admitted | through, store
 
 
 def _selects(selector: Manifest, labels: dict[str, str]) -> bool:

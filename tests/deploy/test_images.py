@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from llmops.cli.stack import (
+    batch_worker_service,
     eval_worker_service,
     gateway_service,
     ingest_worker_service,
@@ -88,6 +89,8 @@ def test_commands_match_the_local_stack(tmp_path: Path) -> None:
     assert services["ingest-worker"]["command"] == ["celery", *ingest[3:]]
     evaluator = eval_worker_service(tmp_path).argv
     assert services["eval-worker"]["command"] == ["celery", *evaluator[3:]]
+    batcher = batch_worker_service(tmp_path).argv
+    assert services["batch-worker"]["command"] == ["celery", *batcher[3:]]
 
 
 def test_dockerignore_keeps_the_context_small() -> None:

@@ -24,6 +24,7 @@ from llmops.cli.stack import (
     CHAT_MODEL,
     EMBEDDING_MODEL,
     Service,
+    batch_worker_service,
     free_port,
     gateway_service,
     stop_process_group,
@@ -204,3 +205,16 @@ def gateway(engines: Engines, gateway_factory: GatewayFactory) -> Gateway:
         assert time.monotonic() < deadline, "gateway never became ready"
         time.sleep(0.2)
     return gw
+
+
+def start_batch_worker(gateway: Gateway, logs: Path, **settings: str) -> Running:
+    """A real Celery batch worker (`llmops up`'s) for `gateway`, healthy once its /metrics
+    answer; `settings` are `batches` settings given as environment variables."""
+    port = free_port()
+    service = batch_worker_service(gateway.config, port)
+    env = {**service.env, "LLMOPS_PORT": str(gateway.running.service.port),
+           **{f"LLMOPS_BATCHES__{k.upper()}": v for k, v in settings.items()}}
+    argv = [*service.argv[:-1], f"batch-{uuid.uuid4().hex[:6]}@%h"]  # a name of its own
+    worker = start(Service(service.name, argv, port, "/metrics", env), logs)
+    wait_healthy([worker], timeout_s=120)
+    return worker

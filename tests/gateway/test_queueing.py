@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 from redis.asyncio import Redis
 
+from batches import Batches
 from evals.store import Evals
 from finetune.jobs import FineTuning
 from gateway.app import create_app, services_of
@@ -102,9 +103,9 @@ async def test_work_no_worker_claimed_is_sent_again_while_its_queue_is_empty(
                                  data_source={}, metadata={}, items_total=1)
 
     async def sweep() -> None:
-        await requeue_orphans(jobs, evals, celery, redis, unclaimed_for=timedelta(0))
+        await requeue_orphans(jobs, evals, Batches(db), celery, redis, unclaimed_for=timedelta(0))
 
-    await requeue_orphans(jobs, evals, celery, redis)  # just created: a minute's grace
+    await requeue_orphans(jobs, evals, Batches(db), celery, redis)  # just created: a minute's grace
     assert await sent(redis, prefix, FINETUNE_QUEUE) == await sent(redis, prefix,
                                                                    EVAL_QUEUE) == []
     await sweep()

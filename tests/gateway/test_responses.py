@@ -76,7 +76,8 @@ def test_a_whole_answer_becomes_a_response_with_usage() -> None:
     assert obj["status"] == "completed" and stored == [obj]
     assert [i["type"] for i in obj["output"]] == ["message", "function_call"]
     assert obj["output"][1]["call_id"] == "call_1"
-    assert obj["usage"] == {"input_tokens": 7, "input_tokens_details": {"cached_tokens": 4},
+    assert obj["usage"] == {"input_tokens": 7,
+                            "input_tokens_details": {"cached_tokens": 4, "cache_write_tokens": 0},
                             "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 0},
                             "total_tokens": 10}
 

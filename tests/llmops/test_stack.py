@@ -10,6 +10,7 @@ import pytest
 from llmops.cli.stack import (
     Service,
     StackLayout,
+    batch_worker_service,
     eval_worker_service,
     free_port,
     ingest_worker_service,
@@ -59,8 +60,9 @@ def test_admin_key_is_made_once_and_private(tmp_path: Path) -> None:
 def test_each_worker_gets_a_metrics_port_of_its_own(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     services = (worker_service(config, 8103), ingest_worker_service(config, 8104),
-                eval_worker_service(config, 8105))
-    assert [s.env["LLMOPS_METRICS__WORKER_PORT"] for s in services] == ["8103", "8104", "8105"]
-    assert len({s.name for s in services}) == 3  # each has its own pid file and log
+                eval_worker_service(config, 8105), batch_worker_service(config, 8106))
+    assert [s.env["LLMOPS_METRICS__WORKER_PORT"] for s in services] == ["8103", "8104", "8105",
+                                                                        "8106"]
+    assert len({s.name for s in services}) == 4  # each has its own pid file and log
     assert all(s.env["LLMOPS_CONFIG"] == str(config) for s in services)
     assert "LLMOPS_METRICS__WORKER_PORT" not in worker_service(config).env  # off
