@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 # The id the gateway stores a background response's answer under (set by workers only).
 RESPONSE_ID_HEADER = "x-llmops-response-id"
 _CHECK_S = 1.0  # how often a streaming worker looks for a cancellation
+# A refusal as one of the codes OpenAI's Response.error may hold.
+_CODES = {400: "invalid_prompt", 429: "rate_limit_exceeded"}
 _ENDINGS = {"completed": "completed", "incomplete": "incomplete", "failed": "failed"}
 
 
@@ -57,7 +59,7 @@ async def _stream(responses: Responses, row: StoredResponse, settings: Settings)
                                     data=orjson.dumps(body), headers=headers) as resp:
                 if resp.status != 200:
                     return await _fail(responses, row, _message(await resp.read()),
-                                       f"http_{resp.status}")
+                                       _CODES.get(resp.status, "server_error"))
                 checked = time.monotonic()
                 async for line in resp.content:
                     if line.startswith(b"event: response.") and \

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from conversations import item_id
-from gateway.responses.protocol import ResponsesRequest
+from gateway.responses.protocol import FileSearchTool, ResponsesRequest
 
 if TYPE_CHECKING:
     from gateway.inference.context import RequestContext
@@ -52,11 +52,15 @@ def response_object(req: ResponsesRequest, response_id: str, created_at: int, *,
         "previous_response_id": req.previous_response_id,
         "store": req.store, "temperature": req.temperature, "top_p": req.top_p,
         "text": {"format": text_format}, "tool_choice": req.tool_choice,
-        "tools": [t.model_dump(by_alias=True, exclude_none=True) for t in req.tools],
-        "truncation": req.truncation, "usage": usage, "metadata": req.metadata or {},
-        "user": req.user, "safety_identifier": req.safety_identifier,
-        "prompt_cache_key": req.prompt_cache_key,
+        "tools": [t.model_dump(by_alias=True, exclude_none=isinstance(t, FileSearchTool))
+                  for t in req.tools],
+        "truncation": req.truncation, "metadata": req.metadata or {},
     }
+    if usage is not None:
+        obj["usage"] = usage
+    for name in ("user", "safety_identifier", "prompt_cache_key"):  # strings when given
+        if (value := getattr(req, name)) is not None:
+            obj[name] = value
     if completed_at is not None:
         obj["completed_at"] = completed_at
     if req.conversation_id is not None:
@@ -178,10 +182,11 @@ class ResponseBuilder:
         return b"".join(out)
 
     def failed(self, ctx: RequestContext, message: str, code: str) -> bytes:
-        """The stream's last event when the engine failed mid-answer."""
+        """The stream's last event when the engine failed mid-answer (OpenAI's codes name no
+        engine failure but `server_error`)."""
         final = response_object(self.req, self.id, self.created_at, status="failed",
                                 output=self._output, usage=_usage(ctx, self._cached),
-                                error={"code": code, "message": message})
+                                error={"code": "server_error", "message": message})
         self.finished(final)
         return self._event("response.failed", response=final)
 

@@ -23,7 +23,8 @@ def replay(final: dict[str, Any], starting_after: int | None = None) -> Iterator
 
 
 def _events(final: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    start = {**final, "status": "in_progress", "output": [], "usage": None}
+    start = {k: v for k, v in final.items() if k not in ("usage", "completed_at")}
+    start.update(status="in_progress", output=[])
     yield "response.created", {"response": start}
     yield "response.in_progress", {"response": start}
     for index, item in enumerate(final.get("output") or []):

@@ -19,6 +19,7 @@ from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
 
 from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
 from retrieval.grounding import NO_ANSWER
+from tests.conformance import assert_conforms
 from tests.e2e.conftest import (
     API_KEY,
     Engines,
@@ -371,3 +372,32 @@ def test_guardrails_and_the_ledger_apply_to_responses(stack: Gateway) -> None:
     assert {r.endpoint for r in seen} == {"/v1/responses"}
     assert resp.usage is not None
     assert [r.prompt_tokens for r in seen if r.status == 200] == [resp.usage.input_tokens]
+
+
+def test_every_object_conforms_to_openais_schema(stack: Gateway) -> None:
+    with httpx.Client(base_url=stack.base_url, headers=stack.headers, timeout=120) as api:
+        def ok(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+            resp = api.request(method, path, json=body)
+            assert resp.status_code == 200, resp.text
+            return resp.json()
+
+        created = ok("POST", "/responses", {"model": CHAT_MODEL, "input": FRANCE,
+                                             "max_output_tokens": 8})
+        assert_conforms(created, "Response")
+        assert_conforms(ok("GET", f"/responses/{created['id']}"), "Response")
+        assert_conforms(ok("GET", f"/responses/{created['id']}/input_items"),
+                        "ResponseItemList")
+        with api.stream("POST", "/responses", json={
+                "model": CHAT_MODEL, "input": FRANCE, "max_output_tokens": 8,
+                "stream": True}) as stream:
+            frames = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+        for frame in frames:
+            assert_conforms(json.loads(frame), "ResponseStreamEvent")
+        conv = ok("POST", "/conversations", {"items": [{"role": "user", "content": "Hi."}]})
+        assert_conforms(conv, "ConversationResource")
+        items = ok("GET", f"/conversations/{conv['id']}/items")
+        assert_conforms(items, "ConversationItemList")
+        assert_conforms(ok("GET", f"/conversations/{conv['id']}/items/{items['data'][0]['id']}"),
+                        "ConversationItem")
+        assert_conforms(ok("DELETE", f"/conversations/{conv['id']}"),
+                        "DeletedConversationResource")

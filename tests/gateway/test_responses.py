@@ -17,6 +17,7 @@ from llmops.errors import BadRequestError
 from retrieval.grounding import Grounding, Source
 from tenancy import Principal
 from tenancy.tenants import Limits
+from tests.conformance import assert_conforms
 
 
 def request(**fields: Any) -> ResponsesRequest:
@@ -133,3 +134,30 @@ def test_a_replay_resumes_after_a_sequence_number() -> None:
     assert every[-1]["type"] == "response.completed" and every[-1]["response"] == final
     rest = events(b"".join(replay(final, starting_after=3)))
     assert rest == every[4:]
+
+
+def test_responses_and_their_events_conform_to_openais_schema() -> None:
+    sources = [Source("file-a", "a.txt", 0, 0, 10, "alpha", 0.9, {"k": "v"})]
+    req = request(include=["file_search_call.results"], metadata={"a": "b"}, tools=[
+        {"type": "file_search", "vector_store_ids": ["vs_1"]},
+        {"type": "function", "name": "f", "parameters": {"type": "object"}}])
+    answer = {"choices": [{"finish_reason": "stop", "message": {
+        "content": "Alpha [1].", "tool_calls": [
+            {"id": "call_1", "function": {"name": "f", "arguments": "{}"}}]}}]}
+    whole = ResponseBuilder(req, "resp_1", lambda _: None).whole(
+        context(Grounding(sources, query="q")), answer)
+    assert_conforms(whole, "Response")
+    builder = ResponseBuilder(req, "resp_2", lambda _: None)
+    ctx = context(Grounding(sources, query="q"))
+    stream = b"".join([
+        builder.chunk(ctx, {"choices": [{"delta": {"content": "Alpha [1]."}}]}),
+        builder.chunk(ctx, {"choices": [{"delta": {"tool_calls": [
+            {"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}]},
+            "finish_reason": "tool_calls"}]}),
+        builder.done(ctx)])
+    for event in events(stream) + events(b"".join(replay(whole))):
+        assert_conforms(event, "ResponseStreamEvent")
+    failed = ResponseBuilder(request(stream=True), "resp_3", lambda _: None)
+    for event in events(failed.chunk(ctx, {"choices": [{"delta": {"content": "x"}}]})
+                        + failed.failed(ctx, "The engine failed.", "bad_gateway")):
+        assert_conforms(event, "ResponseStreamEvent")
