@@ -45,6 +45,8 @@ def chat_request(req: ResponsesRequest, items: list[dict[str, Any]]) -> dict[str
             body[theirs] = value
     if user := req.safety_identifier or req.user:
         body["user"] = user
+    if req.prompt_cache_key is not None:  # Chat Completions takes it too; routing reads it
+        body["prompt_cache_key"] = req.prompt_cache_key
     if req.text is not None and req.text.format is not None:
         body["response_format"] = _response_format(req)
     if req.functions and req.tool_choice != "none":

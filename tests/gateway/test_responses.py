@@ -39,11 +39,13 @@ def events(data: bytes) -> list[dict[str, Any]]:
 def test_a_request_becomes_a_chat_body() -> None:
     body = chat_request(request(
         instructions="Be brief.", max_output_tokens=9, temperature=0.5, user="u",
+        prompt_cache_key="session-1",
         text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
         tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}],
         tool_choice={"type": "function", "name": "f"}), [])
     assert body["messages"][0] == {"role": "system", "content": "Be brief."}
     assert body["max_tokens"] == 9 and body["user"] == "u"
+    assert body["prompt_cache_key"] == "session-1"
     assert body["response_format"] == {"type": "json_schema",
                                        "json_schema": {"name": "x", "schema": {"type": "object"}}}
     assert body["tools"][0]["function"]["name"] == "f"
