@@ -80,7 +80,10 @@ class ResponsesService:
             if not (who.delegated or who.is_admin):  # our workers act for its creator
                 raise BadRequestError(f"Only workers may set {RESPONSE_ID_HEADER}.",
                                       param=RESPONSE_ID_HEADER)
-            await self.responses.get(who.tenant_id, response_id)
+            try:
+                await self.responses.get(who.tenant_id, response_id)
+            except tenancy.NotFoundError as exc:
+                raise NotFoundError(str(exc), param=RESPONSE_ID_HEADER) from None
             await self.responses.set_status(who.tenant_id, response_id, "in_progress",
                                             frozenset({"queued"}))
             req = req.model_copy(update={"background": True})  # as its creator asked
