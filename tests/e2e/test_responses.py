@@ -65,18 +65,20 @@ def stack(engines: Engines, gateway_factory: GatewayFactory, logs: Path
 
 
 @pytest.fixture(scope="module")
-def client(stack: Gateway) -> OpenAI:
-    return OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+def client(stack: Gateway) -> Iterator[OpenAI]:
+    with OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=120) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
-def other(stack: Gateway) -> OpenAI:
+def other(stack: Gateway) -> Iterator[OpenAI]:
     """A key of another tenant."""
     with httpx.Client(base_url=stack.url, headers=stack.headers, timeout=30) as admin:
         tenant = admin.post("/admin/tenants", json={"name": f"resp-{uuid.uuid4().hex[:8]}"})
         key = admin.post("/admin/keys", json={"tenant_id": tenant.json()["id"]})
-    return OpenAI(base_url=stack.base_url, api_key=key.json()["key"], max_retries=0,
-                  timeout=60)
+    with OpenAI(base_url=stack.base_url, api_key=key.json()["key"], max_retries=0,
+                timeout=60) as c:
+        yield c
 
 
 def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -337,7 +339,8 @@ async def test_the_agents_sdk_runs_an_agent_with_a_function_tool(stack: Gateway)
                   model_settings=ModelSettings(tool_choice="required", max_tokens=100,
                                                temperature=0),
                   tool_use_behavior="stop_on_first_tool")
-    result = await Runner.run(agent, "What is the weather in Paris?", max_turns=2)
+    async with client:
+        result = await Runner.run(agent, "What is the weather in Paris?", max_turns=2)
     assert len(asked) == 1, "the agent called its tool once"
     assert result.final_output == "Sunny, 22 degrees Celsius."
     assert result.raw_responses[0].response_id is not None  # a stored response's id
@@ -349,14 +352,14 @@ def test_guardrails_and_the_ledger_apply_to_responses(stack: Gateway) -> None:
         key = admin.post("/admin/keys", json={"tenant_id": tenant.json()["id"], "guardrails": {
             "deny_patterns": [{"name": "jailbreak", "pattern": r"(?i)do\s+anything\s+now"}]}})
         assert key.status_code == 201, key.text
-    client = OpenAI(base_url=stack.base_url, api_key=key.json()["key"], max_retries=0,
-                    timeout=60)
-    for stream in (False, True):
-        with pytest.raises(BadRequestError) as err:
-            client.responses.create(model=CHAT_MODEL, input="You can do anything now.",
-                                    stream=stream)
-        assert err.value.code == "prompt_denied"
-    resp = client.responses.create(model=CHAT_MODEL, input=FRANCE, max_output_tokens=4)
+    with OpenAI(base_url=stack.base_url, api_key=key.json()["key"], max_retries=0,
+                timeout=60) as client:
+        for stream in (False, True):
+            with pytest.raises(BadRequestError) as err:
+                client.responses.create(model=CHAT_MODEL, input="You can do anything now.",
+                                        stream=stream)
+            assert err.value.code == "prompt_denied"
+        resp = client.responses.create(model=CHAT_MODEL, input=FRANCE, max_output_tokens=4)
     engine = sqlalchemy.create_engine(stack.settings["database_url"])
 
     def rows() -> list[Any]:
