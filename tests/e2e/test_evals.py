@@ -156,7 +156,7 @@ def test_an_eval_run_grades_the_base_model_through_the_gateway(
 
     # Every model call of the run is in the ledger, under the tenant and key that created it.
     rows = wait_until(lambda: (r := ledger(gateway, run.id)) and len(r) == 2 * len(CAPITALS)
-                      and r, 30, "ledger rows")
+                      and all(x.status for x in r) and r, 30, "final ledger rows")
     assert {(r.tenant_id, r.key_id, r.status) for r in rows} == {
         (key["tenant_id"], key["id"], 200)}
     assert sorted(r.model for r in rows) == sorted([CHAT_MODEL, EMBEDDING_MODEL] * len(CAPITALS))

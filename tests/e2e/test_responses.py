@@ -368,7 +368,9 @@ def test_guardrails_and_the_ledger_apply_to_responses(stack: Gateway) -> None:
                 "SELECT endpoint, status, prompt_tokens FROM usage_records WHERE key_id = :k"),
                 {"k": key.json()["id"]}))
     try:
-        seen = wait_until(lambda: len(r := rows()) == 3 and r, 30, "three ledger rows")
+        # The ledger is written behind: a row reads status 0 until its end event lands.
+        seen = wait_until(lambda: len(r := rows()) == 3 and all(x.status for x in r) and r,
+                          30, "three final ledger rows")
     finally:
         engine.dispose()
     assert sorted(r.status for r in seen) == [200, 400, 400]
