@@ -107,9 +107,12 @@ def vllm_service(
     else:
         # Runtime LoRA: fine-tuned adapters are loaded into running engines. Tool calls use
         # the Hermes format (<tool_call> tags), which ChatML-style templates such as SmolLM2's
-        # follow; named tool_choice is enforced by structured output either way.
+        # follow; named tool_choice is enforced by structured output either way. Prefix
+        # caching (said, not left to the platform's default) with its hits reported as
+        # `usage.prompt_tokens_details.cached_tokens`, which the gateway bills and counts.
         argv += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
-                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                 "--enable-prefix-caching", "--enable-prompt-tokens-details"]
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return Service(name, [*argv, *extra_args], port, "/health", env)
 

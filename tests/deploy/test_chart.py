@@ -209,6 +209,19 @@ def test_gpu_pools_get_gpus_scheduling_and_probes(rendered: dict[str, list[Manif
     assert "model-cache" not in {v["name"] for v in batcher["volumes"]}
 
 
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_chat_engines_report_cached_prompt_tokens(rendered: dict[str, list[Manifest]],
+                                                  name: str) -> None:
+    engines = [d for d in find(rendered[name], "StatefulSet")
+               if d["metadata"]["labels"].get("app.kubernetes.io/component") == "vllm"]
+    assert engines
+    for doc in engines:
+        args = pod_spec(doc)["containers"][0]["args"]
+        chat = "--runner" not in args  # embedding engines run the pooling runner
+        for flag in ("--enable-prefix-caching", "--enable-prompt-tokens-details"):
+            assert (flag in args) == chat, doc["metadata"]["name"]
+
+
 def test_cpu_only_runs_no_gpu_anywhere(rendered: dict[str, list[Manifest]]) -> None:
     docs = rendered["cpu-only"]
     for doc in docs:
