@@ -76,7 +76,9 @@ class Chores:
 async def load_prices(db: Database, prices: PriceBook) -> None:
     async with db.session() as session:
         rows = await session.scalars(select(ModelPrice))
-        prices.prices = {r.model: Price(float(r.input_per_mtok), float(r.output_per_mtok))
+        prices.prices = {r.model: Price(float(r.input_per_mtok), float(r.output_per_mtok),
+                                        None if r.cached_input_per_mtok is None
+                                        else float(r.cached_input_per_mtok))
                          for r in rows}
 
 

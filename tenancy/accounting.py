@@ -43,16 +43,18 @@ class Accountant:
     async def admit(self, who: Principal, entry: CatalogEntry, prompt_tokens: int,
                     completion_tokens: int) -> Admission:
         """Reserve at most this many tokens and their cost, or raise the limit's error."""
-        cost = max(request_cost(self.prices.price(entry), pool, prompt_tokens,
-                                completion_tokens)[0]
-                   for pool in entry.base.pools)  # the dearest pool it may land on
+        price = self.prices.price(entry)
+        # The dearest pool it may land on; none or all of its prompt cached, whichever is
+        # dearer (the cost is linear in the cached tokens, so one of the two bounds it).
+        cost = max(request_cost(price, pool, prompt_tokens, completion_tokens, cached)[0]
+                   for pool in entry.base.pools for cached in (0, prompt_tokens))
         return await self.limiter.admit(who, prompt_tokens + completion_tokens, cost)
 
     def cost(self, entry: CatalogEntry | None, pool: PoolConfig | None, prompt_tokens: int,
-             completion_tokens: int) -> tuple[float, float]:
+             completion_tokens: int, cached_tokens: int = 0) -> tuple[float, float]:
         """(USD, device seconds) of a request as served."""
         price = self.prices.price(entry) if entry is not None else None
-        return request_cost(price, pool, prompt_tokens, completion_tokens)
+        return request_cost(price, pool, prompt_tokens, completion_tokens, cached_tokens)
 
     def started(self, event: UsageEvent) -> asyncio.Future[None]:
         """Publish a request's start record (`final=False`); done once it is durable."""

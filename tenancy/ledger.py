@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -53,6 +53,7 @@ class UsageEvent:
     status: int
     adapter: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those the engine's prefix cache held
     completion_tokens: int = 0
     latency_ms: float = 0.0
     ttft_ms: float | None = None
@@ -69,7 +70,9 @@ class UsageEvent:
 
     @classmethod
     def from_json(cls, data: bytes) -> UsageEvent:
-        return cls(**orjson.loads(data))
+        # Across a rolling upgrade writers read records of older gateways (a field missing
+        # takes its default) and of newer ones (a field unknown here is left out).
+        return cls(**{k: v for k, v in orjson.loads(data).items() if k in _FIELDS})
 
     def row(self) -> dict[str, Any]:
         row = dict(vars(self))
@@ -77,6 +80,9 @@ class UsageEvent:
         row["created_at"] = datetime.fromtimestamp(self.created_at, UTC)
         row["cost_usd"] = Decimal(repr(self.cost_usd))
         return row
+
+
+_FIELDS = frozenset(f.name for f in fields(UsageEvent))
 
 
 def stream_name(prefix: str) -> str:
@@ -281,7 +287,8 @@ async def usage_report(
     start: datetime | None = None,
     end: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Requests, tokens, cost and device seconds, summed per group (and per day or month)."""
+    """Requests, tokens (prompt, of those cached, and completion), cost and device seconds,
+    summed per group (and per day or month)."""
     columns: list[Any] = [getattr(UsageRecord, g).label(g) for g in group_by]
     if period is not None:
         columns.append(_bucket(db, period).label("period"))
@@ -292,6 +299,7 @@ async def usage_report(
         func.coalesce(func.sum(case((UsageRecord.status == 0, 1), else_=0)), 0
                       ).label("unfinished"),
         func.coalesce(func.sum(UsageRecord.prompt_tokens), 0).label("prompt_tokens"),
+        func.coalesce(func.sum(UsageRecord.cached_tokens), 0).label("cached_tokens"),
         func.coalesce(func.sum(UsageRecord.completion_tokens), 0).label("completion_tokens"),
         func.coalesce(func.sum(UsageRecord.cost_usd), 0).label("cost_usd"),
         func.coalesce(func.sum(UsageRecord.device_seconds), 0).label("device_seconds"),

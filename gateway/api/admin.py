@@ -121,6 +121,10 @@ class PriceIn(Wire):
                                   description="USD per million prompt tokens.")
     output_per_mtok: float = Field(ge=0, le=_MONEY_MAX, allow_inf_nan=False,
                                    description="USD per million completion tokens.")
+    cached_input_per_mtok: float | None = Field(
+        None, ge=0, le=_MONEY_MAX, allow_inf_nan=False,
+        description="USD per million prompt tokens found in the engine's prefix cache "
+        "(`cached_tokens`); unset: `input_per_mtok`.")
 
 
 def _tenant_out(t: Tenant) -> dict[str, Any]:
@@ -233,8 +237,11 @@ def admin_router(db: Database, tenants: Tenancy, auth: Authenticator, prices: Pr
                 session.add(row)
             row.input_per_mtok = Decimal(str(body.input_per_mtok))
             row.output_per_mtok = Decimal(str(body.output_per_mtok))
+            row.cached_input_per_mtok = (None if body.cached_input_per_mtok is None
+                                         else Decimal(str(body.cached_input_per_mtok)))
             await session.commit()
-        prices.prices[model] = Price(body.input_per_mtok, body.output_per_mtok)
+        prices.prices[model] = Price(body.input_per_mtok, body.output_per_mtok,
+                                     body.cached_input_per_mtok)
         return {"model": model, **body.model_dump()}
 
     @router.get("/prices")
@@ -242,7 +249,9 @@ def admin_router(db: Database, tenants: Tenancy, auth: Authenticator, prices: Pr
         async with db.session() as session:
             rows = await session.scalars(select(ModelPrice).order_by(ModelPrice.model))
             data = [{"model": r.model, "input_per_mtok": float(r.input_per_mtok),
-                     "output_per_mtok": float(r.output_per_mtok)} for r in rows]
+                     "output_per_mtok": float(r.output_per_mtok),
+                     "cached_input_per_mtok": float(r.cached_input_per_mtok)
+                     if r.cached_input_per_mtok is not None else None} for r in rows]
         return {"object": "list", "data": data}
 
     @router.get("/usage")

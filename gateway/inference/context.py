@@ -59,6 +59,7 @@ class RequestContext:
     device: str | None = None
     ttft_ms: float | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's, found in the engine's prefix cache
     completion_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)  # the choices', as they end
     closed: bool = False
@@ -87,6 +88,9 @@ class RequestContext:
         if isinstance(usage, dict):
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
+            # vLLM reports cached tokens in a stream's last usage only, not in every chunk's.
+            if isinstance(details := usage.get("prompt_tokens_details"), dict):
+                self.cached_tokens = int(details.get("cached_tokens") or 0)
 
     def note_finish(self, choices: object) -> None:
         """Keep the finish reasons of an answer's (or a stream chunk's) choices."""

@@ -150,12 +150,13 @@ class AdmissionHook(Hook):
 
     def _event(self, ctx: RequestContext, status: int, final: bool) -> UsageEvent:
         cost, seconds = self.accountant.cost(ctx.entry, ctx.pool, ctx.prompt_tokens,
-                                             ctx.completion_tokens)
+                                             ctx.completion_tokens, ctx.cached_tokens)
         return UsageEvent(
             request_id=ctx.request_id, tenant_id=ctx.who.tenant_id, key_id=ctx.who.key_id,
             endpoint=ctx.endpoint, model=ctx.model[:256],
             adapter=ctx.entry.adapter if ctx.entry else None, status=status,
-            prompt_tokens=ctx.prompt_tokens, completion_tokens=ctx.completion_tokens,
+            prompt_tokens=ctx.prompt_tokens, cached_tokens=ctx.cached_tokens,
+            completion_tokens=ctx.completion_tokens,
             latency_ms=(time.perf_counter() - ctx.started) * 1000, ttft_ms=ctx.ttft_ms,
             pool=ctx.device, cost_usd=cost, device_seconds=seconds, created_at=ctx.created_at,
             final=final, guardrails=ctx.guardrails.records())

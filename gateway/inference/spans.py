@@ -111,6 +111,8 @@ def _inference(operation: str, account: RequestContext, parsed: OpenAIRequest | 
         if account.entry is not None:
             attrs["gen_ai.response.model"] = account.entry.name
         attrs["gen_ai.usage.input_tokens"] = account.prompt_tokens
+        if account.cached_tokens:
+            attrs["gen_ai.usage.cache_read.input_tokens"] = account.cached_tokens
         if operation != "embeddings":
             attrs["gen_ai.usage.output_tokens"] = account.completion_tokens
         attrs["llmops.device"] = account.device

@@ -68,9 +68,10 @@ def response_object(req: ResponsesRequest, response_id: str, created_at: int, *,
     return obj
 
 
-def _usage(ctx: RequestContext, cached: int) -> dict[str, Any]:
+def _usage(ctx: RequestContext) -> dict[str, Any]:
     return {"input_tokens": ctx.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+            "input_tokens_details": {"cached_tokens": ctx.cached_tokens,
+                                     "cache_write_tokens": 0},
             "output_tokens": ctx.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": ctx.prompt_tokens + ctx.completion_tokens}
@@ -112,7 +113,6 @@ class ResponseBuilder:
         self._text: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}  # tool call index -> function_call item
         self._finish: str | None = None
-        self._cached = 0
 
     # -- whole answers
 
@@ -120,7 +120,6 @@ class ResponseBuilder:
         self._search_item(ctx)
         choice = (answer.get("choices") or [{}])[0]
         message = choice.get("message") or {}
-        self._note_cached(answer.get("usage"))
         if text := message.get("content"):
             self._output.append(self._message_item(text, ctx, "completed"))
         for call in message.get("tool_calls") or []:
@@ -138,7 +137,6 @@ class ResponseBuilder:
     def chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> bytes:
         """The events one chat chunk (after the hooks) becomes."""
         out = self._start(ctx) if not self._started else []
-        self._note_cached(chunk.get("usage"))
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             if content := delta.get("content"):
@@ -185,7 +183,7 @@ class ResponseBuilder:
         """The stream's last event when the engine failed mid-answer (OpenAI's codes name no
         engine failure but `server_error`)."""
         final = response_object(self.req, self.id, self.created_at, status="failed",
-                                output=self._output, usage=_usage(ctx, self._cached),
+                                output=self._output, usage=_usage(ctx),
                                 error={"code": "server_error", "message": message})
         self.finished(final)
         return self._event("response.failed", response=final)
@@ -279,14 +277,10 @@ class ResponseBuilder:
                 item["status"] = self._item_status()
         final = response_object(self.req, self.id, self.created_at,
                                 status="incomplete" if incomplete else "completed",
-                                output=self._output, usage=_usage(ctx, self._cached),
+                                output=self._output, usage=_usage(ctx),
                                 incomplete=incomplete, completed_at=int(time.time()))
         self.finished(final)
         return final
-
-    def _note_cached(self, usage: object) -> None:
-        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens_details"), dict):
-            self._cached = int(usage["prompt_tokens_details"].get("cached_tokens") or 0)
 
     def _index(self, item: dict[str, Any]) -> int:
         return next(i for i, o in enumerate(self._output) if o["id"] == item["id"])

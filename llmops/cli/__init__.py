@@ -245,7 +245,8 @@ async def cmd_usage(args: argparse.Namespace, db: Database) -> int:
     rows = await usage_report(db, group_by=groups, period=args.period, tenant_id=tenant,
                               key_id=args.key, model=args.model)
     header = [*groups, *(["period"] if args.period else []), "requests", "unfinished",
-              "prompt_tokens", "completion_tokens", "cost_usd", "device_seconds"]
+              "prompt_tokens", "cached_tokens", "completion_tokens", "cost_usd",
+              "device_seconds"]
     print("  ".join(header))
     for row in rows:
         print("  ".join(f"{row[h]:.6f}" if isinstance(row[h], float) else str(row[h])

@@ -113,6 +113,8 @@ class ModelPrice(Base):
     model: Mapped[str] = mapped_column(String(256), primary_key=True)
     input_per_mtok: Mapped[Decimal]  # USD per million prompt tokens
     output_per_mtok: Mapped[Decimal]  # USD per million completion tokens
+    # USD per million prompt tokens found in the engine's prefix cache; None: input_per_mtok.
+    cached_input_per_mtok: Mapped[Decimal | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
@@ -135,6 +137,7 @@ class UsageRecord(Base):
     adapter: Mapped[str | None] = mapped_column(String(256), default=None)
     status: Mapped[int]
     prompt_tokens: Mapped[int] = mapped_column(default=0)
+    cached_tokens: Mapped[int] = mapped_column(default=0)  # of prompt_tokens
     completion_tokens: Mapped[int] = mapped_column(default=0)
     latency_ms: Mapped[float] = mapped_column(default=0.0)
     ttft_ms: Mapped[float | None] = mapped_column(default=None)

@@ -74,8 +74,11 @@ def test_a_whole_answer_becomes_a_response_with_usage() -> None:
     answer = {"choices": [{"finish_reason": "tool_calls", "message": {
         "content": "Let me look.", "tool_calls": [
             {"id": "call_1", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]}}],
-              "usage": {"prompt_tokens": 7, "prompt_tokens_details": {"cached_tokens": 4}}}
-    obj = ResponseBuilder(request(), "resp_1", stored.append).whole(context(), answer)
+              "usage": {"prompt_tokens": 7, "completion_tokens": 3,
+                        "prompt_tokens_details": {"cached_tokens": 4}}}
+    ctx = context()
+    ctx.usage_from(answer["usage"])  # as the pipeline does before the answer is translated
+    obj = ResponseBuilder(request(), "resp_1", stored.append).whole(ctx, answer)
     assert obj["status"] == "completed" and stored == [obj]
     assert [i["type"] for i in obj["output"]] == ["message", "function_call"]
     assert obj["output"][1]["call_id"] == "call_1"

@@ -1,5 +1,5 @@
 """The usage ledger on SQLite and PostgreSQL with the real Redis: idempotent, complete when a
-writer dies mid-batch, and nothing lost while Redis is down."""
+writer dies mid-batch, nothing lost while Redis is down, and cached prompt tokens kept."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
+import sqlalchemy
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
 from llmops.settings import LedgerConfig
-from llmops.store import Database, UsageRecord
+from llmops.store import Base, Database, UsageRecord, upgrade
+from llmops.store.db import sync_url
 from tenancy.ledger import LedgerPublisher, LedgerWriter, UsageEvent, usage_report
 
 CONFIG = LedgerConfig(block_ms=10, claim_idle_s=1.0, batch_size=7)
@@ -113,3 +118,35 @@ async def test_usage_report_groups_and_periods(
     assert sum(r["requests"] for r in only) == 3
     async with db.session() as session:
         assert await session.scalar(select(func.count()).select_from(UsageRecord)) == 6
+
+
+async def test_cached_tokens_are_recorded_and_reported_next_to_prompt_tokens(
+        redis: Redis, db: Database, prefix: str, tmp_path: Path) -> None:
+    publisher = LedgerPublisher(redis, prefix, tmp_path / "spool")
+    await publisher.publish(event(1, final=False))
+    await publisher.publish(event(1, prompt_tokens=900, cached_tokens=768))
+    await publisher.publish(event(2, prompt_tokens=40, cached_tokens=0))
+    # Across a rolling upgrade: a record of a gateway from before cached tokens were counted,
+    # and one of a newer gateway with a field unknown here.
+    old = orjson.loads(event(3, prompt_tokens=50).to_json())
+    del old["cached_tokens"]
+    new = {**orjson.loads(event(4, prompt_tokens=0).to_json()), "from_the_future": 1}
+    for record in (old, new):
+        await redis.xadd(f"{prefix}:usage", {"r": orjson.dumps(record)})
+    await LedgerWriter(redis, db, prefix, CONFIG).flush()
+    written = await rows(db)
+    assert {i: r.cached_tokens for i, r in written.items()} == {
+        "req-1": 768, "req-2": 0, "req-3": 0, "req-4": 0}
+    [report] = await usage_report(db, group_by=("model",))
+    assert (report["prompt_tokens"], report["cached_tokens"]) == (990, 768)
+
+
+def test_the_migration_matches_the_ledger_and_price_models(database_url: str) -> None:
+    upgrade(database_url)
+    engine = sqlalchemy.create_engine(sync_url(database_url))
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    finally:
+        engine.dispose()
+    assert [d for d in diff if "usage_records" in repr(d) or "model_prices" in repr(d)] == []
