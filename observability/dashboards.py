@@ -97,6 +97,12 @@ GATEWAY = Dashboard("llmops-gateway", "llmops / Gateway overview",
           description="1: the replica passes its health probes."),
     Panel("Replicas by circuit state", "short",
           (("sum by (state) (llmops_circuit_state)", "{{state}}"),), kind="stat"),
+    Panel("Prefix cache hit ratio", "percentunit",
+          (("sum by (model, pool, device) (rate(llmops_cached_prompt_tokens_total[5m]))"
+            " / sum by (model, pool, device) (rate(llmops_pool_prompt_tokens_total[5m]))",
+            "{{model}} {{pool}} {{device}}"),),
+          description="Share of prompt tokens the engines found in their prefix caches "
+          "(`cached_tokens`): no prefill for them, and billed at the cached price."),
     Panel("Guardrail events", "reqps",
           (("sum by (stage, category, action) (rate(llmops_guardrail_events_total[5m]))",
             "{{stage}} {{category}} {{action}}"),), width=24,

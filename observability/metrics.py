@@ -3,7 +3,8 @@ process, and tests, never collide).
 
 Three kinds of figures:
 - per request, recorded as requests end (`GatewayMetrics` is the accountant's
-  `RequestObserver`): requests, latencies, tokens, cost, in-flight requests, rejections,
+  `RequestObserver`): requests, latencies, tokens (prompt tokens also by pool, with those
+  the engines' prefix caches held), cost, in-flight requests, rejections,
   upstream retries, fallbacks to a lower-priority pool and guardrail events;
 - the routers' live view of the backends (health, circuit state), read at scrape time;
 - figures from the store and Redis (fine-tuning jobs, vector store files, Celery queues, eval
@@ -125,7 +126,7 @@ class _Series:
     """The children of every per-request family for one combination of label values, looked up
     once per request instead of one `labels()` call per family."""
 
-    __slots__ = ("completion", "cost", "prompt", "requests", "timings")
+    __slots__ = ("completion", "cost", "prefix_cache", "prompt", "requests", "timings")
 
     def __init__(self, m: GatewayMetrics, model: str, pool: str, device: str, status: str,
                  tenant: str, endpoint: str) -> None:
@@ -135,6 +136,10 @@ class _Series:
             m.duration.labels(model, device), m.ttft.labels(model, device),
             m.tpot.labels(model, device))
         self.prompt = m.tokens.labels(model, tenant, "prompt")
+        # (prompt, cached prompt) tokens, for requests that reached a backend.
+        self.prefix_cache = None if pool == NONE else (
+            m.pool_prompt_tokens.labels(model, pool, device),
+            m.cached_prompt_tokens.labels(model, pool, device))
         self.completion = m.tokens.labels(model, tenant, "completion")
         self.cost = m.cost.labels(model, tenant)
 
@@ -176,6 +181,14 @@ class GatewayMetrics:
         self.tokens = Counter(
             "llmops_tokens", "Tokens processed, as the engines counted them.",
             ["model", "tenant", "kind"], registry=r)
+        # By pool rather than tenant: the prefix cache hit ratio is a property of replicas.
+        self.pool_prompt_tokens = Counter(
+            "llmops_pool_prompt_tokens", "Prompt tokens of requests a backend served.",
+            ["model", "pool", "device"], registry=r)
+        self.cached_prompt_tokens = Counter(
+            "llmops_cached_prompt_tokens",
+            "Of those prompt tokens, the ones the engine found in its prefix cache.",
+            ["model", "pool", "device"], registry=r)
         self.cost = Counter("llmops_cost_usd", "Cost of requests in US dollars.",
                             ["model", "tenant"], registry=r)
         self.in_flight = Gauge("llmops_requests_in_flight",
@@ -243,6 +256,9 @@ class GatewayMetrics:
             self.guardrail_events.labels(g["stage"], g["category"], g["action"], key[4]).inc()
         if event.prompt_tokens:
             series.prompt.inc(event.prompt_tokens)
+            if series.prefix_cache is not None:
+                series.prefix_cache[0].inc(event.prompt_tokens)
+                series.prefix_cache[1].inc(event.cached_tokens)
         if event.completion_tokens:
             series.completion.inc(event.completion_tokens)
         if event.cost_usd:

@@ -47,11 +47,11 @@ def gateway_metrics(**config: object) -> tuple[GatewayMetrics, dict[str, Router]
 
 def event(tenant: str = "ten_a", status: int = 200, device: str | None = "cpu",
           latency_ms: float = 1200.0, ttft_ms: float | None = None, prompt: int = 10,
-          completion: int = 21, cost: float = 0.002) -> UsageEvent:
+          completion: int = 21, cost: float = 0.002, cached: int = 0) -> UsageEvent:
     return UsageEvent(request_id=uuid.uuid4().hex, tenant_id=tenant, key_id="key_a",
                       endpoint="/v1/chat/completions", model="chat", status=status,
-                      prompt_tokens=prompt, completion_tokens=completion, latency_ms=latency_ms,
-                      ttft_ms=ttft_ms, pool=device, cost_usd=cost)
+                      prompt_tokens=prompt, cached_tokens=cached, completion_tokens=completion,
+                      latency_ms=latency_ms, ttft_ms=ttft_ms, pool=device, cost_usd=cost)
 
 
 def scrape(metrics: GatewayMetrics) -> dict[str, list[Sample]]:
@@ -138,6 +138,28 @@ def test_histogram_buckets_span_milliseconds_to_minutes() -> None:
     # One series per model and device: tenants and endpoints stay out of histograms.
     assert {frozenset(x.labels) - {"le"} for x in s["llmops_request_duration_seconds"]} == {
         frozenset({"model", "device"})}
+
+
+def test_cached_prompt_tokens_are_counted_per_model_and_pool() -> None:
+    metrics, _ = gateway_metrics(tenants=["ten_a", "ten_b"])
+    metrics.finished(event(device="gpu", prompt=1000, cached=768), "chat", GPU, admitted=False)
+    metrics.finished(event(tenant="ten_b", device="gpu", prompt=500, cached=256), "chat", GPU,
+                     admitted=False)
+    metrics.finished(event(prompt=300), "chat", CPU, admitted=False)
+    metrics.finished(event(status=429, device=None, prompt=0, completion=0), "chat", None,
+                     admitted=False)  # refused: no backend, no cache
+    s = scrape(metrics)
+    prompt, cached = s["llmops_pool_prompt_tokens"], s["llmops_cached_prompt_tokens"]
+    for samples in (prompt, cached):  # tenants stay out: the ratio is the replicas'
+        assert {frozenset(x.labels.items()) for x in samples if x.name.endswith("_total")} == {
+            frozenset({"model": "chat", "pool": "primary", "device": "gpu"}.items()),
+            frozenset({"model": "chat", "pool": "fallback1", "device": "cpu"}.items())}
+    assert value(prompt, "llmops_pool_prompt_tokens_total", pool="primary") == 1500
+    assert value(cached, "llmops_cached_prompt_tokens_total", pool="primary") == 1024
+    assert value(prompt, "llmops_pool_prompt_tokens_total", pool="fallback1") == 300
+    assert value(cached, "llmops_cached_prompt_tokens_total", pool="fallback1") == 0
+    # The per-tenant prompt tokens are all the prompt tokens, cached or not.
+    assert value(s["llmops_tokens"], "llmops_tokens_total", tenant="ten_a", kind="prompt") == 1300
 
 
 def test_backend_health_and_circuit_state_are_read_at_scrape_time() -> None:
