@@ -25,12 +25,16 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from gateway.inference.protocol import OpenAIRequest
+from gateway.routing.prompt_tokens import PromptTokenizer, load_prompt_tokenizer
 from gateway.routing.replica import Replica
+from llmops.settings import ModelConfig, RoutingConfig
 
 __all__ = [
     "EventSource",
     "KVEventIndex",
     "ReplicaBlocks",
+    "build_kv_event_indexes",
     "chain_hashes",
     "decode_batch",
     "discover_sources",
@@ -214,6 +218,7 @@ class KVEventIndex:
         replicas: Sequence[Replica],
         session: aiohttp.ClientSession,
         *,
+        tokenizer: PromptTokenizer | None = None,
         max_blocks: int,
         timeout_s: float,
         retry_s: float = 5.0,
@@ -221,12 +226,13 @@ class KVEventIndex:
     ) -> None:
         self.replicas = list(replicas)
         self.session = session
+        self.tokenizer = tokenizer
         self.max_blocks = max_blocks
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.receive_hwm = receive_hwm  # batches ZMQ queues for us; beyond it, a gap to replay
         self._blocks: dict[Replica, list[ReplicaBlocks]] = {r: [] for r in self.replicas}
-        self._ctx = zmq.asyncio.Context()
+        self._ctx: zmq.asyncio.Context | None = None  # from start to stop
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -243,6 +249,11 @@ class KVEventIndex:
         known: nothing can match then anyway)."""
         size = self.block_size
         return [] if size is None else chain_hashes(tokens, size, salt=adapter)
+
+    def request_blocks(self, request: OpenAIRequest, adapter: str | None = None) -> list[int]:
+        """The blocks of a request's prompt, as the engine will cache them."""
+        tokens = self.tokenizer.tokens(request) if self.tokenizer is not None else None
+        return [] if tokens is None else self.blocks_of(tokens, adapter)
 
     def matched(self, blocks: Sequence[int]) -> dict[Replica, int]:
         """Replica -> how many of `blocks`, counted from the first, it holds (replicas holding
@@ -262,6 +273,7 @@ class KVEventIndex:
         return out
 
     async def start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
         self._tasks = [asyncio.create_task(self._follow_replica(r)) for r in self.replicas]
 
     async def stop(self) -> None:
@@ -271,7 +283,9 @@ class KVEventIndex:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        self._ctx.destroy(linger=0)
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
 
     async def _follow_replica(self, replica: Replica) -> None:
         """Find the replica's publishers, then follow each; start over when that fails."""
@@ -295,6 +309,7 @@ class KVEventIndex:
             await asyncio.sleep(self.retry_s)
 
     async def _follow(self, source: EventSource, blocks: ReplicaBlocks) -> None:
+        assert self._ctx is not None
         sub = self._ctx.socket(zmq.SUB)
         try:
             sub.setsockopt(zmq.RCVHWM, self.receive_hwm)
@@ -332,6 +347,7 @@ class KVEventIndex:
             if start:
                 blocks.clear()
             return start
+        assert self._ctx is not None
         dealer = self._ctx.socket(zmq.DEALER)
         try:
             dealer.setsockopt(zmq.LINGER, 0)
@@ -352,3 +368,22 @@ class KVEventIndex:
                 expected = seq + 1
         finally:
             dealer.close(linger=0)
+
+
+def build_kv_event_indexes(
+    models: Sequence[ModelConfig],
+    replicas: Mapping[str, Sequence[Replica]],
+    session: aiohttp.ClientSession,
+    config: RoutingConfig,
+) -> dict[str, KVEventIndex]:
+    """One index per chat model in precise mode (none otherwise), not yet started. Loads each
+    model's tokenizer from its `weights`: blocking, so call it off the event loop."""
+    if config.prefix_mode != "precise":
+        return {}
+    return {
+        m.name: KVEventIndex(replicas[m.name], session,
+                             tokenizer=load_prompt_tokenizer(m.weights),
+                             max_blocks=config.kv_events_max_blocks,
+                             timeout_s=config.kv_events_timeout_s)
+        for m in models if m.kind == "chat" and m.weights is not None
+    }

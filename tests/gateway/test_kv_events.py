@@ -24,6 +24,7 @@ from gateway.routing import Circuit, Replica
 from gateway.routing.kv_events import (
     KVEventIndex,
     ReplicaBlocks,
+    build_kv_event_indexes,
     chain_hashes,
     decode_batch,
     discover_sources,
@@ -140,16 +141,19 @@ def test_memory_is_bounded_oldest_blocks_first() -> None:
     assert leading(held, stored_tokens(1)) == 4
 
 
+class Tokenizer:
+    """Characters as tokens; a chat is its messages' contents."""
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def apply_chat_template(self, conversation: list[dict[str, Any]],
+                            **kwargs: Any) -> list[int]:
+        assert kwargs["add_generation_prompt"] and kwargs["tokenize"]
+        return [ord(c) for m in conversation for c in m["content"]]
+
+
 def test_prompt_tokens_of_requests() -> None:
-    class Tokenizer:
-        def encode(self, text: str) -> list[int]:
-            return [ord(c) for c in text]
-
-        def apply_chat_template(self, conversation: list[dict[str, Any]],
-                                **kwargs: Any) -> list[int]:
-            assert kwargs["add_generation_prompt"] and kwargs["tokenize"]
-            return [ord(c) for m in conversation for c in m["content"]]
-
     tokens = PromptTokenizer(Tokenizer()).tokens
     chat = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": [
@@ -162,6 +166,27 @@ def test_prompt_tokens_of_requests() -> None:
     assert tokens(CompletionRequest(model="m", prompt="hi")) == [104, 105]
     assert tokens(CompletionRequest(model="m", prompt=[5, 6])) == [5, 6]
     assert tokens(CompletionRequest(model="m", prompt=["a", "b"])) is None
+
+
+async def test_request_blocks_and_indexes_per_model() -> None:
+    held = ReplicaBlocks(max_blocks=100)
+    held.apply(events(0))
+    replica = Replica("http://127.0.0.1:1", "cpu", 4, 4, Circuit(2, 10))
+    text = "".join(map(chr, TENANT0))  # with `Tokenizer`, these characters are TENANT0
+    chat = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": text}]})
+    async with aiohttp.ClientSession() as session:
+        index = KVEventIndex([replica], session, tokenizer=PromptTokenizer(Tokenizer()),
+                             max_blocks=100, timeout_s=1)
+        assert index.request_blocks(chat) == []  # no block size before the first event
+        index._blocks[replica] = [held]
+        assert index.matched(index.request_blocks(chat)) == {replica: 4}
+        assert index.matched(index.request_blocks(chat, adapter="support-v2")) == {}
+
+        pool = PoolConfig(device="cpu", urls=["http://127.0.0.1:1"])
+        models = [ModelConfig(name="chat", kind="chat", pools=[pool])]
+        assert build_kv_event_indexes(models, {"chat": [replica]}, session,
+                                      RoutingConfig()) == {}
 
 
 def test_precise_mode_needs_the_weights_to_tokenize_with() -> None:
