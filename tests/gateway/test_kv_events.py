@@ -144,13 +144,16 @@ def test_memory_is_bounded_oldest_blocks_first() -> None:
 class Tokenizer:
     """Characters as tokens; a chat is its messages' contents."""
 
-    def encode(self, text: str) -> list[int]:
+    def __init__(self) -> None:
+        self.encoded: list[str] = []
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.encoded.append(text)
         return [ord(c) for c in text]
 
-    def apply_chat_template(self, conversation: list[dict[str, Any]],
-                            **kwargs: Any) -> list[int]:
-        assert kwargs["add_generation_prompt"] and kwargs["tokenize"]
-        return [ord(c) for m in conversation for c in m["content"]]
+    def apply_chat_template(self, conversation: list[dict[str, Any]], **kwargs: Any) -> str:
+        assert kwargs["add_generation_prompt"] and kwargs["tokenize"] is False
+        return "".join(m["content"] for m in conversation)
 
 
 def test_prompt_tokens_of_requests() -> None:
@@ -166,6 +169,19 @@ def test_prompt_tokens_of_requests() -> None:
     assert tokens(CompletionRequest(model="m", prompt="hi")) == [104, 105]
     assert tokens(CompletionRequest(model="m", prompt=[5, 6])) == [5, 6]
     assert tokens(CompletionRequest(model="m", prompt=["a", "b"])) is None
+
+
+def test_pieces_between_added_tokens_are_tokenized_once() -> None:
+    fake = Tokenizer()
+    prompt = PromptTokenizer(fake, {"<s>": 1, "<s>x": 2}, cache_pieces=2)
+    assert prompt.encode("<s>ab<s>xab<s>") == [1, 97, 98, 2, 97, 98, 1]
+    assert fake.encoded == ["ab"]
+    assert prompt.encode("cd<s>ab") == [99, 100, 1, 97, 98]
+    prompt.encode("ef")  # three pieces seen, two kept: "ab" was used last but one
+    prompt.encode("ab")
+    assert fake.encoded == ["ab", "cd", "ef"]
+    prompt.encode("cd")
+    assert fake.encoded == ["ab", "cd", "ef", "cd"]
 
 
 async def test_request_blocks_and_indexes_per_model() -> None:
