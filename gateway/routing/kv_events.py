@@ -198,6 +198,15 @@ class ReplicaBlocks:
             del self._held[block]
 
 
+def _apply(blocks: ReplicaBlocks, payload: bytes) -> None:
+    """One batch; one we cannot read leaves us not knowing what the engine holds."""
+    try:
+        blocks.apply(decode_batch(payload))
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("unreadable KV event batch (%s): forgetting that engine's blocks", exc)
+        blocks.clear()
+
+
 def _key(engine_hash: Any) -> int | bytes:
     # vLLM sends 64-bit ints by default and raw digests with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0
     if isinstance(engine_hash, int | bytes):
@@ -300,10 +309,12 @@ class KVEventIndex:
             engines = [ReplicaBlocks(self.max_blocks) for _ in sources]
             self._blocks[replica] = engines
             try:
-                await asyncio.gather(*(self._follow(s, b) for s, b in zip(sources, engines,
-                                                                           strict=True)))
-            except (zmq.ZMQError, ValueError, TimeoutError) as exc:
-                log.warning("KV events of %s: %s; starting over", replica.url, exc)
+                async with asyncio.TaskGroup() as group:  # one failing stops the others
+                    for source, blocks in zip(sources, engines, strict=True):
+                        group.create_task(self._follow(source, blocks))
+            except* Exception as failed:  # keep following whatever one engine sent
+                log.warning("KV events of %s: %r; starting over", replica.url,
+                            failed.exceptions[0])
             finally:
                 self._blocks[replica] = []
             await asyncio.sleep(self.retry_s)
@@ -335,7 +346,7 @@ class KVEventIndex:
                     expected = await self._catch_up(source, blocks, expected)
                     if seq < expected:
                         continue
-                blocks.apply(decode_batch(payload))
+                _apply(blocks, payload)
                 expected, live = seq + 1, True
         finally:
             sub.close(linger=0)
@@ -364,7 +375,7 @@ class KVEventIndex:
                 if seq != expected:
                     # The buffer no longer reaches back to `start`: start from what it has.
                     blocks.clear()
-                blocks.apply(decode_batch(frames[3]))
+                _apply(blocks, frames[3])
                 expected = seq + 1
         finally:
             dealer.close(linger=0)

@@ -329,10 +329,15 @@ async def test_subscriber_catches_up_fills_gaps_and_sees_restarts(
             await wait_until(lambda: held(5) == 4)
             assert held(4) == 4 and held(0) == 0 and publisher.replays == replays + 1
 
+            await publisher.publish(6, b"\xc1")  # unreadable: what it said is unknown
+            await publisher.publish(7, PAYLOADS[6])
+            await wait_until(lambda: held(6) == 4)
+            assert held(5) == 0
+
             # The engine restarts: an empty cache, sequence numbers from 0 again.
             publisher.buffer = []
             await publisher.publish(0, PAYLOADS[1])
-            await wait_until(lambda: held(5) == 0)
+            await wait_until(lambda: held(6) == 0)
             assert held(1) == 4 and held(3) == 0
         finally:
             await index.stop()
