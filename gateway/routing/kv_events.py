@@ -43,7 +43,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _END_SEQ = -1  # the replay socket's end-of-replay marker
-_U64 = 1 << 64
 
 
 def chain_hashes(
