@@ -123,6 +123,15 @@ class RoutingConfig(_Strict):
     affinity_slack: int = Field(
         4, ge=0, description="Outstanding requests a replica holding the adapter may have beyond "
         "the least busy replica and still be preferred.")
+    prefix_mode: Literal["approximate", "precise"] = Field(
+        "approximate", description="How the gateway knows which replica holds a prompt's "
+        "prefix in its KV cache: approximate (what it sent where lately) or precise (from the "
+        "engines' KV-cache events; needs vLLM's --kv-events-config and the model's `weights`).")
+    kv_events_max_blocks: int = Field(
+        200_000, ge=1, description="KV-cache blocks remembered per engine in precise mode; "
+        "the oldest are forgotten first.")
+    kv_events_timeout_s: float = Field(
+        5.0, gt=0, description="Precise mode: timeout of event-source discovery and replays.")
 
 
 class LimitsConfig(_Strict):
@@ -394,6 +403,11 @@ class Settings(BaseSettings):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"models: duplicate model names {dupes}")
+        if self.routing.prefix_mode == "precise":
+            # Prompts are tokenized in the gateway, with the model's own tokenizer.
+            blind = [m.name for m in self.models if m.kind == "chat" and m.weights is None]
+            if blind:
+                raise ValueError(f"routing.prefix_mode: precise needs `weights` of models {blind}")
         return self
 
     def embedding_model(self) -> ModelConfig | None:

@@ -4,6 +4,7 @@ once per session), and gateways started as real uvicorn processes with a given m
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -62,6 +63,13 @@ class Running:
             self.kill()
 
 
+def kv_events_args() -> list[str]:
+    """Prefix caching with vLLM's KV-cache events published (ZMQ) and replayable."""
+    config = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
+              "endpoint": f"tcp://*:{free_port()}", "replay_endpoint": f"tcp://*:{free_port()}"}
+    return ["--enable-prefix-caching", "--kv-events-config", json.dumps(config)]
+
+
 def start(service: Service, logs: Path) -> Running:
     log = logs / f"{service.name}-{service.port}.log"
     return Running(service, service.spawn(log), log)
@@ -96,7 +104,8 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def engines(logs: Path) -> Iterator[Engines]:
     dirs = prepare_models(models_home())
-    chat = start(vllm_service("vllm-chat", dirs["chat"], CHAT_MODEL, free_port()), logs)
+    chat = start(vllm_service("vllm-chat", dirs["chat"], CHAT_MODEL, free_port(),
+                              extra_args=kv_events_args()), logs)
     embedding = start(vllm_service("vllm-embedding", dirs["embedding"], EMBEDDING_MODEL,
                                    free_port(), embedding=True, kv_cache_bytes=256 << 20,
                                    max_model_len=None), logs)
