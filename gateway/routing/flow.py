@@ -198,6 +198,10 @@ class FlowControl:
         """Hand replicas with room to waiting requests, in fair order, while any fits."""
         while len(self.queue):
             for tenant, waiter in self.queue.candidates():
+                if waiter.future.done():  # cancelled, its task not yet resumed to leave
+                    self.queue.discard(tenant, waiter)
+                    self._left(waiter)
+                    break
                 replica = self.router.choose(waiter.route)
                 if replica is not None and not replica.has_capacity:
                     continue  # its replicas are full; another's may not be
@@ -215,7 +219,8 @@ class FlowControl:
     def _expire(self, waiter: _Waiter) -> None:
         if self.queue.discard(waiter.claim.tenant, waiter):
             self._left(waiter)
-            waiter.future.set_exception(_Expired())
+            if not waiter.future.done():
+                waiter.future.set_exception(_Expired())
 
     def _left(self, waiter: _Waiter) -> None:
         """`waiter` is out of the queue, whichever way."""

@@ -193,6 +193,20 @@ async def test_a_client_that_leaves_while_queued_leaves_the_queue() -> None:
     assert await staying is r and r.outstanding == 1
 
 
+async def test_room_skips_a_request_cancelled_before_it_could_leave() -> None:
+    flow, (r,), observer = gate()
+    await flow.acquire(ANY, Claim("a"))
+    leaving = asyncio.create_task(flow.acquire(ANY, Claim("a")))
+    staying = asyncio.create_task(flow.acquire(ANY, Claim("b")))
+    await queued(flow, 2)
+    leaving.cancel()
+    r.release(ok=True)  # before `leaving` ran again: its turn goes to the next in line
+    assert await staying is r
+    await asyncio.gather(leaving, return_exceptions=True)
+    assert len(flow.queue) == 0 and r.outstanding == 1
+    assert observer.depth["chat", "interactive"] == 0
+
+
 async def test_room_handed_to_a_client_as_it_leaves_is_passed_on() -> None:
     flow, (r,), _ = gate()
     await flow.acquire(ANY, Claim("a"))
