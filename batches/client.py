@@ -21,6 +21,7 @@ import orjson
 
 from batches.store import Answer
 from batches.validation import BatchLine
+from tenancy.priority import PRIORITY_HEADER, Priority
 from tenancy.tenants import ON_BEHALF_HEADER
 
 __all__ = ["GatewaySender"]
@@ -39,7 +40,8 @@ class GatewaySender:
         self.session = session
         self.url = base_url.rstrip("/") + endpoint
         self.headers = {"authorization": f"Bearer {admin_key}",
-                        "content-type": "application/json", ON_BEHALF_HEADER: key_id}
+                        "content-type": "application/json", ON_BEHALF_HEADER: key_id,
+                        PRIORITY_HEADER: Priority.BATCH.label}  # after interactive callers
         self.batch_id = batch_id
         self.attempts = attempts
 

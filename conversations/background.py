@@ -15,6 +15,7 @@ import orjson
 from conversations.store import TERMINAL, Responses
 from llmops.settings import Settings
 from llmops.store import Database, StoredResponse
+from tenancy.priority import PRIORITY_HEADER, Priority
 from tenancy.tenants import ON_BEHALF_HEADER
 
 __all__ = ["RESPONSE_ID_HEADER", "run_background"]
@@ -49,6 +50,7 @@ async def _stream(responses: Responses, row: StoredResponse, settings: Settings)
     body = {**row.request, "background": False, "stream": True} if row.request else {}
     headers = {"authorization": f"Bearer {key}", ON_BEHALF_HEADER: row.key_id,
                RESPONSE_ID_HEADER: row.id, "content-type": "application/json",
+               PRIORITY_HEADER: Priority.BACKGROUND.label,  # nobody waits on it
                "x-request-id": f"{row.id}.{int(time.time())}"}
     ended: str | None = None
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from tenancy.priority import PRIORITY_HEADER, Priority
 from tenancy.tenants import ON_BEHALF_HEADER
 
 __all__ = ["Completion", "FatalRunError", "GatewayTransport", "ItemClient", "ModelCallError"]
@@ -76,7 +77,8 @@ class GatewayTransport:
         self.session = session
         self.base_url = base_url.rstrip("/")
         self.headers = {"authorization": f"Bearer {admin_key}",
-                        "content-type": "application/json"}
+                        "content-type": "application/json",
+                        PRIORITY_HEADER: Priority.BACKGROUND.label}  # after everyone else
         if acting_for is not None:
             self.headers[ON_BEHALF_HEADER] = acting_for
         self.limit = asyncio.Semaphore(concurrency)

@@ -60,6 +60,7 @@ from gateway.responses.protocol import ResponsesRequest
 from gateway.responses.service import RESPONSES, ResponsesService
 from gateway.routing import Pool, Router, build_affinity, build_scorers
 from gateway.routing.adapters import AdapterLoader
+from gateway.routing.flow import FlowControl
 from gateway.routing.health import HealthMonitor
 from gateway.tasks import enqueue
 from guardrails import Guardrails
@@ -160,7 +161,9 @@ def build(settings: Settings) -> Services:
         metrics.add_readings(budget_readings(limiter, metrics.tenants))
         metrics.add_collector(EVAL_WATCHES_FAMILY,
                               EvalWatchGauges(watches.enabled_views, metrics.tenants))
-    upstream = Upstream(routers, settings.routing, observer=metrics)
+    flows = {name: FlowControl(name, router, settings.flow, metrics)
+             for name, router in routers.items()} if settings.flow.enabled else {}
+    upstream = Upstream(routers, settings.routing, observer=metrics, flows=flows)
     stores = VectorStores(db)
     embedding = settings.embedding_model()
     embedder = catalog.resolve(embedding.name) if embedding is not None else None

@@ -30,6 +30,7 @@ __all__ = [
     "EvalsConfig",
     "FilesConfig",
     "FineTuneConfig",
+    "FlowConfig",
     "GuardrailsConfig",
     "LedgerConfig",
     "LimitsConfig",
@@ -67,6 +68,11 @@ class PoolConfig(_Strict):
     )
     prefill_tokens_per_s: float = Field(
         2000.0, gt=0, description="Measured prompt-processing throughput of one replica."
+    )
+    priority_scheduling: bool = Field(
+        False, description="The replicas run vLLM's --scheduling-policy priority: requests "
+        "carry their priority class (interactive first). Off: none is sent (vLLM refuses a "
+        "priority it cannot schedule)."
     )
 
     @field_validator("urls")
@@ -132,6 +138,23 @@ class RoutingConfig(_Strict):
         "the oldest are forgotten first.")
     kv_events_timeout_s: float = Field(
         5.0, gt=0, description="Precise mode: timeout of event-source discovery and replays.")
+
+
+class FlowConfig(_Strict):
+    """Flow control: while every replica of a model is full, requests wait in the gateway in
+    per-tenant queues served by weighted fair share, instead of piling onto the engines."""
+
+    enabled: bool = Field(
+        True, description="Queue requests in the gateway while a model's replicas are full; "
+        "off: they are sent into the engines' own queues.")
+    max_queued: int = Field(
+        64, ge=1, description="Requests one tenant may have waiting for one model; more are "
+        "refused (429).")
+    max_wait_s: float = Field(
+        30.0, gt=0, description="Longest a request waits for a replica before it is refused "
+        "(429).")
+    retry_after_s: int = Field(
+        2, ge=1, description="The Retry-After of a refused request, in seconds.")
 
 
 class LimitsConfig(_Strict):
@@ -358,6 +381,7 @@ class Settings(BaseSettings):
     port: int = 8000
     models: list[ModelConfig] = Field(default_factory=list)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body.")
     admin_key: SecretStr | None = Field(None, description="The bootstrap admin key.")
     admin_key_file: Path | None = Field(None, description="A file holding that key.")

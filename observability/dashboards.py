@@ -28,7 +28,7 @@ class Panel:
     title: str
     unit: str
     targets: tuple[tuple[str, str], ...]  # (PromQL, legend)
-    kind: str = "timeseries"  # timeseries | stat | bargauge
+    kind: str = "timeseries"  # timeseries | stat | bargauge | row (a heading, no query)
     width: int = 12
     description: str = ""
 
@@ -110,6 +110,18 @@ GATEWAY = Dashboard("llmops-gateway", "llmops / Gateway overview",
           "redacted or logged in prompts (input) and answers (output), prompts refused by "
           "size, message count or deny pattern, retrieved chunks dropped for injected "
           "instructions (retrieval)."),
+    Panel("Flow control", "", (), kind="row"),
+    Panel("Requests waiting in the gateway", "short",
+          (("sum by (model, priority) (llmops_flow_queue_depth)", "{{model}} {{priority}}"),),
+          width=8, description="Requests held while every replica of their model is full, by "
+          "priority class (interactive, batch, background)."),
+    Panel("Wait for a replica", "s", _quantiles("llmops_flow_wait_seconds", "priority"),
+          width=8, description="Time queued requests waited for a replica, served or refused."),
+    Panel("Requests shed", "reqps",
+          (("sum by (model, reason) (rate(llmops_flow_shed_total[1m]))",
+            "{{model}} {{reason}}"),), width=8,
+          description="Requests refused instead of queued: queue_full and wait_timeout "
+          "answer 429 with Retry-After, no_capacity 503. An alert fires when shedding lasts."),
 ))
 
 TENANTS = Dashboard("llmops-tenants", "llmops / Tenants and cost",
@@ -294,10 +306,21 @@ def _panel(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
     return out
 
 
+def _row(title: str, pid: int, y: int) -> dict[str, Any]:
+    return {"id": pid, "type": "row", "title": title, "collapsed": False, "panels": [],
+            "gridPos": {"h": 1, "w": _WIDTH, "x": 0, "y": y}}
+
+
 def render(dashboard: Dashboard) -> dict[str, Any]:
-    """The dashboard as Grafana's JSON model; panels flow left to right, 8 units high."""
+    """The dashboard as Grafana's JSON model; panels flow left to right, 8 units high; a row
+    starts a line of its own."""
     panels, x, y = [], 0, 0
     for pid, panel in enumerate(dashboard.panels, start=1):
+        if panel.kind == "row":
+            y += 8 if x else 0
+            panels.append(_row(panel.title, pid, y))
+            x, y = 0, y + 1
+            continue
         if x + panel.width > _WIDTH:
             x, y = 0, y + 8
         panels.append(_panel(panel, pid, x, y))

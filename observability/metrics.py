@@ -205,6 +205,16 @@ class GatewayMetrics:
             "llmops_guardrail_events", "Guardrail actions on requests: one per request, stage, "
             "category and action (block, redact, log, drop).",
             ["stage", "category", "action", "tenant"], registry=r)
+        self.flow_depth = Gauge(
+            "llmops_flow_queue_depth", "Requests waiting in the gateway for a replica with "
+            "room, by priority class.", ["model", "priority"], registry=r)
+        self.flow_wait = Histogram(
+            "llmops_flow_wait_seconds", "Time requests waited in the gateway for a replica "
+            "(served or refused), by priority class.", ["model", "priority"],
+            buckets=E2E_BUCKETS, registry=r)
+        self.flow_shed = Counter(
+            "llmops_flow_shed", "Requests flow control refused: queue_full and wait_timeout "
+            "(429), no_capacity (503).", ["model", "priority", "reason"], registry=r)
         self.collect_errors = Counter(
             "llmops_metrics_collect_errors", "Failed background reads of a metric family.",
             ["family"], registry=r)
@@ -273,6 +283,17 @@ class GatewayMetrics:
                                  / (event.completion_tokens - 1))
         if admitted:
             self._in_flight[model].dec()
+
+    # Flow control's FlowObserver: on the request path too.
+
+    def queued(self, model: str, priority: str, change: int) -> None:
+        self.flow_depth.labels(model, priority).inc(change)
+
+    def waited(self, model: str, priority: str, seconds: float) -> None:
+        self.flow_wait.labels(model, priority).observe(seconds)
+
+    def shed(self, model: str, priority: str, reason: str) -> None:
+        self.flow_shed.labels(model, priority, reason).inc()
 
     # Figures read in the background.
 

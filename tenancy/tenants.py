@@ -87,6 +87,7 @@ class Principal:
     tenant_guardrails: GuardrailsPolicy | None = None
     key_guardrails: GuardrailsPolicy | None = None
     delegated: bool = False  # an admin caller (one of our workers) acts for this key
+    weight: int = 1  # the tenant's fair share of busy replicas
 
     @property
     def is_admin(self) -> bool:
@@ -106,9 +107,10 @@ class Tenancy:
 
     async def create_tenant(self, name: str, *, limits: Limits = Limits(),
                             metadata: dict[str, Any] | None = None,
-                            guardrails: dict[str, Any] | None = None) -> Tenant:
+                            guardrails: dict[str, Any] | None = None,
+                            weight: int = 1) -> Tenant:
         tenant = Tenant(id=_new_id("ten"), name=name, metadata_=metadata or {},
-                        guardrails=guardrails)
+                        guardrails=guardrails, weight=weight)
         _apply_limits(tenant, limits)
         async with self.db.session() as session:
             session.add(tenant)
@@ -239,7 +241,8 @@ def _usable(key: ApiKey, tenant: Tenant) -> Principal | None:
     return Principal(key.id, tenant.id, key.role,
                      tuple(key.models) if key.models is not None else None,
                      Limits.of(key), Limits.of(tenant), key.expires_at,
-                     _policy(tenant.guardrails), _policy(key.guardrails))
+                     _policy(tenant.guardrails), _policy(key.guardrails),
+                     weight=tenant.weight)
 
 
 def _apply_limits(row: Tenant | ApiKey, limits: Limits) -> None:

@@ -38,6 +38,7 @@ Period = Literal["day", "month"]
 # What the store's columns hold: a 32-bit INTEGER (PostgreSQL) and NUMERIC(20, 10).
 _INT_MAX = 2**31 - 1
 _MONEY_MAX = 1e9
+_WEIGHT_MAX = 1000
 _METADATA_MAX_BYTES = 16 * 1024
 
 
@@ -73,6 +74,8 @@ class DriftReferenceIn(Wire):
         "next requests form a new one (for example right after a deploy).")
 
 
+_WEIGHT = ("The tenant's share of a model's replicas while requests queue for them, relative to "
+           "the other waiting tenants' weights.")
 _GUARDRAILS = ("Guardrail policy; unset fields are inherited (the key's from its tenant's, "
                "the tenant's from the server's). PATCH replaces the whole policy; null clears "
                "it.")
@@ -81,6 +84,7 @@ _GUARDRAILS = ("Guardrail policy; unset fields are inherited (the key's from its
 class TenantIn(LimitsIn):
     name: str = Field(min_length=1, max_length=128)
     metadata: Metadata = Field(default_factory=dict)
+    weight: int = Field(1, ge=1, le=_WEIGHT_MAX, description=_WEIGHT)
     guardrails: GuardrailsPolicy | None = Field(None, description=_GUARDRAILS)
 
 
@@ -92,6 +96,7 @@ class TenantPatch(Wire):
     budget_period: Period | None = None
     metadata: Metadata | None = None
     guardrails: GuardrailsPolicy | None = Field(None, description=_GUARDRAILS)
+    weight: int | None = Field(None, ge=1, le=_WEIGHT_MAX, description=_WEIGHT)
 
 
 class KeyIn(LimitsIn):
@@ -131,8 +136,8 @@ def _tenant_out(t: Tenant) -> dict[str, Any]:
     return {"id": t.id, "object": "tenant", "name": t.name, "rpm_limit": t.rpm_limit,
             "tpm_limit": t.tpm_limit, "budget_period": t.budget_period,
             "budget_usd": float(t.budget_usd) if t.budget_usd is not None else None,
-            "metadata": t.metadata_, "guardrails": t.guardrails, "created_at": t.created_at,
-            "disabled_at": t.disabled_at}
+            "metadata": t.metadata_, "guardrails": t.guardrails, "weight": t.weight,
+            "created_at": t.created_at, "disabled_at": t.disabled_at}
 
 
 def _key_out(k: ApiKey) -> dict[str, Any]:
@@ -152,6 +157,8 @@ def _patch(model: BaseModel) -> dict[str, Any]:
         fields["budget_usd"] = Decimal(str(fields["budget_usd"]))
     if "guardrails" in fields:
         fields["guardrails"] = _stored(getattr(model, "guardrails", None))
+    if "weight" in fields and fields["weight"] is None:
+        fields["weight"] = 1  # null: back to the default share
     return fields
 
 
@@ -176,7 +183,7 @@ def admin_router(db: Database, tenants: Tenancy, auth: Authenticator, prices: Pr
     async def create_tenant(body: TenantIn) -> dict[str, Any]:
         return _tenant_out(await call(tenants.create_tenant(
             body.name, limits=body.limits(), metadata=body.metadata,
-            guardrails=_stored(body.guardrails))))
+            guardrails=_stored(body.guardrails), weight=body.weight)))
 
     @router.get("/tenants")
     async def list_tenants() -> dict[str, Any]:

@@ -19,6 +19,7 @@ from llmops.catalog import CatalogEntry
 from llmops.settings import PoolConfig
 from tenancy import Principal
 from tenancy.limits import Admission
+from tenancy.priority import Priority
 
 if TYPE_CHECKING:
     from guardrails import OutputFilter
@@ -35,6 +36,7 @@ class RequestContext:
     endpoint: str  # the path served, e.g. /v1/chat/completions
     kind: str  # the model kind the endpoint serves: chat or embedding
     on_close: Callable[[RequestContext, int], None]
+    priority: Priority = Priority.INTERACTIVE  # the class the caller named
     model: str = ""  # as the client named it
     body: bytes = b""
     parsed: OpenAIRequest | None = None  # None once a guardrail blocked it: spans keep nothing

@@ -29,6 +29,7 @@ from gateway.inference.sse import (
     unless_disconnected,
 )
 from gateway.inference.upstream import Upstream
+from gateway.routing.flow import Claim
 from llmops.catalog import Catalog
 from llmops.errors import (
     APIError,
@@ -37,6 +38,7 @@ from llmops.errors import (
     UpstreamError,
     error_body,
 )
+from tenancy.priority import PRIORITY_HEADER, Priority
 from tenancy.visibility import usable_entry
 
 __all__ = ["POOL_HEADER", "Endpoint", "Pipeline", "parse_request"]
@@ -90,8 +92,14 @@ class Pipeline:
 
     async def _serve(self, request: Request, endpoint: Endpoint, ctx: RequestContext,
                      body: bytes | None, translator: AnswerTranslator | None) -> Response:
+        try:
+            ctx.priority = Priority.parse(request.headers.get(PRIORITY_HEADER))
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
         ctx.body = body if body is not None else await read_body(request, self.max_body_bytes)
         ctx.parsed = parsed = parse_request(endpoint.schema, ctx.body)
+        if parsed.model_extra and "priority" in parsed.model_extra:
+            ctx.removed.add("priority")  # vLLM's; the class header sets it, never the body
         ctx.model = parsed.model
         ctx.entry = entry = usable_entry(self.catalog, ctx.who, parsed.model, endpoint.kind,
                                          endpoint.path)
@@ -113,8 +121,9 @@ class Pipeline:
     async def _call(self, ctx: RequestContext, path: str, body: bytes,
                     headers: dict[str, str], translator: AnswerTranslator | None) -> Response:
         assert ctx.entry is not None and ctx.parsed is not None
-        replica, resp = await self.upstream.dispatch(ctx.entry, path, body, headers,
-                                                     ctx.parsed)
+        replica, resp = await self.upstream.dispatch(
+            ctx.entry, path, body, headers, ctx.parsed,
+            Claim(ctx.who.tenant_id, ctx.who.weight, ctx.priority))
         ctx.pool, ctx.device = replica.config, replica.device
         served = {POOL_HEADER: replica.device}
         if ctx.parsed.stream and resp.status == 200:

@@ -13,6 +13,7 @@ from gateway.inference.hooks import RequestObserver
 from gateway.inference.protocol import OpenAIRequest
 from gateway.inference.spans import upstream_span
 from gateway.routing import Replica, Router
+from gateway.routing.flow import Claim, FlowControl
 from gateway.routing.policy import RouteRequest
 from llmops.catalog import CatalogEntry
 from llmops.errors import (
@@ -23,6 +24,7 @@ from llmops.errors import (
 )
 from llmops.settings import RoutingConfig
 from observability import tracing
+from tenancy.priority import Priority
 
 __all__ = ["Upstream"]
 
@@ -38,10 +40,12 @@ class Upstream:
     loop), `close` closes it; health checks and adapter loading share it."""
 
     def __init__(self, routers: dict[str, Router], config: RoutingConfig,
-                 observer: RequestObserver | None = None) -> None:
+                 observer: RequestObserver | None = None,
+                 flows: dict[str, FlowControl] | None = None) -> None:
         self.routers = routers
         self.config = config
         self.observer = observer
+        self.flows = flows or {}  # by model: where requests wait while its replicas are full
         self.timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -62,21 +66,29 @@ class Upstream:
             await self._session.close()
 
     async def dispatch(self, entry: CatalogEntry, path: str, body: bytes,
-                       headers: dict[str, str], request: OpenAIRequest | None = None
-                       ) -> tuple[Replica, aiohttp.ClientResponse]:
+                       headers: dict[str, str], request: OpenAIRequest | None = None,
+                       claim: Claim | None = None) -> tuple[Replica, aiohttp.ClientResponse]:
         """The first replica's response, trying others while replicas fail to connect;
-        `request` (the body, parsed) is what routing may look at."""
+        `request` (the body, parsed) is what routing may look at. A client's request
+        (`claim`: whose it is) waits its turn while every replica is full."""
         router = self.routers[entry.base.name]
+        flow = self.flows.get(entry.base.name) if claim is not None else None
         tried: set[int] = set()
         for _ in range(self.config.max_attempts):
-            replica = router.choose(RouteRequest(entry.adapter, frozenset(tried), request))
-            if replica is None:
-                break
+            route = RouteRequest(entry.adapter, frozenset(tried), request)
+            if flow is not None and claim is not None and not tried:
+                replica = await flow.acquire(route, claim)
+            else:
+                chosen = router.choose(route)
+                if chosen is None:
+                    break
+                replica = chosen
+                replica.acquire()
             if tried and self.observer is not None:
                 self.observer.retried(entry.name)
-            replica.acquire()
+            sent = _prioritized(body, claim, replica)
             try:
-                resp = await self._post(replica, path, body, headers, entry.upstream_name)
+                resp = await self._post(replica, path, sent, headers, entry.upstream_name)
             except _RETRYABLE as exc:
                 replica.release(ok=False)
                 if isinstance(exc, aiohttp.ClientConnectorError):
@@ -162,3 +174,12 @@ class Upstream:
                 if resp.status >= 500:
                     tracing.failed(span, str(resp.status))
             return resp
+
+
+def _prioritized(body: bytes, claim: Claim | None, replica: Replica) -> bytes:
+    """The body with the request's class as vLLM's `priority`, for engines that schedule by
+    it; interactive is vLLM's default (0), so only lower classes change the body."""
+    if (claim is None or claim.priority is Priority.INTERACTIVE or replica.config is None
+            or not replica.config.priority_scheduling):
+        return body
+    return orjson.dumps({**orjson.loads(body), "priority": int(claim.priority)})

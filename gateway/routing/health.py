@@ -100,9 +100,12 @@ class HealthMonitor:
         except (aiohttp.ClientError, TimeoutError):
             ok = False
         if ok:
-            if not replica.healthy:
-                log.info("replica %s is healthy again", replica.url)
+            back = not replica.healthy
             replica.healthy, replica.probe_failures = True, 0
+            if back:
+                log.info("replica %s is healthy again", replica.url)
+                if replica.on_room is not None:
+                    replica.on_room()
         else:
             replica.probe_failures += 1
             if replica.probe_failures >= self.config.failure_threshold and replica.healthy:
@@ -118,6 +121,8 @@ class HealthMonitor:
                 if resp.status != 200:
                     return
                 replica.waiting, replica.kv_cache_usage = parse_vllm_metrics(await resp.text())
+            if replica.on_room is not None and replica.has_capacity:
+                replica.on_room()  # its engine's queue may have shortened
         except (aiohttp.ClientError, TimeoutError, ValueError, IndexError):
             pass  # stale load figures are better than none; health is judged elsewhere
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.routing.circuit import Circuit
@@ -27,6 +28,9 @@ class Replica:
     # Adapters this gateway sent here lately, most recent last: likely in vLLM's LoRA cache.
     recent_adapters: OrderedDict[str, None] = field(default_factory=OrderedDict)
     config: PoolConfig | None = None  # the pool it belongs to (costs and throughput)
+    # Called when it may have room again (a request ended, its engine's queue shortened):
+    # flow control hands the room to a waiting request.
+    on_room: Callable[[], None] | None = None
 
     @property
     def available(self) -> bool:
@@ -53,6 +57,8 @@ class Replica:
             self.circuit.record_success()
         else:
             self.circuit.record_failure()
+        if self.on_room is not None:
+            self.on_room()
 
 
 @dataclass(eq=False)

@@ -196,8 +196,15 @@ def _limits(args: argparse.Namespace) -> Limits:
 
 
 async def cmd_tenants_create(args: argparse.Namespace, db: Database) -> int:
-    t = await Tenancy(db).create_tenant(args.name, limits=_limits(args))
+    t = await Tenancy(db).create_tenant(args.name, limits=_limits(args), weight=args.weight)
     print(f"{t.id}  {t.name}")
+    return 0
+
+
+async def cmd_tenants_weight(args: argparse.Namespace, db: Database) -> int:
+    tenants = Tenancy(db)
+    t = await tenants.update_tenant(await _tenant_id(tenants, args.tenant), weight=args.weight)
+    print(f"{t.id}  {t.name}  weight={t.weight}")
     return 0
 
 
@@ -205,7 +212,7 @@ async def cmd_tenants_list(args: argparse.Namespace, db: Database) -> int:
     for t in await Tenancy(db).list_tenants():
         state = "disabled" if t.disabled_at else "active"
         print(f"{t.id}  {t.name:24} {state:8} rpm={t.rpm_limit} tpm={t.tpm_limit} "
-              f"budget={t.budget_usd}/{t.budget_period}")
+              f"budget={t.budget_usd}/{t.budget_period} weight={t.weight}")
     return 0
 
 
@@ -335,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     gw = sub.add_parser("gateway", help="serve the gateway (settings from LLMOPS_* / YAML)")
     gw.set_defaults(func=cmd_gateway)
 
+    def weight(text: str) -> int:
+        value = int(text)
+        if not 1 <= value <= 1000:
+            raise argparse.ArgumentTypeError("a weight is from 1 to 1000")
+        return value
+
     def limit_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--rpm", type=int, help="requests per minute")
         p.add_argument("--tpm", type=int, help="tokens per minute")
@@ -348,7 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     t_create = tenants.add_parser("create", help="create a tenant")
     t_create.add_argument("name")
     limit_args(t_create)
+    t_create.add_argument("--weight", type=weight, default=1,
+                          help="share of busy replicas against other tenants (default 1)")
     t_create.set_defaults(func=_store(cmd_tenants_create))
+    t_weight = tenants.add_parser("weight", help="set a tenant's share of busy replicas")
+    t_weight.add_argument("tenant", help="tenant id or name")
+    t_weight.add_argument("weight", type=weight)
+    t_weight.set_defaults(func=_store(cmd_tenants_weight))
     tenants.add_parser("list", help="list tenants").set_defaults(
         func=_store(cmd_tenants_list))
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(

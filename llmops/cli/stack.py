@@ -110,9 +110,12 @@ def vllm_service(
         # follow; named tool_choice is enforced by structured output either way. Prefix
         # caching (said, not left to the platform's default) with its hits reported as
         # `usage.prompt_tokens_details.cached_tokens`, which the gateway bills and counts.
+        # Priority scheduling: the gateway sends each request's class as its `priority`
+        # (interactive before batches before background work).
         argv += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
                  "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                 "--enable-prefix-caching", "--enable-prompt-tokens-details"]
+                 "--enable-prefix-caching", "--enable-prompt-tokens-details",
+                 "--scheduling-policy", "priority"]
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return Service(name, [*argv, *extra_args], port, "/health", env)
 
@@ -177,8 +180,8 @@ def local_config(state: Path, port: int, chat_port: int, embedding_port: int,
     """The gateway configuration of the local stack: one CPU pool per model; the store, the
     usage spool, uploaded files and the embedded vector index in the state folder; Redis on
     its default local port."""
-    def pool(port: int) -> list[dict[str, object]]:
-        return [{"device": "cpu", "urls": [f"http://127.0.0.1:{port}"], "priority": 0}]
+    def pool(port: int, **extra: object) -> list[dict[str, object]]:
+        return [{"device": "cpu", "urls": [f"http://127.0.0.1:{port}"], "priority": 0, **extra}]
 
     return {
         "admin_key_file": str(state / "admin_key"),
@@ -189,7 +192,8 @@ def local_config(state: Path, port: int, chat_port: int, embedding_port: int,
         "retrieval": {"path": str(state / "qdrant"), "gateway_url": f"http://127.0.0.1:{port}"},
         "models": [
             {"name": CHAT_MODEL, "kind": "chat", "context_length": 2048,
-             "weights": str(weights["chat"]), "pools": pool(chat_port)},
+             "weights": str(weights["chat"]),
+             "pools": pool(chat_port, priority_scheduling=True)},  # as vllm_service starts it
             {"name": EMBEDDING_MODEL, "kind": "embedding", "context_length": 256,
              "weights": str(weights["embedding"]), "pools": pool(embedding_port)},
         ],

@@ -87,6 +87,8 @@ class Tenant(_Limits, Base):
     # A guardrails policy (guardrails.schema.GuardrailsPolicy as JSON); None: inherited.
     guardrails: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True),
                                                              default=None)
+    # Share of a model's replicas while requests queue for them, relative to other tenants.
+    weight: Mapped[int] = mapped_column(default=1, server_default="1")
 
 
 class ApiKey(_Limits, Base):

@@ -147,6 +147,31 @@ def test_pool_urls_name_each_vllm_replica(rendered: dict[str, list[Manifest]]) -
                 assert len(pool["urls"]) == sets[name]["spec"]["replicas"]
 
 
+def test_chat_engines_schedule_by_priority_and_the_gateway_knows_it(
+        rendered: dict[str, list[Manifest]]) -> None:
+    """Each pool's `priority_scheduling` matches its engines' flag: vLLM refuses a request
+    priority on engines started without it."""
+    docs = rendered["gpu-cluster"]
+    config = yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    sets = {s["metadata"]["name"]: s for s in find(docs, "StatefulSet")}
+    kinds = set()
+    for model in config["models"]:
+        for pool in model["pools"]:
+            name = pool["urls"][0].removeprefix("http://").split(".")[1]
+            args = pod_spec(sets[name])["containers"][0]["args"]
+            flagged = "--scheduling-policy" in args
+            assert pool["priority_scheduling"] is flagged is (model["kind"] == "chat")
+            if flagged:
+                assert args[args.index("--scheduling-policy") + 1] == "priority"
+            kinds.add(model["kind"])
+    assert kinds == {"chat", "embedding"}
+    off = manifests({"vllm": {"priorityScheduling": False}})
+    config = yaml.safe_load(one(off, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    assert not any(p["priority_scheduling"] for m in config["models"] for p in m["pools"])
+    assert not any("--scheduling-policy" in pod_spec(s)["containers"][0].get("args", [])
+                   for s in find(off, "StatefulSet"))
+
+
 def test_gpu_pools_get_gpus_scheduling_and_probes(rendered: dict[str, list[Manifest]]) -> None:
     docs = rendered["gpu-cluster"]
     big = one(docs, "StatefulSet", f"{FULLNAME}-qwen2-5-72b-instruct-gpu")

@@ -14,8 +14,11 @@ from llmops.cli.stack import (
     eval_worker_service,
     free_port,
     ingest_worker_service,
+    local_config,
+    vllm_service,
     worker_service,
 )
+from llmops.settings import Settings
 
 
 def http_server(port: int) -> Service:
@@ -66,3 +69,16 @@ def test_each_worker_gets_a_metrics_port_of_its_own(tmp_path: Path) -> None:
     assert len({s.name for s in services}) == 4  # each has its own pid file and log
     assert all(s.env["LLMOPS_CONFIG"] == str(config) for s in services)
     assert "LLMOPS_METRICS__WORKER_PORT" not in worker_service(config).env  # off
+
+
+def test_chat_engines_schedule_by_priority_and_the_gateway_knows_it(tmp_path: Path) -> None:
+    """vLLM refuses a request priority on an engine started without priority scheduling: the
+    local stack's config says which engines have it."""
+    chat = vllm_service("chat", tmp_path, "chat", 1)
+    embedding = vllm_service("embedding", tmp_path, "embedding", 2, embedding=True)
+    assert chat.argv[chat.argv.index("--scheduling-policy") + 1] == "priority"
+    assert "--scheduling-policy" not in embedding.argv
+    config = Settings.model_validate(local_config(
+        tmp_path, 8000, 1, 2, {"chat": tmp_path, "embedding": tmp_path}))
+    assert {m.kind: m.pools[0].priority_scheduling for m in config.models} == {
+        "chat": True, "embedding": False}

@@ -38,6 +38,10 @@ async def test_key_lifecycle(db: Database) -> None:
     assert who.may_use("chat-small") and not who.may_use("embed")
     assert await tenants.principal(plain + "x") is None
 
+    assert who.weight == 1  # the default share
+    await tenants.update_tenant(team.id, weight=4)
+    assert (await tenants.principal(plain)).weight == 4  # type: ignore[union-attr]
+
     await tenants.revoke_key(key.id)
     assert await tenants.principal(plain) is None
 

@@ -140,6 +140,8 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- $pools := list -}}
 {{- range $p := $m.pools -}}
 {{- $pool := dict "device" $p.device "priority" (int (default 0 $p.priority)) "urls" (include "llmops.poolURLs" (dict "ctx" $ "model" $m "pool" $p) | fromJsonArray) -}}
+{{- /* as templates/vllm.yaml starts the engines */ -}}
+{{- $_ := set $pool "priority_scheduling" (and $.Values.vllm.priorityScheduling (eq $m.kind "chat")) -}}
 {{- $pool = merge $pool (default dict $p.routing) -}}
 {{- $pools = append $pools $pool -}}
 {{- end -}}
