@@ -36,6 +36,7 @@ from bench.proxy_load import (
     BODY,
     STREAM_BODY,
     chat_body,
+    cpu_seconds,
     gateway,
     latencies,
     ledger_writer,
@@ -53,8 +54,11 @@ LONG = orjson.dumps(LONG_BODY)
 LONG_STREAM = orjson.dumps({**LONG_BODY, "stream": True})
 
 
-async def measure(direct: str, gateways: dict[str, str], args: argparse.Namespace) -> None:
-    """`gateways`: each gateway's URL by label; all are measured in every round."""
+async def measure(direct: str, gateways: dict[str, str], args: argparse.Namespace,
+                  pgids: dict[str, int]) -> None:
+    """`gateways`: each gateway's URL by label; all are measured in every round. `pgids`: each
+    gateway's process group, whose CPU time per request is measured too (what load on the
+    machine cannot inflate)."""
     rows: dict[str, list[float]] = defaultdict(list)
     body, stream = (LONG, LONG_STREAM) if args.routing else (BODY, STREAM_BODY)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
@@ -67,7 +71,9 @@ async def measure(direct: str, gateways: dict[str, str], args: argparse.Namespac
             rows["direct_p99"].append(pct(d, 0.99))
             rows["ttfb_direct"].append(pct(ds, 0.5))
             for label, url in gateways.items():
+                cpu = cpu_seconds(pgids[label])
                 p = await latencies(s, url, body, args.requests)
+                rows[f"{label} cpu"].append((cpu_seconds(pgids[label]) - cpu) / args.requests)
                 ps = await latencies(s, url, stream, args.requests // 10, first_byte=True)
                 rows[f"{label} p50"].append(pct(p, 0.5) - pct(d, 0.5))
                 rows[f"{label} p99"].append(pct(p, 0.99) - pct(d, 0.99))
@@ -78,7 +84,8 @@ async def measure(direct: str, gateways: dict[str, str], args: argparse.Namespac
           f"{med['direct_p99']:.3f} ms   stream first byte {med['ttfb_direct']:.3f} ms")
     for label in gateways:
         print(f"  added by {label:15} p50 {med[f'{label} p50']:.3f} ms   p99 "
-              f"{med[f'{label} p99']:.3f} ms   stream first byte {med[f'{label} ttfb']:.3f} ms")
+              f"{med[f'{label} p99']:.3f} ms   stream first byte {med[f'{label} ttfb']:.3f} ms"
+              f"   CPU {med[f'{label} cpu']:.3f} ms/request")
     for label, url in gateways.items():
         for c in (1, 16, 64):
             print(f"  requests/s through {label} at {c:>2} connections: "
@@ -116,16 +123,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         procs = [start(upstream, "1")]
         urls = {}
+        pgids: dict[str, int] = {}
         for label, (source, routing, upstreams) in sources.items():
             gw = gateway(Path(tmp), upstreams, free_port(), routing=routing,
                          writer_in_process=args.writer == "in-process", source=source)
             procs.append(start(gw, "0", cwd=source))
+            pgids[label] = procs[-1].pid
             if args.writer == "separate":
                 procs.append(ledger_writer(gw, "1", cwd=source))
             urls[label] = f"http://127.0.0.1:{gw.port}/v1/chat/completions"
         print(f"ledger writer: {args.writer}")
         try:
-            asyncio.run(measure(f"http://127.0.0.1:{up_port}/v1/chat/completions", urls, args))
+            asyncio.run(measure(f"http://127.0.0.1:{up_port}/v1/chat/completions", urls, args,
+                                pgids))
         finally:
             for proc in procs:
                 stop_process_group(proc.pid, grace_s=5)

@@ -9,8 +9,8 @@ engines' own KV-cache events) can stand in for `PrefixIndex` behind the prefix s
 
 from __future__ import annotations
 
-import hashlib
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -48,15 +48,19 @@ def prefix_blocks(request: OpenAIRequest | None, block_chars: int) -> tuple[int,
     """The hash chain of the rendered prompt's whole blocks of `block_chars` bytes: each hash
     covers its block and every block before it, so two prompts share a leading hash exactly
     when they share that prefix. A trailing part block is left out (engines cache whole
-    blocks only)."""
+    blocks only).
+
+    The hash is CRC-32 and Adler-32 of the prefix side by side (64 bits), both carried on
+    from block to block in C: a few microseconds a prompt. Not a cryptographic hash: a
+    crafted collision could only misdirect the crafter's own requests."""
     text = rendered(request)
-    count = min(len(text) // block_chars, _MAX_BLOCKS)
-    running = hashlib.blake2b(digest_size=8)
+    end = min(len(text) // block_chars, _MAX_BLOCKS) * block_chars
+    crc = adler = 1
     chain = []
-    view = memoryview(text)
-    for i in range(count):
-        running.update(view[i * block_chars:(i + 1) * block_chars])
-        chain.append(int.from_bytes(running.copy().digest(), "little"))
+    for start in range(0, end, block_chars):
+        block = text[start:start + block_chars]
+        crc, adler = zlib.crc32(block, crc), zlib.adler32(block, adler)
+        chain.append(crc << 32 | adler)
     return tuple(chain)
 
 
@@ -99,19 +103,31 @@ class PrefixIndex:
             entries.popitem(last=False)
 
     def matched(self, blocks: Sequence[int]) -> dict[str, int]:
-        """Leading blocks held, by replica URL; replicas holding none are left out."""
+        """Leading blocks held, by replica URL; replicas holding none are left out.
+
+        What a replica holds is a run from the first block: every prompt sent with a block
+        had all blocks before it, recorded at the same moment and refreshed later than it in
+        the LRU order. So its length is found by bisection, in a few lookups."""
+        if not blocks:
+            return {}
+        entries = self._blocks
         horizon = self.clock() - self.ttl_s
+        first = entries.get(blocks[0])
+        if first is None:
+            return {}
         held: dict[str, int] = {}
-        for i, block in enumerate(blocks):
-            holders = self._blocks.get(block)
-            if holders is None:
-                break
-            live = [r for r, when in holders.items()
-                    if when > horizon and (i == 0 or held.get(r) == i)]
-            if not live:
-                break
-            for replica in live:
-                held[replica] = i + 1
+        for replica, when in first.items():
+            if when <= horizon:
+                continue
+            low, high = 1, len(blocks)  # it holds `low` blocks, at most `high`
+            while low < high:
+                mid = (low + high + 1) // 2
+                holders = entries.get(blocks[mid - 1])
+                if holders is not None and holders.get(replica, horizon) > horizon:
+                    low = mid
+                else:
+                    high = mid - 1
+            held[replica] = low
         return held
 
 
