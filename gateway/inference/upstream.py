@@ -15,6 +15,7 @@ from gateway.inference.spans import upstream_span
 from gateway.routing import Replica, Router
 from gateway.routing.flow import Claim, FlowControl
 from gateway.routing.policy import RouteRequest
+from gateway.routing.prefix import prefix_blocks
 from llmops.catalog import CatalogEntry
 from llmops.errors import (
     ModelNotFoundError,
@@ -67,28 +68,33 @@ class Upstream:
 
     async def dispatch(self, entry: CatalogEntry, path: str, body: bytes,
                        headers: dict[str, str], request: OpenAIRequest | None = None,
-                       claim: Claim | None = None) -> tuple[Replica, aiohttp.ClientResponse]:
+                       claim: Claim | None = None, session: str | None = None
+                       ) -> tuple[Replica, aiohttp.ClientResponse]:
         """The first replica's response, trying others while replicas fail to connect;
-        `request` (the body, parsed) is what routing may look at. A client's request
-        (`claim`: whose it is) waits its turn while every replica is full."""
+        `request` (the body, parsed) and its `session` key are what routing may look at. A
+        client's request (`claim`: whose it is) waits its turn while every replica is full."""
         router = self.routers[entry.base.name]
         flow = self.flows.get(entry.base.name) if claim is not None else None
+        blocks = (prefix_blocks(request, self.config.prefix_block_chars)
+                  if router.prefixes is not None else ())
         tried: set[int] = set()
         for _ in range(self.config.max_attempts):
-            route = RouteRequest(entry.adapter, frozenset(tried), request)
+            route = RouteRequest(entry.adapter, frozenset(tried), request, session, blocks)
             if flow is not None and claim is not None and not tried:
-                replica = await flow.acquire(route, claim)
+                decision = await flow.acquire(route, claim)
             else:
-                chosen = router.choose(route)
+                chosen = router.decide(route)
                 if chosen is None:
                     break
-                replica = chosen
-                replica.acquire()
+                decision = chosen
+                decision.replica.acquire()
+            replica = decision.replica
             if tried and self.observer is not None:
                 self.observer.retried(entry.name)
             sent = _prioritized(body, claim, replica)
             try:
-                resp = await self._post(replica, path, sent, headers, entry.upstream_name)
+                resp = await self._post(replica, path, sent, headers, entry.upstream_name,
+                                        decision.reason)
             except _RETRYABLE as exc:
                 replica.release(ok=False)
                 if isinstance(exc, aiohttp.ClientConnectorError):
@@ -104,7 +110,7 @@ class Upstream:
                 replica.release(ok=True)  # cancelled by the client, not the replica's fault
                 raise
             if self.observer is not None and replica.config is not None:
-                self.observer.dispatched(entry.name, replica.config)
+                self.observer.dispatched(entry.name, replica.config, decision.reason)
             return replica, resp
         raise NoHealthyBackendError(
             f"No healthy backend is available for model `{entry.name}`. Try again later."
@@ -162,9 +168,9 @@ class Upstream:
         return int(counted["count"]), int(counted["max_model_len"])
 
     async def _post(self, replica: Replica, path: str, body: bytes, headers: dict[str, str],
-                    model: str) -> aiohttp.ClientResponse:
+                    model: str, reason: str) -> aiohttp.ClientResponse:
         """One attempt at calling a replica: a CLIENT span, whose context vLLM receives."""
-        with upstream_span(replica, path, model) as span:
+        with upstream_span(replica, path, model, reason) as span:
             if span is not None:
                 headers = tracing.inject({**headers})
             resp = await self.session.post(replica.url + path, data=body, headers=headers,

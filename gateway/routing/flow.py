@@ -21,8 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from gateway.routing.policy import Router, RouteRequest
-from gateway.routing.replica import Replica
+from gateway.routing.policy import Decision, Router, RouteRequest
 from llmops.errors import NoHealthyBackendError, RateLimitError
 from llmops.settings import FlowConfig
 from tenancy.priority import Priority
@@ -136,7 +135,7 @@ class FairQueue(Generic[_T]):
 class _Waiter:
     route: RouteRequest
     claim: Claim
-    future: asyncio.Future[Replica]
+    future: asyncio.Future[Decision]
     since: float
     timer: asyncio.TimerHandle | None = None
 
@@ -164,15 +163,15 @@ class FlowControl:
         for replica in router.replicas:
             replica.on_room = self.kick
 
-    async def acquire(self, route: RouteRequest, claim: Claim) -> Replica:
+    async def acquire(self, route: RouteRequest, claim: Claim) -> Decision:
         """A replica for the request, acquired: at once while one has room and nobody waits,
         else once its turn comes."""
-        replica = self.router.choose(route)
-        if replica is None:
+        decision = self.router.decide(route)
+        if decision is None:
             raise self._shed(claim, "no_capacity")
-        if replica.has_capacity and not len(self.queue):
-            replica.acquire()
-            return replica
+        if decision.replica.has_capacity and not len(self.queue):
+            decision.replica.acquire()
+            return decision
         loop = asyncio.get_running_loop()
         waiter = _Waiter(route, claim, loop.create_future(), self.clock())
         if not self.queue.push(claim.tenant, claim.weight, claim.priority, waiter):
@@ -189,7 +188,7 @@ class FlowControl:
         except asyncio.CancelledError:  # the client left
             future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None:
-                future.result().release(ok=True)  # handed over as it left: pass it on
+                future.result().replica.release(ok=True)  # handed over as it left: pass it on
             elif self.queue.discard(claim.tenant, waiter):
                 self._left(waiter)
             raise
@@ -202,16 +201,16 @@ class FlowControl:
                     self.queue.discard(tenant, waiter)
                     self._left(waiter)
                     break
-                replica = self.router.choose(waiter.route)
-                if replica is not None and not replica.has_capacity:
+                decision = self.router.decide(waiter.route)
+                if decision is not None and not decision.replica.has_capacity:
                     continue  # its replicas are full; another's may not be
                 self.queue.take(tenant, waiter)
                 self._left(waiter)
-                if replica is None:  # nothing can serve it any more
+                if decision is None:  # nothing can serve it any more
                     waiter.future.set_exception(_Gone())
                 else:
-                    replica.acquire()
-                    waiter.future.set_result(replica)
+                    decision.replica.acquire()
+                    waiter.future.set_result(decision)
                 break
             else:
                 return

@@ -121,12 +121,12 @@ async def queued(flow: FlowControl, n: int) -> None:
 
 async def test_room_goes_to_a_request_at_once_and_is_handed_over_on_release() -> None:
     flow, (r,), observer = gate()
-    assert await flow.acquire(ANY, Claim("a")) is r and r.outstanding == 1
+    assert (await flow.acquire(ANY, Claim("a"))).replica is r and r.outstanding == 1
     waiting = asyncio.create_task(flow.acquire(ANY, Claim("a")))
     await queued(flow, 1)
     assert not waiting.done() and observer.depth["chat", "interactive"] == 1
     r.release(ok=True)
-    assert await waiting is r and r.outstanding == 1  # acquired for it, not taken by another
+    assert (await waiting).replica is r and r.outstanding == 1  # acquired for it, not taken
     assert observer.depth["chat", "interactive"] == 0 and observer.waits == 1
 
 
@@ -136,9 +136,9 @@ async def test_released_room_is_shared_by_weight() -> None:
     served: list[str] = []
 
     async def one(tenant: str, weight: int) -> None:
-        replica = await flow.acquire(ANY, Claim(tenant, weight))
+        decision = await flow.acquire(ANY, Claim(tenant, weight))
         served.append(tenant)
-        replica.release(ok=True)
+        decision.replica.release(ok=True)
 
     # a floods first; b, three times a's weight, comes after.
     tasks = [asyncio.create_task(one("a", 1)) for _ in range(12)]
@@ -190,7 +190,7 @@ async def test_a_client_that_leaves_while_queued_leaves_the_queue() -> None:
     await asyncio.gather(leaving, return_exceptions=True)
     assert len(flow.queue) == 1 and observer.depth["chat", "interactive"] == 1
     r.release(ok=True)
-    assert await staying is r and r.outstanding == 1
+    assert (await staying).replica is r and r.outstanding == 1
 
 
 async def test_room_skips_a_request_cancelled_before_it_could_leave() -> None:
@@ -201,7 +201,7 @@ async def test_room_skips_a_request_cancelled_before_it_could_leave() -> None:
     await queued(flow, 2)
     leaving.cancel()
     r.release(ok=True)  # before `leaving` ran again: its turn goes to the next in line
-    assert await staying is r
+    assert (await staying).replica is r
     await asyncio.gather(leaving, return_exceptions=True)
     assert len(flow.queue) == 0 and r.outstanding == 1
     assert observer.depth["chat", "interactive"] == 0
@@ -234,9 +234,9 @@ async def test_no_replica_at_all_is_503_and_queued_requests_learn_it() -> None:
 
 async def test_any_replica_with_room_serves_the_queue() -> None:
     flow, replicas, _ = gate(replicas=2)
-    first = [await flow.acquire(ANY, Claim("a")) for _ in range(2)]
+    first = [(await flow.acquire(ANY, Claim("a"))).replica for _ in range(2)]
     assert set(map(id, first)) == set(map(id, replicas))
     waiting = asyncio.create_task(flow.acquire(ANY, Claim("a")))
     await queued(flow, 1)
     replicas[1].release(ok=True)
-    assert await waiting is replicas[1]
+    assert (await waiting).replica is replicas[1]
