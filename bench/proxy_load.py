@@ -59,13 +59,16 @@ def start(service: Service, core: str | None, timeout_s: float = 30.0,
 
 def gateway(tmp: Path, upstream: str, port: int, *, model: str = "fake",
             writer_in_process: bool = False, pool: dict[str, object] | None = None,
-            source: Path | None = None) -> Service:
-    """The llmops gateway in front of `upstream` with auth (the bootstrap admin key `KEY`),
-    limits (the local Redis) and the ledger (a SQLite store, spooled) on."""
+            source: Path | None = None, routing: dict[str, object] | None = None) -> Service:
+    """The llmops gateway in front of `upstream` (one URL, or several: one replica each)
+    with auth (the bootstrap admin key `KEY`), limits (the local Redis) and the ledger (a
+    SQLite store, spooled) on."""
     config = tmp / f"gateway-{port}.yaml"
+    urls = upstream.split(",")
     config.write_text(yaml.safe_dump({
         "models": [{"name": model, "kind": "chat", "pools": [
-            {"device": "cpu", "urls": [upstream], **(pool or {})}]}],
+            {"device": "cpu", "urls": urls, **(pool or {})}]}],
+        **({"routing": routing} if routing else {}),
         "admin_key": KEY, "port": port, "log_level": "warning",
         "database_url": f"sqlite:///{tmp}/bench.db", "redis_prefix": f"bench-{port}",
         "ledger": {"spool_path": f"{tmp}/spool", "writer": writer_in_process}}))

@@ -58,7 +58,7 @@ from gateway.inference.spans import TracingMiddleware
 from gateway.inference.upstream import Upstream
 from gateway.responses.protocol import ResponsesRequest
 from gateway.responses.service import RESPONSES, ResponsesService
-from gateway.routing import Pool, Router, build_affinity, build_scorers
+from gateway.routing import Pool, Router, build_affinity, build_prefixes, build_scorers
 from gateway.routing.adapters import AdapterLoader
 from gateway.routing.health import HealthMonitor
 from gateway.tasks import enqueue
@@ -146,7 +146,8 @@ def build(settings: Settings) -> Services:
     catalog = Catalog(settings.models)
     scorers = build_scorers(settings.routing)
     routers = {m.name: Router([Pool.from_config(p, settings.routing) for p in m.pools],
-                              scorers, affinity=build_affinity(settings.routing))
+                              scorers, affinity=build_affinity(settings.routing),
+                              prefixes=build_prefixes(settings.routing))
                for m in settings.models}
     tenants = Tenancy(db)
     limiter = Limiter(redis, db, settings.redis_prefix, settings.limits)

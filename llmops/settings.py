@@ -123,6 +123,26 @@ class RoutingConfig(_Strict):
     affinity_slack: int = Field(
         4, ge=0, description="Outstanding requests a replica holding the adapter may have beyond "
         "the least busy replica and still be preferred.")
+    weight_prefix: float = Field(
+        2.0, ge=0, description="Scorer weight: the share of the prompt's prefix a replica likely "
+        "holds in its KV cache. 0: off.")
+    weight_session: float = Field(
+        2.0, ge=0, description="Scorer weight: the home replica of the request's session "
+        "(`prompt_cache_key` or the x-session-id header). 0: off.")
+    prefix_block_chars: int = Field(
+        256, ge=16, description="Characters of the prompt per hashed prefix block.")
+    prefix_index_blocks: int = Field(
+        50_000, ge=1, description="Prefix blocks remembered per model (least recently used go).")
+    prefix_ttl_s: float = Field(
+        600.0, gt=0, description="How long a replica is assumed to keep a prefix it served in "
+        "its KV cache.")
+    load_factor: float = Field(
+        1.25, ge=1.0, description="Bounded loads: a session's or prefix's home replica is "
+        "passed over while its load exceeds this many times the average.")
+    load_floor: int = Field(
+        4, ge=0, description="Requests a session's or prefix's home may have in flight (with "
+        "vLLM's queue) and still be its home whatever the average: engines batch a few "
+        "requests at little cost, while moving a conversation loses its cache.")
 
 
 class LimitsConfig(_Strict):

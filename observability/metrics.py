@@ -185,6 +185,10 @@ class GatewayMetrics:
         self.retries = Counter(
             "llmops_upstream_retries", "Requests sent to another replica after one failed.",
             ["model"], registry=r)
+        self.routing = Counter(
+            "llmops_routing_decisions", "Requests sent to a replica, by why routing chose it "
+            "(prefix, session, load, adapter, fallback).", ["model", "pool", "reason"],
+            registry=r)
         self.fallbacks = Counter(
             "llmops_fallbacks", "Requests served by a lower-priority pool than the model's "
             "best one.", ["model", "from_device", "to_device"], registry=r)
@@ -219,8 +223,10 @@ class GatewayMetrics:
     def retried(self, model: str) -> None:
         self.retries.labels(model).inc()
 
-    def dispatched(self, model: str, pool: PoolConfig) -> None:
+    def dispatched(self, model: str, pool: PoolConfig, reason: str) -> None:
         labels = self._pools.get(id(pool))
+        self.routing.labels(model, labels.name if labels is not None else pool.device,
+                            reason).inc()
         if labels is not None and labels.fallback_from is not None:
             self.fallbacks.labels(model, labels.fallback_from, pool.device).inc()
 

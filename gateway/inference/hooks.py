@@ -110,7 +110,8 @@ class RequestObserver(Protocol):
 
     def retried(self, model: str) -> None: ...
 
-    def dispatched(self, model: str, pool: PoolConfig) -> None: ...
+    def dispatched(self, model: str, pool: PoolConfig, reason: str) -> None:
+        """Sent to a replica of `pool`; `reason`: why routing chose it (one of REASONS)."""
 
     def finished(self, event: UsageEvent, model: str | None, pool: PoolConfig | None,
                  admitted: bool) -> None: ...

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,11 +39,14 @@ from llmops.errors import (
 )
 from tenancy.visibility import usable_entry
 
-__all__ = ["POOL_HEADER", "Endpoint", "Pipeline", "parse_request"]
+__all__ = ["POOL_HEADER", "REPLICA_HEADER", "SESSION_HEADER", "Endpoint", "Pipeline",
+           "parse_request", "session_key"]
 
 log = logging.getLogger(__name__)
 
 POOL_HEADER = "x-llmops-pool"
+REPLICA_HEADER = "x-llmops-replica"  # the serving replica's place in its pool's URL list
+SESSION_HEADER = "x-session-id"
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -102,7 +105,7 @@ class Pipeline:
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         response = await unless_disconnected(
             request, self._call(ctx, endpoint.engine_path, ctx.upstream_body(), headers,
-                                translator))
+                                translator, session_key(parsed, request.headers)))
         if response is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         for started in ctx.before_answer:  # started while the model worked: long done
@@ -111,12 +114,13 @@ class Pipeline:
         return response
 
     async def _call(self, ctx: RequestContext, path: str, body: bytes,
-                    headers: dict[str, str], translator: AnswerTranslator | None) -> Response:
+                    headers: dict[str, str], translator: AnswerTranslator | None,
+                    session: str | None) -> Response:
         assert ctx.entry is not None and ctx.parsed is not None
         replica, resp = await self.upstream.dispatch(ctx.entry, path, body, headers,
-                                                     ctx.parsed)
+                                                     ctx.parsed, session)
         ctx.pool, ctx.device = replica.config, replica.device
-        served = {POOL_HEADER: replica.device}
+        served = {POOL_HEADER: replica.device, REPLICA_HEADER: str(replica.index)}
         if ctx.parsed.stream and resp.status == 200:
             relay = SseRelay(ctx, self.hooks, translator)
             return RelayResponse(resp, replica, {**SSE_HEADERS, **served}, relay)
@@ -153,6 +157,13 @@ def _own_answer(ctx: RequestContext, answer: dict[str, Any],
         body = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) \
             + b"data: [DONE]\n\n"
     return Response(body, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def session_key(parsed: OpenAIRequest, headers: Mapping[str, str]) -> str | None:
+    """What keeps a conversation on one replica: OpenAI's `prompt_cache_key`, else the
+    x-session-id header."""
+    key = (parsed.model_extra or {}).get("prompt_cache_key")
+    return key if isinstance(key, str) and key else headers.get(SESSION_HEADER) or None
 
 
 def parse_request(schema: type[_M], body: bytes) -> _M:

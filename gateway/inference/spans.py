@@ -172,9 +172,11 @@ def _scrub(text: str) -> str:
     return redact(text, scan(text))
 
 
-def upstream_span(replica: Replica, path: str, model: str) -> AbstractContextManager[Span | None]:
+def upstream_span(replica: Replica, path: str, model: str, reason: str
+                  ) -> AbstractContextManager[Span | None]:
     """A CLIENT span for one attempt at calling a replica, from the request until its response
-    headers (a retry on another replica is a sibling span); a no-op while tracing is off."""
+    headers (a retry on another replica is a sibling span), with why routing chose it; a no-op
+    while tracing is off."""
     if not tracing.enabled():
         return _OFF
     url = urlsplit(replica.url)
@@ -182,4 +184,4 @@ def upstream_span(replica: Replica, path: str, model: str) -> AbstractContextMan
         "http.request.method": "POST", "url.full": replica.url + path,
         "server.address": url.hostname or "", "server.port": url.port or 80,
         "gen_ai.provider.name": PROVIDER, "gen_ai.request.model": model,
-        "llmops.device": replica.device})
+        "llmops.device": replica.device, "llmops.routing.reason": reason})

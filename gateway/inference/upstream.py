@@ -14,6 +14,7 @@ from gateway.inference.protocol import OpenAIRequest
 from gateway.inference.spans import upstream_span
 from gateway.routing import Replica, Router
 from gateway.routing.policy import RouteRequest
+from gateway.routing.prefix import prefix_blocks
 from llmops.catalog import CatalogEntry
 from llmops.errors import (
     ModelNotFoundError,
@@ -62,21 +63,26 @@ class Upstream:
             await self._session.close()
 
     async def dispatch(self, entry: CatalogEntry, path: str, body: bytes,
-                       headers: dict[str, str], request: OpenAIRequest | None = None
-                       ) -> tuple[Replica, aiohttp.ClientResponse]:
+                       headers: dict[str, str], request: OpenAIRequest | None = None,
+                       session: str | None = None) -> tuple[Replica, aiohttp.ClientResponse]:
         """The first replica's response, trying others while replicas fail to connect;
-        `request` (the body, parsed) is what routing may look at."""
+        `request` (the body, parsed) and its `session` key are what routing may look at."""
         router = self.routers[entry.base.name]
+        blocks = (prefix_blocks(request, self.config.prefix_block_chars)
+                  if router.prefixes is not None else ())
         tried: set[int] = set()
         for _ in range(self.config.max_attempts):
-            replica = router.choose(RouteRequest(entry.adapter, frozenset(tried), request))
-            if replica is None:
+            decision = router.decide(RouteRequest(entry.adapter, frozenset(tried), request,
+                                                  session, blocks))
+            if decision is None:
                 break
+            replica = decision.replica
             if tried and self.observer is not None:
                 self.observer.retried(entry.name)
             replica.acquire()
             try:
-                resp = await self._post(replica, path, body, headers, entry.upstream_name)
+                resp = await self._post(replica, path, body, headers, entry.upstream_name,
+                                        decision.reason)
             except _RETRYABLE as exc:
                 replica.release(ok=False)
                 if isinstance(exc, aiohttp.ClientConnectorError):
@@ -92,7 +98,7 @@ class Upstream:
                 replica.release(ok=True)  # cancelled by the client, not the replica's fault
                 raise
             if self.observer is not None and replica.config is not None:
-                self.observer.dispatched(entry.name, replica.config)
+                self.observer.dispatched(entry.name, replica.config, decision.reason)
             return replica, resp
         raise NoHealthyBackendError(
             f"No healthy backend is available for model `{entry.name}`. Try again later."
@@ -150,9 +156,9 @@ class Upstream:
         return int(counted["count"]), int(counted["max_model_len"])
 
     async def _post(self, replica: Replica, path: str, body: bytes, headers: dict[str, str],
-                    model: str) -> aiohttp.ClientResponse:
+                    model: str, reason: str) -> aiohttp.ClientResponse:
         """One attempt at calling a replica: a CLIENT span, whose context vLLM receives."""
-        with upstream_span(replica, path, model) as span:
+        with upstream_span(replica, path, model, reason) as span:
             if span is not None:
                 headers = tracing.inject({**headers})
             resp = await self.session.post(replica.url + path, data=body, headers=headers,

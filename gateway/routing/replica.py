@@ -27,6 +27,7 @@ class Replica:
     # Adapters this gateway sent here lately, most recent last: likely in vLLM's LoRA cache.
     recent_adapters: OrderedDict[str, None] = field(default_factory=OrderedDict)
     config: PoolConfig | None = None  # the pool it belongs to (costs and throughput)
+    index: int = 0  # its place among the pool's URLs: what clients may be shown of it
 
     @property
     def available(self) -> bool:
@@ -74,7 +75,8 @@ class Pool:
                     max_waiting=config.max_waiting,
                     circuit=Circuit(routing.failure_threshold, routing.cooldown_s),
                     config=config,
+                    index=index,
                 )
-                for url in config.urls
+                for index, url in enumerate(config.urls)
             ],
         )

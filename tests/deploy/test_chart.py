@@ -117,6 +117,7 @@ def test_gateway_accepts_the_config_it_is_given(
     assert settings.embedding_model() is not None
     if values is GPU_CLUSTER:
         assert settings.routing.cooldown_s == 5 and settings.drift.sample_rate == 0.1
+        assert settings.routing.weight_prefix == 3.0 and settings.routing.load_floor == 8
         assert settings.retrieval.score_threshold == 0.5  # merged with the chart's own keys
         assert settings.retrieval.embedding_model == "bge-small-en-v1.5"
         assert settings.metrics.port == 9090

@@ -31,6 +31,7 @@ async def test_openapi_document_describes_the_api() -> None:
 
 def test_routing_exports() -> None:
     assert set(gateway.routing.__all__) == {
-        "SCORERS", "AdapterAffinity", "Circuit", "CircuitState", "Filter", "Pool", "Replica",
-        "Router", "Scorer", "WeightedScorer", "build_affinity", "build_scorers",
+        "REASONS", "SCORERS", "AdapterAffinity", "Circuit", "CircuitState", "Decision", "Filter",
+        "Pool", "PrefixHolders", "PrefixIndex", "Replica", "Router", "Scorer", "WeightedScorer",
+        "build_affinity", "build_prefixes", "build_scorers", "prefix_blocks",
     }

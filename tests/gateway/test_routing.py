@@ -20,6 +20,7 @@ from gateway.routing.policy import (
     WeightedScorer,
     kv_cache_score,
     outstanding_score,
+    per_replica,
     queue_score,
 )
 from llmops.catalog import Catalog
@@ -130,7 +131,7 @@ def test_a_scorer_sees_the_request_it_routes() -> None:
         user = request.request.user if request.request is not None else None
         return 1.0 if (candidate is a) == (user == "alice") else 0.0
 
-    r = Router([Pool("cpu", 0, [a, b])], [WeightedScorer("user", by_user, 1.0)])
+    r = Router([Pool("cpu", 0, [a, b])], [WeightedScorer("user", per_replica(by_user), 1.0)])
     for user, expected in (("alice", a), ("bob", b)):
         body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
                                      user=user)

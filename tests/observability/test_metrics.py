@@ -73,7 +73,7 @@ def types(metrics: GatewayMetrics) -> dict[str, str]:
 def test_families_follow_prometheus_conventions() -> None:
     metrics, _ = gateway_metrics(tenants=["ten_a"])
     metrics.admitted("chat")
-    metrics.dispatched("chat", CPU)  # a GPU pool exists: a fallback
+    metrics.dispatched("chat", CPU, "fallback")  # a GPU pool exists: a fallback
     metrics.finished(event(ttft_ms=200.0), "chat", CPU, admitted=True)
     metrics.finished(event(status=404, device=None, prompt=0, completion=0, cost=0.0),
                      None, None, admitted=False)
