@@ -22,6 +22,7 @@ __all__ = ["ChatWorkload", "Turn", "pseudo_words"]
 IM_START, IM_END, NEWLINE = 1, 2, 198
 ROLE_IDS = {"system": (9690,), "user": (4093,), "assistant": (520, 9531)}
 
+_U64 = (1 << 64) - 1
 Message = tuple[str, tuple[int, ...]]  # (role, token ids)
 Render = Callable[[Sequence[int]], str]
 
@@ -56,7 +57,7 @@ class Turn:
         out: list[int] = []
         h = 0
         for start in range(0, len(ids) - block_size + 1, block_size):
-            h = hash((h, *ids[start:start + block_size]))
+            h = hash((h, *ids[start:start + block_size])) & _U64  # unsigned, as the gateway's
             out.append(h)
         return tuple(out)
 

@@ -44,6 +44,7 @@ import aiohttp
 import orjson
 
 from bench.chat_trace import ChatWorkload, Render, Turn
+from bench.prefix_policy import GatewayPrefix
 from bench.report import DOCS, machine, pct, table, write_section
 from llmops.cli import models_home
 from llmops.cli.models import prepare_models
@@ -120,17 +121,11 @@ class LeastLoaded:
 PolicyFactory = Callable[[int, Render], LivePolicy]
 
 
-def policies() -> dict[str, PolicyFactory]:
-    factories: dict[str, PolicyFactory] = {
-        RoundRobin.name: lambda n, _: RoundRobin(n),
-        LeastLoaded.name: lambda n, _: LeastLoaded(n),
-    }
-    try:
-        from bench.prefix_policy import GatewayPrefix
-    except ImportError:  # the gateway's prefix routing is not there
-        return factories
-    factories[GatewayPrefix.name] = lambda n, render: GatewayPrefix(n, render)
-    return factories
+POLICIES: dict[str, PolicyFactory] = {
+    RoundRobin.name: lambda n, _: RoundRobin(n),
+    LeastLoaded.name: lambda n, _: LeastLoaded(n),
+    GatewayPrefix.name: lambda n, render: GatewayPrefix(n, render),
+}
 
 
 def vocabulary(model_dir: Path) -> tuple[list[int], Render]:
@@ -336,7 +331,7 @@ async def _run(urls: Sequence[str], args: argparse.Namespace, render: Render,
             "costs": costs, "workload": dataclasses.asdict(workload),
             "routing": RoutingConfig().model_dump(mode="json"), "capacity": capacity,
             "load": args.load, "host": args.host, "host_load": [], "runs": {}}
-        for name, factory in policies().items():
+        for name, factory in POLICIES.items():
             await reset_caches(session, urls)
             before = [await metric_counters(session, u) for u in urls]
             load_before = os.getloadavg()[0]
@@ -395,7 +390,7 @@ def chart(runs: Sequence[PolicyRun]) -> Path:
     return path
 
 
-def report(data: dict[str, Any], host: str) -> str:
+def report(data: dict[str, Any]) -> str:
     workload = workload_of(data)
     runs = runs_of(data)
     path = chart(runs)
@@ -476,7 +471,7 @@ def main() -> None:
     host = data.get("host", args.host)
     command = ".venv/bin/python -m bench.prefix_routing"
     write_section("Prefix-aware routing (two vLLM-CPU replicas)", command, host,
-                  report(data, host))
+                  report(data))
     print(f"written to {DOCS / 'benchmarks.md'}")
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.chat_trace import ChatWorkload, Turn
+from bench.prefix_policy import SimGatewayPrefix, text_route, token_route
 from bench.report import DOCS, machine, table, write_section
 from bench.routing_sim import (
     GPU_CLASS,
@@ -77,29 +78,11 @@ def cold_capacity(profile: EngineProfile, workload: ChatWorkload) -> float:
     return len(reqs) / simulate(reqs, cold, 1, LeastLoaded(1, 0)).makespan
 
 
-def sim_policies(route: Route | None) -> dict[str, SimFactory]:
-    """The benchmark's policies in the simulator (the gateway's when its prefix routing is
-    there), and what the gateway's policy needs of each request."""
-    factories: dict[str, SimFactory] = {
-        RoundRobin.name: lambda n, seed: RoundRobin(n, seed),
-        LeastLoaded.name: lambda n, seed: LeastLoaded(n, seed),
-    }
-    try:
-        from bench.prefix_policy import SimGatewayPrefix
-    except ImportError:
-        return factories
-    factories[SimGatewayPrefix.name] = lambda n, seed: SimGatewayPrefix(n, seed)
-    return factories
-
-
-def _route(kind: str, *args: Any) -> Route | None:
-    """The gateway's view of a turn, when its prefix routing is there."""
-    try:
-        import bench.prefix_policy as gateway
-    except ImportError:
-        return None
-    route: Route = getattr(gateway, kind)(*args)
-    return route
+SIM_POLICIES: dict[str, SimFactory] = {
+    RoundRobin.name: lambda n, seed: RoundRobin(n, seed),
+    LeastLoaded.name: lambda n, seed: LeastLoaded(n, seed),
+    SimGatewayPrefix.name: lambda n, seed: SimGatewayPrefix(n, seed),
+}
 
 
 def hit_ratio(result: Result) -> float:
@@ -117,12 +100,11 @@ def validate() -> list[str]:
     vocab, render = vocabulary(prepare_models(models_home())["chat"])
     trace = workload.trace(vocab)
     profile = cpu_profile(data["costs"])
-    reqs = requests(trace, profile.block_size, _route("text_route", render))
+    reqs = requests(trace, profile.block_size, text_route(render))
     measured = {r.name: r for r in runs_of(data)}
-    factories = sim_policies(None)
     rows = []
     errors: dict[str, float] = {}
-    for name, factory in factories.items():
+    for name, factory in SIM_POLICIES.items():
         if name not in measured:
             continue
         real = measured[name]
@@ -156,8 +138,7 @@ def study(sizes: Sequence[int], per_replica: int, load: float) -> tuple[
         list[str], dict[str, list[Result]]]:
     profile = gpu_profile()
     cap = cold_capacity(profile, GPU_WORKLOAD)
-    factories = sim_policies(None)
-    by_size: dict[str, list[Result]] = {name: [] for name in factories}
+    by_size: dict[str, list[Result]] = {name: [] for name in SIM_POLICIES}
     detail: list[list[str]] = []
     for n in sizes:
         rate = load * cap * n / GPU_WORKLOAD.mean_turns
@@ -166,9 +147,9 @@ def study(sizes: Sequence[int], per_replica: int, load: float) -> tuple[
                                                            / GPU_WORKLOAD.mean_turns))
         started = time.perf_counter()
         reqs = requests(workload.trace(range(1000, 40000)), profile.block_size,
-                        _route("token_route"))
+                        token_route())
         made = time.perf_counter() - started
-        for name, factory in factories.items():
+        for name, factory in SIM_POLICIES.items():
             res = simulate(reqs, profile, n, factory(n, n))
             by_size[name].append(res)
             print(f"  {n:>2} replicas  {name:<22} p50 {res.ttft(0.5) * 1000:7.0f} ms  p90 "

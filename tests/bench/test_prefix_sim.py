@@ -1,5 +1,6 @@
 """The simulator's prefix cache and the chat trace it replays: hits skip their prefill, the
-cache is bounded and evicts what no request holds, and turns share their history's blocks."""
+cache is bounded and evicts what no request holds, turns share their history's blocks, and the
+gateway's prefix-aware router keeps prefixes where they are cached."""
 
 from __future__ import annotations
 
@@ -8,8 +9,16 @@ from dataclasses import replace
 import pytest
 
 from bench.chat_trace import ChatWorkload
+from bench.prefix_policy import SimGatewayPrefix, token_route
 from bench.prefix_sim import hit_ratio, requests
-from bench.routing_sim import EngineProfile, LeastLoaded, PrefixCache, Request, simulate
+from bench.routing_sim import (
+    EngineProfile,
+    LeastLoaded,
+    PrefixCache,
+    Request,
+    RoundRobin,
+    simulate,
+)
 
 PROFILE = EngineProfile(step_s=0.010, seq_s=0.001, prefill_token_s=0.0001, overhead_s=0.002,
                         kv_tokens=4096, prefix_caching=True, block_size=16)
@@ -61,3 +70,16 @@ def test_prefix_caching_cuts_ttft_on_a_chat_trace() -> None:
     plain = simulate(reqs, cold, 1, LeastLoaded(1, 0))
     assert hit_ratio(warm) > 0.5 and hit_ratio(plain) == 0
     assert warm.ttft(0.5) < plain.ttft(0.5) / 2
+
+
+def test_the_gateways_prefix_routing_keeps_prefixes_where_they_are_cached() -> None:
+    w = ChatWorkload(rate=0.3, conversations=40, tenants=8, seed=3)
+    reqs = requests(w.trace(range(1000, 40000)), 16, token_route())
+    small = EngineProfile(step_s=0.010, seq_s=0.001, prefill_token_s=0.0002, kv_tokens=8192,
+                          prefix_caching=True, block_size=16)
+    gateway = SimGatewayPrefix(2, 0)
+    aware = simulate(reqs, small, 2, gateway)
+    blind = simulate(reqs, small, 2, RoundRobin(2, 0))
+    assert hit_ratio(aware) > hit_ratio(blind) + 0.1
+    assert {r.replica for r in aware.requests} == {0, 1}  # tenants spread over both
+    assert all(r.outstanding == 0 for r in gateway.replicas)
