@@ -320,8 +320,12 @@ async def _run(urls: Sequence[str], args: argparse.Namespace, render: Render,
 
     timeout = aiohttp.ClientTimeout(total=600, sock_connect=10)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        print("calibrating replica 0")
-        costs = await base_costs(Engine(urls[0], KV_TOKENS, session), reps=2)
+        if args.reuse_calibration:
+            costs = json.loads(RESULTS.read_text())["costs"]
+            print(f"the last run's costs: {costs}")
+        else:
+            print("calibrating replica 0")
+            costs = await base_costs(Engine(urls[0], KV_TOKENS, session), reps=2)
         workload, capacity = workload_for(costs, args.load, args.arrivals_s, len(urls))
         trace = workload.trace(vocab)
         print(f"trace: {len(trace)} requests in {workload.conversations} conversations, "
@@ -452,6 +456,8 @@ def main() -> None:
                         help="how long new conversations keep arriving, per policy")
     parser.add_argument("--load", type=float, default=1.0,
                         help="offered load, as a share of the no-cache-hit capacity")
+    parser.add_argument("--reuse-calibration", action="store_true",
+                        help="take the costs of the last run (docs/prefix_routing.json)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the docs from docs/prefix_routing.json")
     args = parser.parse_args()
