@@ -121,10 +121,11 @@ class LeastLoaded:
 PolicyFactory = Callable[[int, Render], LivePolicy]
 
 
+# In the order they run: the two the target compares first.
 POLICIES: dict[str, PolicyFactory] = {
-    RoundRobin.name: lambda n, _: RoundRobin(n),
     LeastLoaded.name: lambda n, _: LeastLoaded(n),
     GatewayPrefix.name: lambda n, render: GatewayPrefix(n, render),
+    RoundRobin.name: lambda n, _: RoundRobin(n),
 }
 
 
