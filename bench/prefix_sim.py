@@ -102,12 +102,11 @@ def validate() -> list[str]:
     profile = cpu_profile(data["costs"])
     reqs = requests(trace, profile.block_size, text_route(render))
     measured = {r.name: r for r in runs_of(data)}
+    host_load = dict(zip(measured, data["host_load"], strict=True))
     rows = []
     errors: dict[str, float] = {}
-    for name, factory in SIM_POLICIES.items():
-        if name not in measured:
-            continue
-        real = measured[name]
+    for name, real in measured.items():
+        factory = SIM_POLICIES[name]
         sim = simulate(reqs, profile, 2, factory(2, 0))
         for label, q in (("p50", 0.5), ("p90", 0.9)):
             m = real.ttft(q)
@@ -116,7 +115,7 @@ def validate() -> list[str]:
         rows.append([name, f"{real.ttft(0.5):.2f}", f"{sim.ttft(0.5):.2f}",
                      f"{errors[f'{name} p50']:+.0%}", f"{real.ttft(0.9):.2f}",
                      f"{sim.ttft(0.9):.2f}", f"{errors[f'{name} p90']:+.0%}",
-                     f"{real.hit_ratio:.0%}", f"{hit_ratio(sim):.0%}"])
+                     f"{real.hit_ratio:.0%}", f"{hit_ratio(sim):.0%}", host_load[name]])
         print(f"  {name:<22} p50 {real.ttft(0.5):.2f} vs {sim.ttft(0.5):.2f} s, p90 "
               f"{real.ttft(0.9):.2f} vs {sim.ttft(0.9):.2f} s, hits {real.hit_ratio:.0%} vs "
               f"{hit_ratio(sim):.0%}")
@@ -124,10 +123,11 @@ def validate() -> list[str]:
     return [
         f"The trace of the run above ({len(trace)} requests) through two simulated replicas "
         f"with its calibrated costs, {profile.kv_tokens:,} KV tokens in {profile.block_size}-"
-        f"token blocks, one policy at a time:",
+        f"token blocks, one policy at a time (the costs were measured once, at the start of "
+        f"that run; the host's load average while each policy ran is in the last column):",
         "",
         table(["policy", "TTFT p50 vLLM (s)", "simulator", "error", "p90 vLLM (s)",
-               "simulator", "error", "cached tokens vLLM", "simulator"], rows),
+               "simulator", "error", "cached tokens vLLM", "simulator", "host load"], rows),
         "",
         f"Largest TTFT p50 error: {worst:.0%} (target: within 25 %).",
         "",
