@@ -25,6 +25,12 @@ __all__ = ["GatewayPrefix", "SimGatewayPrefix", "text_route", "token_route"]
 NAME = "llmops prefix-aware"
 
 
+def _urls(n: int) -> list[str]:
+    """The replicas' names as the router sees them (homes are hashed from them), the same live
+    and simulated so that both send a prefix to the same replica."""
+    return [f"http://replica-{i}" for i in range(n)]
+
+
 def text_route(render: Render, config: RoutingConfig | None = None) -> Callable[
         [Turn], RouteRequest]:
     """What the gateway hashes of a turn: its chat request's prompt, in character blocks."""
@@ -61,8 +67,7 @@ class GatewayPrefix:
     name = NAME
 
     def __init__(self, n: int, render: Render, seed: int = 0) -> None:
-        self.router, pool = _router([f"http://replica-{i}" for i in range(n)],
-                                    random.Random(seed))
+        self.router, pool = _router(_urls(n), random.Random(seed))
         self.replicas = pool.replicas
         self.route = text_route(render)
 
@@ -90,8 +95,7 @@ class SimGatewayPrefix(GatewayPicker):
     def __init__(self, n: int, seed: int) -> None:
         super().__init__(n, seed, frozenset())
         self.now = 0.0
-        self.router, self.pool = _router([f"http://sim-{i}" for i in range(n)], self.rng,
-                                         clock=lambda: self.now)
+        self.router, self.pool = _router(_urls(n), self.rng, clock=lambda: self.now)
         self.replicas = self.pool.replicas
         config = RoutingConfig()
         for r in self.replicas:
