@@ -32,7 +32,9 @@ import itertools
 import json
 import os
 import random
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -463,6 +465,8 @@ def main() -> None:
                         help="rewrite the docs from docs/prefix_routing.json")
     args = parser.parse_args()
     args.host = machine()
+    # `timeout` and Ctrl-C alike: unwind, so that the engines are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not args.report_only:
         dirs = prepare_models(models_home())
         vocab, render = vocabulary(dirs["chat"])
