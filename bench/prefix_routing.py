@@ -4,7 +4,7 @@ side by side on one multi-tenant, multi-turn chat trace (`bench.chat_trace`).
     .venv/bin/python -m bench.prefix_routing [--arrivals-s 120] [--load 1.0]
 
 Two SmolLM2-135M engines with prefix caching, each pinned to one core of its own and given a
-KV cache of `KV_TOKENS` tokens: about five of the eight tenants' system prompts, so neither
+KV cache of `KV_TOKENS` tokens: about six of the eight tenants' system prompts, so neither
 can hold every tenant's prefix plus the conversations' histories. One engine is calibrated first
 (`bench.routing_vllm.base_costs`); the simulator's capacity for this workload with no cache hits
 then sets the arrival rate (`--load` of it, so cache-blind routing is busy but keeps up). Each
