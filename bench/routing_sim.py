@@ -11,7 +11,9 @@ adapter would exceed that is skipped, as vLLM does), and an LRU cache of `max_cp
 adapters: admitting a request whose adapter is not in it adds `adapter_load_s` to that step. A
 step lasts `step_s + seq_s * sequences + prefill_token_s * prefill tokens + loads`, plus
 `lora_step_s + lora_token_s * LoRA tokens` when it runs LoRA sequences; TTFT is the end of the
-step that finishes a request's prefill, plus `overhead_s` (HTTP and API server).
+step that finishes a request's prefill, plus `overhead_s` (HTTP and API server). With
+`prefix_caching` the KV cache is counted in blocks and keeps finished prompts' blocks for
+later requests that start with them (`PrefixCache`; `bench/prefix_sim.py` studies it).
 
 Policies: round-robin; least-loaded (fewest outstanding); two adapter-affine ones (consistent
 hashing with bounded loads, and resident-first among the least loaded); and the gateway's own
@@ -72,6 +74,8 @@ class EngineProfile:
     kv_tokens: int = 32768  # KV cache capacity in tokens
     max_loras: int = 2  # distinct adapters in one batch
     max_cpu_loras: int = 2  # adapters kept loaded, LRU
+    prefix_caching: bool = False  # --enable-prefix-caching: see `PrefixCache`
+    block_size: int = 16  # KV block (vLLM-CPU: 128 tokens)
 
     def __post_init__(self) -> None:
         if self.max_cpu_loras < self.max_loras:
@@ -85,8 +89,11 @@ class Request:
     prompt: int
     output: int
     adapter: str | None
+    blocks: tuple[int, ...] = ()  # hashes of the prompt's full KV blocks (prefix caching)
+    route: Any = None  # what a policy needs to know of the request beyond the above
     replica: int = -1
     prefilled: int = 0
+    cached: int = 0  # prompt tokens found in the prefix cache
     generated: int = 0
     first_token: float = math.nan
     finished: float = math.nan
@@ -97,12 +104,68 @@ class Request:
         return self.first_token - self.arrival
 
 
+class PrefixCache:
+    """vLLM's automatic prefix caching in outline, counted in KV blocks: a prompt's full blocks
+    keep their KV after its request ends and a later prompt that starts with the same blocks
+    skips their prefill; blocks no running request holds are evicted least recently freed
+    first (a request's last blocks before its first, as vLLM frees them) when new ones are
+    needed."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held: dict[int, int] = {}  # hashed block -> running requests holding it
+        self.free: OrderedDict[int, None] = OrderedDict()  # hashed, held by none; LRU first
+        self.unhashed = 0  # blocks of running requests past their prompt's full blocks
+
+    @property
+    def used(self) -> int:
+        """Blocks running requests hold (what vllm:kv_cache_usage_perc counts)."""
+        return len(self.held) + self.unhashed
+
+    def hit(self, blocks: Sequence[int], limit: int) -> int:
+        """Leading blocks of a prompt already cached, at most `limit`."""
+        n = 0
+        for h in blocks[:limit]:
+            if h not in self.held and h not in self.free:
+                break
+            n += 1
+        return n
+
+    def admit(self, blocks: Sequence[int], hit: int, total: int) -> bool:
+        """Allocate `total` blocks for a request whose first `hit` blocks are cached, evicting
+        as needed; False (nothing changed) when they do not fit."""
+        reused = sum(1 for h in blocks[:hit] if h in self.free)
+        new = total - hit
+        if self.capacity - self.used - reused < new:
+            return False
+        for h in blocks:
+            if h in self.free:
+                del self.free[h]
+            self.held[h] = self.held.get(h, 0) + 1
+        self.unhashed += total - len(blocks)
+        while self.free and self.used + len(self.free) > self.capacity:
+            self.free.popitem(last=False)
+        return True
+
+    def release(self, blocks: Sequence[int], total: int) -> None:
+        self.unhashed -= total - len(blocks)
+        for h in reversed(blocks):
+            left = self.held[h] - 1
+            if left:
+                self.held[h] = left
+            else:
+                del self.held[h]
+                self.free[h] = None
+
+
 class SimReplica:
     """One engine's scheduler state."""
 
     def __init__(self, index: int, profile: EngineProfile) -> None:
         self.index = index
         self.p = profile
+        self.prefix = (PrefixCache(profile.kv_tokens // profile.block_size)
+                       if profile.prefix_caching else None)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.kv_used = 0
@@ -119,6 +182,29 @@ class SimReplica:
 
     def kv_need(self, r: Request) -> int:
         return min(r.prompt + r.output, self.p.kv_tokens)
+
+    def kv_blocks(self, r: Request) -> int:
+        return -(-self.kv_need(r) // self.p.block_size)
+
+    @property
+    def kv_usage(self) -> float:
+        if self.prefix is not None:
+            return self.prefix.used / self.prefix.capacity
+        return self.kv_used / self.p.kv_tokens
+
+    def _allocate(self, r: Request) -> bool:
+        """Reserve KV for `r`; with prefix caching its cached leading blocks are not prefilled
+        again (vLLM computes at least the prompt's last token)."""
+        if self.prefix is None:
+            if self.kv_used + self.kv_need(r) > self.p.kv_tokens:
+                return False
+            self.kv_used += self.kv_need(r)
+            return True
+        hit = self.prefix.hit(r.blocks, (r.prompt - 1) // self.p.block_size)
+        if not self.prefix.admit(r.blocks, hit, self.kv_blocks(r)):
+            return False
+        r.prefilled = r.cached = hit * self.p.block_size
+        return True
 
     def start_step(self) -> float:
         """Schedule one step (what runs, what is admitted); returns its duration."""
@@ -145,7 +231,7 @@ class SimReplica:
                 if a is not None and a not in self.active and len(self.active) >= p.max_loras:
                     skipped.append(self.waiting.popleft())  # its adapter would not fit
                     continue
-                if self.kv_used + self.kv_need(r) > p.kv_tokens:
+                if not self._allocate(r):
                     break
                 self.waiting.popleft()
                 if a is not None:
@@ -157,9 +243,8 @@ class SimReplica:
                         r.loaded = True
                         self.cache[a] = None
                         self._evict()
-                self.kv_used += self.kv_need(r)
                 self.running.append(r)
-                chunk = min(r.prompt, budget)
+                chunk = min(r.prompt - r.prefilled, budget)
                 step.append((r, chunk))
                 budget -= chunk
                 prefill += chunk
@@ -201,7 +286,10 @@ class SimReplica:
             finished = {id(r) for r in done}
             self.running = [r for r in self.running if id(r) not in finished]
             for r in done:
-                self.kv_used -= self.kv_need(r)
+                if self.prefix is not None:
+                    self.prefix.release(r.blocks, self.kv_blocks(r))
+                else:
+                    self.kv_used -= self.kv_need(r)
                 if r.adapter is not None:
                     left = self.active[r.adapter] - 1
                     if left:
@@ -360,7 +448,7 @@ class GatewayPicker(_Base):
     def scrape(self, replicas: Sequence[SimReplica]) -> None:
         for gw, sim in zip(self.replicas, replicas, strict=True):
             gw.waiting = float(len(sim.waiting))
-            gw.kv_cache_usage = sim.kv_used / sim.p.kv_tokens
+            gw.kv_cache_usage = sim.kv_usage
 
 
 class GatewayAffine(GatewayPicker):
@@ -457,7 +545,8 @@ def simulate(trace: Sequence[Request], profile: EngineProfile, n: int, policy: P
              scrape_s: float | None = None) -> Result:
     """Run `trace` (copied) through `n` replicas routed by `policy`; every request finishes."""
     started = time.perf_counter()
-    reqs = [Request(r.rid, r.arrival, r.prompt, r.output, r.adapter) for r in trace]
+    reqs = [Request(r.rid, r.arrival, r.prompt, r.output, r.adapter, r.blocks, r.route)
+            for r in trace]
     replicas = [SimReplica(i, profile) for i in range(n)]
     scrape_s = scrape_s if scrape_s is not None else RoutingConfig().metrics_interval_s
     events: list[tuple[float, int, int, int]] = []  # (time, order, kind, index)
@@ -505,7 +594,7 @@ def capacity(profile: EngineProfile, workload: Workload) -> float:
 
 
 def replace_arrival(r: Request, t: float) -> Request:
-    return Request(r.rid, t, r.prompt, r.output, r.adapter)
+    return Request(r.rid, t, r.prompt, r.output, r.adapter, r.blocks, r.route)
 
 
 def load_profile() -> tuple[EngineProfile, list[str]]:
@@ -526,14 +615,15 @@ def save_profile(profile: EngineProfile, notes: dict[str, object]) -> None:
     CALIBRATION.write_text(json.dumps({"profile": asdict(profile), **notes}, indent=2) + "\n")
 
 
-def profile_from(costs: dict[str, float], kv_tokens: int, **limits: int) -> EngineProfile:
+def profile_from(costs: dict[str, float], kv_tokens: int) -> EngineProfile:
     from bench.routing_vllm import MAX_BATCHED_TOKENS, MAX_NUM_SEQS
 
-    fields = {k: costs[k] for k in ("step_s", "seq_s", "prefill_token_s", "adapter_load_s",
-                                    "overhead_s", "lora_step_s", "lora_token_s")}
-    return EngineProfile(**fields, kv_tokens=kv_tokens, max_batch=MAX_NUM_SEQS,
-                         max_batched_tokens=MAX_BATCHED_TOKENS, max_loras=2, max_cpu_loras=2,
-                         **limits)
+    return EngineProfile(step_s=costs["step_s"], seq_s=costs["seq_s"],
+                         prefill_token_s=costs["prefill_token_s"],
+                         adapter_load_s=costs["adapter_load_s"], overhead_s=costs["overhead_s"],
+                         lora_step_s=costs["lora_step_s"], lora_token_s=costs["lora_token_s"],
+                         kv_tokens=kv_tokens, max_batch=MAX_NUM_SEQS,
+                         max_batched_tokens=MAX_BATCHED_TOKENS, max_loras=2, max_cpu_loras=2)
 
 
 VALIDATION = Workload(rate=1.0, requests=100, adapters=8, zipf_s=1.0, base_share=0.2,
@@ -793,13 +883,12 @@ def main() -> None:
         print("calibrating and validating on vLLM-CPU")
         base, lines = validate(args.validation_load)
         body += ["### Validation against vLLM-CPU", "", *lines, ""]
-    loras = {"max_loras": study.max_loras, "max_cpu_loras": study.max_cpu_loras}
     engines = (
-        ("cpu", "the calibrated vLLM-CPU costs (SmolLM2-135M)", replace(base, **loras)),
-        ("gpu", "GPU-class costs, assumed (not measured): see `GPU_CLASS`",
-         replace(GPU_CLASS, **loras)),
+        ("cpu", "the calibrated vLLM-CPU costs (SmolLM2-135M)", base),
+        ("gpu", "GPU-class costs, assumed (not measured): see `GPU_CLASS`", GPU_CLASS),
     )
-    for tag, label, profile in engines:
+    for tag, label, engine in engines:
+        profile = replace(engine, max_loras=study.max_loras, max_cpu_loras=study.max_cpu_loras)
         started = time.perf_counter()
         lines, by_replicas, by_adapters = run_study(profile, study, label)
         paths = charts(study, by_replicas, by_adapters, tag, label)

@@ -132,13 +132,14 @@ def _ms(values: Sequence[float]) -> str:
     return " / ".join(f"{v * 1000:.0f}" for v in values)
 
 
-async def calibrate(engine: Engine, adapters: Sequence[str],
-                    say: Callable[[str], None] = print) -> dict[str, float]:
-    for model in (CHAT_MODEL, adapters[0]):  # warm-up: first requests compile and allocate
-        for _ in range(3):
-            await engine.stream(model, random_prompt(64), 4)
+async def base_costs(engine: Engine, say: Callable[[str], None] = print,
+                     reps: int = 5) -> dict[str, float]:
+    """The base model's costs: prefill per token, decode step and its growth per sequence,
+    fixed overhead (`reps` samples per prefill length)."""
+    for _ in range(3):  # warm-up: first requests compile and allocate
+        await engine.stream(CHAT_MODEL, random_prompt(64), 4)
     lengths = [8, 256, 512, 1024]
-    ttft = [await _ttft(engine, CHAT_MODEL, n) for n in lengths]
+    ttft = [await _ttft(engine, CHAT_MODEL, n, reps) for n in lengths]
     fixed, per_token = _fit(lengths, ttft)
     say(f"  prefill: TTFT {_ms(ttft)} ms at {lengths} prompt tokens -> {fixed * 1000:.0f} ms"
         f" + {per_token * 1e6:.0f} us/token")
@@ -147,13 +148,23 @@ async def calibrate(engine: Engine, adapters: Sequence[str],
     step_s, seq_s = _fit(batch, step)
     say(f"  decode: step {_ms(step)} ms at {batch} sequences -> {step_s * 1000:.1f} ms + "
         f"{seq_s * 1000:.2f} ms/sequence")
+    return {"step_s": step_s, "seq_s": max(seq_s, 0.0), "prefill_token_s": max(per_token, 0.0),
+            "overhead_s": max(fixed - step_s - seq_s, 0.0), "itl_1_s": step[0]}
+
+
+async def calibrate(engine: Engine, adapters: Sequence[str],
+                    say: Callable[[str], None] = print) -> dict[str, float]:
+    for _ in range(3):
+        await engine.stream(adapters[0], random_prompt(64), 4)
+    base = await base_costs(engine, say)
+    per_token = base["prefill_token_s"]
     # LoRA compute, on an adapter that stays loaded: a fixed cost per step that has any LoRA
     # sequence, and a cost per LoRA token on top of the base model's.
     lora_lengths = [8, 512]
     lora_ttft = [await _ttft(engine, adapters[0], n) for n in lora_lengths]
     _, lora_per_token = _fit(lora_lengths, lora_ttft)
     lora_itl = await engine.itl(adapters[0], 1)
-    lora_step_s = max(lora_itl - step[0], 0.0)
+    lora_step_s = max(lora_itl - base["itl_1_s"], 0.0)
     lora_token_s = max(lora_per_token - per_token, 0.0)
     say(f"  LoRA: TTFT {_ms(lora_ttft)} ms at {lora_lengths} tokens, step {lora_itl * 1000:.0f}"
         f" ms at 1 sequence -> +{lora_step_s * 1000:.1f} ms/step + {lora_token_s * 1e6:.0f} "
@@ -166,9 +177,10 @@ async def calibrate(engine: Engine, adapters: Sequence[str],
     load = max(statistics.median(misses) - statistics.median(hits), 0.0)
     say(f"  adapter load: TTFT {statistics.median(misses) * 1000:.0f} ms not loaded, "
         f"{statistics.median(hits) * 1000:.0f} ms loaded -> load {load * 1000:.0f} ms")
-    return {"step_s": step_s, "seq_s": max(seq_s, 0.0), "prefill_token_s": max(per_token, 0.0),
-            "adapter_load_s": load, "overhead_s": max(fixed - step_s - seq_s, 0.0),
-            "lora_step_s": lora_step_s, "lora_token_s": lora_token_s}
+    return {"step_s": base["step_s"], "seq_s": base["seq_s"],
+            "prefill_token_s": per_token, "adapter_load_s": load,
+            "overhead_s": base["overhead_s"], "lora_step_s": lora_step_s,
+            "lora_token_s": lora_token_s}
 
 
 async def replay(engine: Engine, arrivals: Sequence[Arrival]) -> list[float]:
