@@ -62,6 +62,7 @@ from gateway.routing import Pool, Router, build_affinity, build_prefixes, build_
 from gateway.routing.adapters import AdapterLoader
 from gateway.routing.flow import FlowControl
 from gateway.routing.health import HealthMonitor
+from gateway.routing.kv_events import build_kv_event_indexes
 from gateway.tasks import enqueue
 from guardrails import Guardrails
 from llmops.catalog import Catalog
@@ -293,6 +294,14 @@ async def lifespan(s: Services, app: FastAPI) -> AsyncIterator[None]:
     if cfg.auto_migrate:
         await asyncio.to_thread(upgrade, cfg.database_url)
     await s.upstream.start()
+    # Precise prefix routing: each chat model's router learns from its engines' KV-cache
+    # events what they hold (loading the tokenizers blocks, so off the event loop).
+    kv_indexes = await asyncio.to_thread(
+        build_kv_event_indexes, cfg.models, {n: r.replicas for n, r in s.routers.items()},
+        s.upstream.session, cfg.routing)
+    for name, index in kv_indexes.items():
+        s.routers[name].prefixes = index
+        await index.start()
     if s.retriever is not None:
         r = cfg.retrieval
         key = r.qdrant_api_key.get_secret_value() if r.qdrant_api_key else None
@@ -336,6 +345,8 @@ async def lifespan(s: Services, app: FastAPI) -> AsyncIterator[None]:
         if s.metrics is not None:
             await s.metrics.stop()
         await monitor.stop()
+        for index in kv_indexes.values():
+            await index.stop()
         if s.drift is not None:
             await s.drift.stop()
         await s.accountant.drain()  # every finished request's record is published

@@ -15,7 +15,6 @@ from gateway.inference.spans import upstream_span
 from gateway.routing import Replica, Router
 from gateway.routing.flow import Claim, FlowControl
 from gateway.routing.policy import RouteRequest
-from gateway.routing.prefix import prefix_blocks
 from llmops.catalog import CatalogEntry
 from llmops.errors import (
     ModelNotFoundError,
@@ -75,7 +74,7 @@ class Upstream:
         client's request (`claim`: whose it is) waits its turn while every replica is full."""
         router = self.routers[entry.base.name]
         flow = self.flows.get(entry.base.name) if claim is not None else None
-        blocks = (prefix_blocks(request, self.config.prefix_block_chars)
+        blocks = (router.prefixes.blocks(request, entry.adapter)
                   if router.prefixes is not None else ())
         tried: set[int] = set()
         for _ in range(self.config.max_attempts):

@@ -263,10 +263,16 @@ class KVEventIndex:
         tokens = self.tokenizer.tokens(request) if self.tokenizer is not None else None
         return [] if tokens is None else self.blocks_of(tokens, adapter)
 
-    def matched(self, blocks: Sequence[int]) -> dict[Replica, int]:
-        """Replica -> how many of `blocks`, counted from the first, it holds (replicas holding
-        none are left out)."""
-        out: dict[Replica, int] = {}
+    def blocks(self, request: OpenAIRequest | None, adapter: str | None) -> tuple[int, ...]:
+        return () if request is None else tuple(self.request_blocks(request, adapter))
+
+    def record(self, replica: str, blocks: Sequence[int]) -> None:
+        """Nothing: what a replica holds is what its engine reports."""
+
+    def matched(self, blocks: Sequence[int]) -> dict[str, int]:
+        """Replica URL -> how many of `blocks`, counted from the first, it holds (replicas
+        holding none are left out)."""
+        out: dict[str, int] = {}
         for replica, engines in self._blocks.items():
             best = 0
             for held in engines:
@@ -277,7 +283,7 @@ class KVEventIndex:
                     n += 1
                 best = max(best, n)
             if best:
-                out[replica] = best
+                out[replica.url] = best
         return out
 
     async def start(self) -> None:
@@ -388,7 +394,7 @@ def build_kv_event_indexes(
 ) -> dict[str, KVEventIndex]:
     """One index per chat model in precise mode (none otherwise), not yet started. Loads each
     model's tokenizer from its `weights`: blocking, so call it off the event loop."""
-    if config.prefix_mode != "precise":
+    if config.prefix_mode != "precise" or config.weight_prefix == 0:
         return {}
     return {
         m.name: KVEventIndex(replicas[m.name], session,

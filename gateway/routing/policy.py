@@ -186,7 +186,7 @@ def build_prefixes(config: RoutingConfig) -> PrefixIndex | None:
     """One model's prefix index (none while the prefix scorer is off)."""
     if config.weight_prefix == 0:
         return None
-    return PrefixIndex(config.prefix_index_blocks, config.prefix_ttl_s)
+    return PrefixIndex(config.prefix_index_blocks, config.prefix_ttl_s, config.prefix_block_chars)
 
 
 def build_affinity(config: RoutingConfig) -> AdapterAffinity | None:

@@ -65,7 +65,11 @@ def prefix_blocks(request: OpenAIRequest | None, block_chars: int) -> tuple[int,
 
 
 class PrefixHolders(Protocol):
-    """Which replicas (by URL) hold how many of a request's leading blocks."""
+    """Which replicas (by URL) hold how many of a request's leading blocks: what the gateway
+    sent where (`PrefixIndex`), or what the engines report they cache (`KVEventIndex`)."""
+
+    def blocks(self, request: OpenAIRequest | None, adapter: str | None) -> tuple[int, ...]:
+        """The request's prompt as the blocks `matched` compares."""
 
     def matched(self, blocks: Sequence[int]) -> dict[str, int]: ...
 
@@ -79,15 +83,19 @@ class PrefixIndex:
     requests, are refreshed last); a replica's claim on a block lapses `ttl_s` after it was
     last sent there."""
 
-    def __init__(self, max_blocks: int, ttl_s: float,
+    def __init__(self, max_blocks: int, ttl_s: float, block_chars: int = 256,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_blocks = max_blocks
+        self.block_chars = block_chars
         self.ttl_s = ttl_s
         self.clock = clock
         self._blocks: OrderedDict[int, dict[str, float]] = OrderedDict()  # hash -> url -> when
 
     def __len__(self) -> int:
         return len(self._blocks)
+
+    def blocks(self, request: OpenAIRequest | None, adapter: str | None) -> tuple[int, ...]:
+        return prefix_blocks(request, self.block_chars)
 
     def record(self, replica: str, blocks: Sequence[int]) -> None:
         now = self.clock()

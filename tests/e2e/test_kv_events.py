@@ -8,16 +8,22 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 from openai import AsyncOpenAI
 
+from gateway.app import create_app, services_of
 from gateway.inference.protocol import ChatCompletionRequest
 from gateway.routing import Circuit, Replica
 from gateway.routing.kv_events import KVEventIndex
 from gateway.routing.prompt_tokens import load_prompt_tokenizer
 from llmops.cli.stack import CHAT_MODEL
+from llmops.settings import Settings
+from tests.databases import REDIS_URL, in_process_gateway
 from tests.e2e.conftest import Engines
+
+ADMIN = "sk-e2e-precise-routing"
 
 
 async def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -55,7 +61,7 @@ async def test_the_index_learns_which_blocks_the_engine_cached(engines: Engines)
             await wait_until(lambda: index.block_size is not None, 30, "the block size")
             blocks = index.request_blocks(request)
             assert len(blocks) == len(tokens) // index.block_size >= 2  # type: ignore[operator]
-            await wait_until(lambda: index.matched(blocks) == {replica: len(blocks)}, 30,
+            await wait_until(lambda: index.matched(blocks) == {replica.url: len(blocks)}, 30,
                              "the prompt's blocks")
 
             other = index.request_blocks(ChatCompletionRequest.model_validate(
@@ -63,3 +69,29 @@ async def test_the_index_learns_which_blocks_the_engine_cached(engines: Engines)
             assert len(other) == len(blocks) and index.matched(other) == {}
         finally:
             await index.stop()
+
+
+async def test_a_gateway_in_precise_mode_routes_on_the_engines_events(
+        engines: Engines, tmp_path: Path) -> None:
+    """`routing.prefix_mode: precise`: the gateway subscribes to its engines' events at start,
+    and a request it serves is then known, from the engine's own report, to be cached there."""
+    settings = Settings(
+        admin_key=ADMIN, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        redis_url=REDIS_URL, redis_prefix=f"llmops-test-{uuid.uuid4().hex[:12]}",
+        files={"root": tmp_path / "files"}, retrieval={"path": tmp_path / "qdrant"},
+        routing={"prefix_mode": "precise"},
+        models=[{"name": CHAT_MODEL, "kind": "chat", "weights": str(engines.model_dirs["chat"]),
+                 "pools": [{"device": "cpu", "urls": [engines.chat.url]}]}])
+    app = create_app(settings)
+    messages = conversation("lakes")
+    async with in_process_gateway(settings, ADMIN, app) as client:
+        index = services_of(app).routers[CHAT_MODEL].prefixes
+        assert isinstance(index, KVEventIndex)
+        answer = await client.post("/v1/chat/completions", timeout=120, json={
+            "model": CHAT_MODEL, "messages": messages, "max_tokens": 4})
+        assert answer.status_code == 200, answer.text
+        blocks = index.blocks(ChatCompletionRequest.model_validate(
+            {"model": CHAT_MODEL, "messages": messages}), None)
+        assert len(blocks) >= 2
+        await wait_until(lambda: index.matched(blocks) == {engines.chat.url: len(blocks)}, 30,
+                         "the served prompt's blocks")

@@ -196,7 +196,7 @@ async def test_request_blocks_and_indexes_per_model() -> None:
                              max_blocks=100, timeout_s=1)
         assert index.request_blocks(chat) == []  # no block size before the first event
         index._blocks[replica] = [held]
-        assert index.matched(index.request_blocks(chat)) == {replica: 4}
+        assert index.matched(index.request_blocks(chat)) == {replica.url: 4}
         assert index.matched(index.request_blocks(chat, adapter="support-v2")) == {}
 
         pool = PoolConfig(device="cpu", urls=["http://127.0.0.1:1"])
@@ -312,11 +312,11 @@ async def test_subscriber_catches_up_fills_gaps_and_sees_restarts(
         await index.start()
         try:
             def held(i: int) -> int:
-                return index.matched(index.blocks_of(stored_tokens(i))).get(replica, 0)
+                return index.matched(index.blocks_of(stored_tokens(i))).get(replica.url, 0)
 
             await wait_until(lambda: held(2) == 4)
             assert held(0) == held(1) == 4 and index.block_size == BS
-            assert index.matched(index.blocks_of(TENANT0)) == {replica: 4}
+            assert index.matched(index.blocks_of(TENANT0)) == {replica.url: 4}
 
             await asyncio.wait_for(publisher.subscribed(), 10)
             await publisher.publish(3, PAYLOADS[3])
