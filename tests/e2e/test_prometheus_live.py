@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -93,6 +94,30 @@ def drive_traffic(gw: Gateway) -> int:
     return 7
 
 
+NARROW = "chat-narrow"  # the chat engine again, one request at a time: flow control shows
+
+
+def queue_and_shed(gw: Gateway) -> None:
+    """One request in flight on the narrow model, one queued behind it, one shed (429)."""
+    with OpenAI(base_url=gw.base_url, api_key=API_KEY, max_retries=0, timeout=120) as client:
+        stream = client.chat.completions.create(model=NARROW, messages=COUNT, max_tokens=64,
+                                                stream=True)
+        with stream, ThreadPoolExecutor(1) as pool:
+            next(iter(stream))  # in flight: the replica is full
+            queued = pool.submit(client.chat.completions.create, model=NARROW,
+                                 messages=COUNT, max_tokens=2)
+            deadline = time.monotonic() + 30
+            while "llmops_flow_queue_depth{" not in (text := httpx.get(
+                    f"{gw.url}/metrics").text) or f'model="{NARROW}"' not in text:
+                assert time.monotonic() < deadline, "nothing queued"
+                time.sleep(0.1)
+            with pytest.raises(openai.RateLimitError):
+                client.chat.completions.create(model=NARROW, messages=COUNT, max_tokens=2)
+            for _ in stream:
+                pass
+            assert queued.result().choices
+
+
 def ingest_worker(gw: Gateway, logs: Path) -> Running:
     """A real Celery worker for ingestion and evals, serving its own /metrics."""
     port = free_port()
@@ -158,12 +183,14 @@ def test_every_dashboard_query_returns_data(engines: Engines, gateway_factory: G
     gw = gateway_factory(
         [model(CHAT_MODEL, "chat", pool("gpu", dead, priority=10),
                pool("cpu", engines.chat.url, **PRICED), context_length=2048),
+         model(NARROW, "chat", pool("cpu", engines.chat.url, max_concurrency=1),
+               served_name=CHAT_MODEL, context_length=2048),
          model(EMBEDDING_MODEL, "embedding", pool("cpu", engines.embedding.url),
                context_length=256, weights=str(engines.model_dirs["embedding"]))],
         metrics={"tenants": [ADMIN_TENANT], "refresh_s": 1.0},
         # Every chat request sampled, tiny windows: the drift gauges exist after the traffic.
         drift={"sample_rate": 1.0, "window": 2, "min_samples": 2, "interval_s": 0.5},
-        eval_watches={"min_interval_s": 1, "poll_s": 0.5})
+        eval_watches={"min_interval_s": 1, "poll_s": 0.5}, flow={"max_queued": 1})
     wait_ready(gw)
     worker = ingest_worker(gw, logs)  # starts up while the traffic runs
     jobs = {job: [url.removeprefix("http://") for url in urls] for job, urls in (
@@ -173,6 +200,7 @@ def test_every_dashboard_query_returns_data(engines: Engines, gateway_factory: G
         wait_for(prom, 'up{job="llmops"} == 1')
         wait_for(prom, 'count(up{job="vllm"} == 1) == 2')
         counted = drive_traffic(gw)
+        queue_and_shed(gw)
         wait_for(prom, f"sum(llmops_requests_total) >= {counted}")
         wait_for(prom, 'up{job="workers"} == 1')
         ingest_a_file(gw)
