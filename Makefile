@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 LOCK := constraints.txt
 EXTRAS := cpu,train,dev
 
-.PHONY: install lock models prometheus up down status test soak lint typecheck contracts docs \
+.PHONY: install lock models prometheus mlflow up down status test soak lint typecheck contracts docs \
 	clean bench-peers-setup
 
 $(STAMP): pyproject.toml $(LOCK)
@@ -53,6 +53,16 @@ prometheus:
 	    apt-get install -y -qq --no-install-recommends prometheus; \
 	  rc=$$?; test -z "$$ours" || $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$rc; }
 
+# A real MLflow tracking server for the experiment-tracking tests, in a venv of its own (its pins
+# clash with the project's); the stamp is the binary, rebuilt when its lock changes.
+MLFLOW_VENV := .mlflow-venv
+$(MLFLOW_VENV)/bin/mlflow: constraints-mlflow.txt
+	rm -rf $(MLFLOW_VENV) && $(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install --quiet -c constraints-mlflow.txt mlflow
+	touch $@
+
+mlflow: $(MLFLOW_VENV)/bin/mlflow
+
 status: install
 	$(BIN)/llmops status
 
@@ -72,7 +82,7 @@ docs: install
 	  --site-dir $$tmp; rc=$$?; rm -rf $$tmp; exit $$rc
 
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
-test: install models prometheus lint typecheck contracts docs
+test: install models prometheus mlflow lint typecheck contracts docs
 	$(BIN)/pytest
 
 # The long reliability runs: scenarios too slow for `make test` (marked soak), then a soak of
