@@ -8,7 +8,7 @@ Our additions are named as such: `lora` (r, alpha, dropout, target_modules, `qua
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from celery import Celery
 from fastapi import APIRouter, Depends, Request
@@ -72,6 +72,23 @@ class EvaluationIn(Wire):
         "always", description="`if_better`: serve the adapter only if it beats the base.")
 
 
+class MlflowOptions(Wire):
+    experiment: str = Field(min_length=1, max_length=500,
+                            description="The MLflow experiment; created when missing.")
+    run_name: str | None = Field(None, min_length=1, max_length=250,
+                                 description="Default: the job's id.")
+    tags: dict[Annotated[str, Field(min_length=1, max_length=250)],
+               Annotated[str, Field(max_length=5000)]] | None = Field(None, max_length=50)
+
+
+class Integration(Wire):
+    """OpenAI's `integrations` entry; the kind this gateway has is an MLflow tracking server
+    (the gateway's own: a job cannot name a server for workers to call)."""
+
+    type: Literal["mlflow"]
+    mlflow: MlflowOptions
+
+
 class JobIn(Wire):
     model: str
     training_file: str
@@ -83,6 +100,7 @@ class JobIn(Wire):
     metadata: dict[str, str] | None = None
     lora: LoraOptions = Field(default_factory=LoraOptions)
     evaluation: EvaluationIn | None = None
+    integrations: list[Integration] | None = Field(None, max_length=1)
 
 
 def _hyperparameters(body: JobIn) -> dict[str, Any]:
@@ -133,10 +151,21 @@ def job_out(job: FineTuningJob) -> dict[str, Any]:
         "training_file": job.training_file, "validation_file": job.validation_file,
         "hyperparameters": hp, "trained_tokens": job.trained_tokens, "error": job.error,
         "seed": job.seed, "user_provided_suffix": job.suffix, "estimated_finish": None,
-        "integrations": [], "metadata": None,
+        "integrations": _integrations_out(job), "metadata": None,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
         "lora": job.lora, "evaluation": job.evaluation, "result": job.result or None,
     }
+
+
+def _integrations_out(job: FineTuningJob) -> list[dict[str, Any]]:
+    """The integrations as given; the MLflow one with its run once the worker opened it."""
+    out = []
+    for item in job.integrations or []:
+        if item.get("type") == "mlflow" and job.tracking:
+            run = {k: job.tracking[k] for k in ("run_id", "experiment_id", "url")}
+            item = {**item, "mlflow": {**item["mlflow"], "run": run}}
+        out.append(item)
+    return out
 
 
 def event_out(event: FineTuningEvent) -> dict[str, Any]:
@@ -185,12 +214,17 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
                 raise BadRequestError(f"File {file_id} has purpose '{row.purpose}', not "
                                       "'fine-tune'.", param=param)
         evaluation = await _evaluation(body, who.tenant_id, evals)
+        if body.integrations and settings.finetune.mlflow_tracking_uri is None:
+            raise BadRequestError("The `mlflow` integration needs an MLflow tracking server, "
+                                  "and none is configured on this gateway "
+                                  "(finetune.mlflow_tracking_uri).", param="integrations")
         job = await jobs.create(
             tenant_id=who.tenant_id, key_id=who.key_id, model=body.model,
             training_file=body.training_file, validation_file=body.validation_file,
             suffix=body.suffix, seed=body.seed if body.seed is not None else 0,
             hyperparameters=hyperparameters, lora=body.lora.model_dump(),
-            evaluation=evaluation)
+            evaluation=evaluation, integrations=[
+                i.model_dump(exclude_none=True) for i in body.integrations or []] or None)
         try:
             await enqueue(celery, FINETUNE_TASK, [job.id])
         except ServiceUnavailableError:
