@@ -17,7 +17,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from redis.asyncio import Redis
+
 from evals.store import Evals
+from finetune.billing import AttemptBill, training_price
 from finetune.config import TrainConfig
 from finetune.dataset import Example, InvalidDatasetError, validate_chat_jsonl
 from finetune.jobs import FineTuning, adapter_name
@@ -28,6 +31,7 @@ from llmops.files import Files
 from llmops.settings import ModelConfig, Settings
 from llmops.store import Database, FineTuningJob, utcnow
 from observability.worker_metrics import METRICS
+from tenancy.limits import Limiter
 from tenancy.tenants import NotFoundError
 
 __all__ = ["run_job"]
@@ -41,9 +45,11 @@ class _JobHooks:
     and renew the lease at most every `heartbeat_s`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, jobs: FineTuning, job: FineTuningJob,
-                 owner: str, settings: Settings, tracker: Tracker | None) -> None:
+                 owner: str, settings: Settings, tracker: Tracker | None,
+                 bill: AttemptBill) -> None:
         self.loop, self.jobs, self.job_id, self.owner = loop, jobs, job.id, owner
-        self.tracker = tracker
+        self.tracker, self.bill = tracker, bill
+        self.trained_tokens = 0  # by this attempt
         self.base_model = job.model
         self.lease_s = settings.finetune.lease_s
         self.heartbeat_s = settings.finetune.heartbeat_s
@@ -59,12 +65,14 @@ class _JobHooks:
             METRICS.training_step(self.base_model, int(data["step"]), int(data["total_steps"]),
                                   float(data["train_loss"]), int(data.get("tokens", 0)),
                                   float(data["tokens_per_s"]))
+            self.trained_tokens += int(data.get("tokens", 0))
             if self.tracker is not None:
                 self.tracker.metrics(int(data["step"]), {
                     k: data[k] for k in ("train_loss", "learning_rate", "tokens_per_s")})
         if level == "checkpoint" and data is not None:
             metrics = {k: v for k, v in data.items() if k != "step" and v is not None}
             self._run(self.jobs.checkpoint(self.job_id, int(data["step"]), metrics))
+            self._run(self.bill.update(self.trained_tokens))  # a killed attempt pays this far
             if self.tracker is not None and data.get("valid_loss") is not None:
                 self.tracker.metrics(int(data["step"]), {"valid_loss": data["valid_loss"]})
         kind = "metrics" if level == "metrics" else "message"
@@ -81,6 +89,8 @@ class _JobHooks:
 async def run_job(job_id: str, settings: Settings) -> str:
     """Run or resume a job if no other worker holds it; returns what became of it."""
     db = Database(settings.database_url)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
+    limiter = Limiter(redis, db, settings.redis_prefix, settings.limits)
     jobs = FineTuning(db)
     owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
@@ -89,7 +99,7 @@ async def run_job(job_id: str, settings: Settings) -> str:
             return "not claimed"
         try:
             return await _run(job, jobs, Files(db, settings.files.root, settings.files.max_bytes),
-                              settings, owner)
+                              settings, owner, limiter)
         except Exception as exc:  # the job fails; the worker lives on
             log.exception("fine-tuning job %s failed", job_id)
             await jobs.update(job_id, owner, status="failed",
@@ -98,6 +108,7 @@ async def run_job(job_id: str, settings: Settings) -> str:
             await jobs.event(job_id, f"The job failed: {exc}"[:1000], level="error")
             return "failed"
     finally:
+        await redis.aclose()
         await db.close()
 
 
@@ -110,7 +121,7 @@ async def _load(files: Files, job: FineTuningJob, file_id: str, base: ModelConfi
 
 
 async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Settings,
-               owner: str) -> str:
+               owner: str, limiter: Limiter) -> str:
     from transformers import AutoTokenizer
 
     base = next(m for m in settings.models if m.name == job.model)
@@ -147,8 +158,10 @@ async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Set
     tracker = await _tracking(job, jobs, owner, files, settings, config)
     status: str | None = "FAILED"  # the run's end, unless training gets further
     try:
+        bill = AttemptBill(jobs.db, job, await training_price(jobs.db, job.model),
+                           settings.finetune.device_cost_per_hour_usd, limiter.charge)
         outcome = await _train(job, jobs, files, settings, owner, config, val_set,
-                               [list(e.messages) for e in train_set], tracker)
+                               [list(e.messages) for e in train_set], tracker, bill)
         # A lost lease leaves the run open: the worker that took the job over continues it.
         status = {"succeeded": "FINISHED", "cancelled": "KILLED"}.get(outcome)
         return outcome
@@ -221,21 +234,28 @@ async def _tracking(job: FineTuningJob, jobs: FineTuning, owner: str, files: Fil
 
 async def _train(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Settings,
                  owner: str, config: TrainConfig, val_set: list[Example],
-                 messages: list[list[Any]], tracker: Tracker | None) -> str:
+                 messages: list[list[Any]], tracker: Tracker | None, bill: AttemptBill
+                 ) -> str:
     """Train, publish the adapter, evaluate it if asked; returns what became of the job."""
     hp, lora = job.hyperparameters, job.lora
     root = Path(settings.finetune.adapters_root) / job.id
-    hooks = _JobHooks(asyncio.get_running_loop(), jobs, job, owner, settings, tracker)
+    hooks = _JobHooks(asyncio.get_running_loop(), jobs, job, owner, settings, tracker, bill)
     val_messages = [list(e.messages) for e in val_set]
     try:
         with METRICS.training(job.model):
             result = await asyncio.to_thread(train, config, messages, val_messages, hooks)
     except Cancelled:
+        await bill.update(hooks.trained_tokens, ended=True)
         if (await jobs.get(job.id)).cancel_requested:
             await jobs.update(job.id, owner, status="cancelled")
             await jobs.event(job.id, "The job was cancelled.")
             return "cancelled"
         return "lease lost"  # another worker holds the job now
+
+    except BaseException:
+        await asyncio.shield(bill.update(hooks.trained_tokens, ended=True))
+        raise
+    await bill.update(hooks.trained_tokens, ended=True)
 
     published = root / "adapter"
     staging = root / "adapter.tmp"

@@ -7,6 +7,7 @@ Our additions are named as such: `lora` (r, alpha, dropout, target_modules, `qua
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,8 @@ from pydantic import Field
 
 import tenancy
 from evals.store import Evals
+from finetune.billing import estimate_cost
+from finetune.dataset import InvalidDatasetError, validate_chat_jsonl
 from finetune.jobs import FineTuning, adapter_name
 from gateway.http.auth import authenticated
 from gateway.http.paging import page
@@ -28,10 +31,13 @@ from llmops.errors import (
     ServiceUnavailableError,
 )
 from llmops.files import Files
-from llmops.settings import Settings
+from llmops.settings import ModelConfig, Settings
 from llmops.store import FineTuningEvent, FineTuningJob
 from llmops.wire import Open, Wire
+from tenancy.accounting import PriceBook
 from tenancy.auth import Authenticator
+from tenancy.limits import Limiter
+from tenancy.tenants import Principal
 from workers.app import FINETUNE_TASK
 
 __all__ = ["event_out", "fine_tuning_router", "job_out"]
@@ -178,10 +184,40 @@ def event_out(event: FineTuningEvent) -> dict[str, Any]:
 
 
 def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celery: Celery,
-                       auth: Authenticator, evals: Evals) -> APIRouter:
+                       auth: Authenticator, evals: Evals, limiter: Limiter, prices: PriceBook
+                       ) -> APIRouter:
     router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
                        dependencies=[Depends(authenticated(auth))])
     bases = {m.name: m for m in settings.models if m.kind == "chat"}
+    tokenizers: dict[str, Any] = {}  # base model -> its tokenizer, loaded at first need
+
+    async def check_budget(who: Principal, base: ModelConfig, file_id: str,
+                           hyperparameters: dict[str, Any]) -> None:
+        """Refuse a job whose estimated cost does not fit the caller's remaining budget; the
+        file is read (and tokenized) only for callers that have a budget."""
+        if who.key_limits.budget_usd is None and who.tenant_limits.budget_usd is None:
+            return
+        assert base.weights is not None
+        if base.name not in tokenizers:
+            from transformers import AutoTokenizer  # heavy: only when budgets need it
+
+            tokenizers[base.name] = await asyncio.to_thread(AutoTokenizer.from_pretrained,
+                                                            base.weights)
+        row = await files.get(who.tenant_id, file_id)
+        data = await asyncio.to_thread(files.path(row).read_bytes)
+        try:
+            examples = await asyncio.to_thread(
+                validate_chat_jsonl, data, tokenizer=tokenizers[base.name],
+                max_tokens=base.context_length, min_examples=1)
+        except InvalidDatasetError:
+            return  # the worker refuses it in validation, before any (billed) training
+        cfg = settings.finetune
+        tokens, cost = estimate_cost(examples, int(hyperparameters.get("n_epochs") or 3),
+                                     prices.prices.get(base.name), cfg.device_cost_per_hour_usd,
+                                     cfg.estimate_tokens_per_s)
+        await limiter.check_budget(
+            who, cost, f"This job's estimated cost, {cost:.4f} USD ({tokens} tokens to train "
+            "on: the training file's tokens times its epochs),")
 
     async def owned(request: Request, job_id: str) -> FineTuningJob:
         try:
@@ -214,6 +250,7 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
                 raise BadRequestError(f"File {file_id} has purpose '{row.purpose}', not "
                                       "'fine-tune'.", param=param)
         evaluation = await _evaluation(body, who.tenant_id, evals)
+        await check_budget(who, base, body.training_file, hyperparameters)
         if body.integrations and settings.finetune.mlflow_tracking_uri is None:
             raise BadRequestError("The `mlflow` integration needs an MLflow tracking server, "
                                   "and none is configured on this gateway "

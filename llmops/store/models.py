@@ -143,6 +143,7 @@ class UsageRecord(Base):
     prompt_tokens: Mapped[int] = mapped_column(default=0)
     cached_tokens: Mapped[int] = mapped_column(default=0)  # of prompt_tokens
     completion_tokens: Mapped[int] = mapped_column(default=0)
+    trained_tokens: Mapped[int] = mapped_column(default=0)  # fine-tuning (endpoint: its jobs)
     latency_ms: Mapped[float] = mapped_column(default=0.0)
     ttft_ms: Mapped[float | None] = mapped_column(default=None)
     pool: Mapped[str | None] = mapped_column(String(8), default=None)

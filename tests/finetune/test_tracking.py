@@ -1,7 +1,8 @@
 """Experiment tracking on a real MLflow server: a real job (SmolLM2 on the CPU, a tiny
 dataset, two steps) run in process by `run_job` logs its parameters, a metric per step,
-validation loss and the adapter; a resumed job continues its run; a server that is down costs
-the job nothing but a warning; bad `integrations` are refused in OpenAI's shape."""
+validation loss and the adapter, and is billed in the ledger; a resumed job continues its
+run; a server that is down costs the job nothing but a warning; bad `integrations` are
+refused in OpenAI's shape."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from finetune.jobs import FineTuning
 from finetune.run import _tracking, _train_config, run_job
@@ -22,7 +24,7 @@ from llmops.cli import models_home
 from llmops.cli.models import prepare_models
 from llmops.files import Files
 from llmops.settings import Settings
-from llmops.store import Database, FineTuningEvent, upgrade
+from llmops.store import Database, FineTuningEvent, UsageRecord, upgrade
 from tests.databases import REDIS_URL, in_process_gateway
 from tests.mlflow_server import API, artifacts, free_port, history, mlflow_url, run
 
@@ -49,7 +51,8 @@ def _settings(tmp_path: Path, weights: Path, tracking_uri: str | None) -> Settin
         admin_key=ADMIN, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", redis_url=REDIS_URL,
         redis_prefix=f"llmops-test-{uuid.uuid4().hex[:12]}", files={"root": tmp_path / "files"},
         finetune={"adapters_root": tmp_path / "adapters", "min_examples": 2,
-                  "mlflow_tracking_uri": tracking_uri, "mlflow_timeout_s": 2.0},
+                  "mlflow_tracking_uri": tracking_uri, "mlflow_timeout_s": 2.0,
+                  "device_cost_per_hour_usd": 36.0},
         models=[{"name": "chat", "kind": "chat", "weights": str(weights),
                  "context_length": 256,
                  "pools": [{"device": "cpu", "urls": ["http://127.0.0.1:9"]}]}])
@@ -128,6 +131,16 @@ async def test_a_job_logs_params_step_metrics_and_its_adapter(
     local = Path(job.result["adapter_path"]) / "adapter_model.safetensors"
     assert files["adapter/adapter_model.safetensors"] == local.stat().st_size
     assert "adapter/adapter_config.json" in files
+
+    # Billed like inference: one record for its one attempt, priced by device time.
+    async with store.session() as session:
+        records = list(await session.scalars(select(UsageRecord)))
+    assert [(r.request_id, r.tenant_id, r.key_id, r.endpoint, r.trained_tokens, r.status)
+            for r in records] == [(f"{job_id}:1", TENANT, KEY, "/v1/fine_tuning/jobs",
+                                   job.trained_tokens, 200)]
+    assert records[0].device_seconds > 0
+    assert float(records[0].cost_usd) == pytest.approx(records[0].device_seconds * 0.01,
+                                                       abs=1e-6)
 
 
 async def test_a_resumed_job_reopens_its_run(tmp_path: Path, weights: Path, store: Database,
