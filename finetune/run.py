@@ -13,19 +13,25 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from redis.asyncio import Redis
+
 from evals.store import Evals
+from finetune.billing import AttemptBill, training_price
 from finetune.config import TrainConfig
 from finetune.dataset import Example, InvalidDatasetError, validate_chat_jsonl
 from finetune.jobs import FineTuning, adapter_name
 from finetune.promotion import evaluate
+from finetune.tracking import Tracker, run_params, start_tracking
 from finetune.trainer import Cancelled, train
 from llmops.files import Files
 from llmops.settings import ModelConfig, Settings
 from llmops.store import Database, FineTuningJob, utcnow
 from observability.worker_metrics import METRICS
+from tenancy.limits import Limiter
 from tenancy.tenants import NotFoundError
 
 __all__ = ["run_job"]
@@ -39,8 +45,11 @@ class _JobHooks:
     and renew the lease at most every `heartbeat_s`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, jobs: FineTuning, job: FineTuningJob,
-                 owner: str, settings: Settings) -> None:
+                 owner: str, settings: Settings, tracker: Tracker | None,
+                 bill: AttemptBill) -> None:
         self.loop, self.jobs, self.job_id, self.owner = loop, jobs, job.id, owner
+        self.tracker, self.bill = tracker, bill
+        self.trained_tokens = 0  # by this attempt
         self.base_model = job.model
         self.lease_s = settings.finetune.lease_s
         self.heartbeat_s = settings.finetune.heartbeat_s
@@ -56,9 +65,16 @@ class _JobHooks:
             METRICS.training_step(self.base_model, int(data["step"]), int(data["total_steps"]),
                                   float(data["train_loss"]), int(data.get("tokens", 0)),
                                   float(data["tokens_per_s"]))
+            self.trained_tokens += int(data.get("tokens", 0))
+            if self.tracker is not None:
+                self.tracker.metrics(int(data["step"]), {
+                    k: data[k] for k in ("train_loss", "learning_rate", "tokens_per_s")})
         if level == "checkpoint" and data is not None:
             metrics = {k: v for k, v in data.items() if k != "step" and v is not None}
             self._run(self.jobs.checkpoint(self.job_id, int(data["step"]), metrics))
+            self._run(self.bill.update(self.trained_tokens))  # a killed attempt pays this far
+            if self.tracker is not None and data.get("valid_loss") is not None:
+                self.tracker.metrics(int(data["step"]), {"valid_loss": data["valid_loss"]})
         kind = "metrics" if level == "metrics" else "message"
         self._run(self.jobs.event(self.job_id, message, type_=kind, data=data))
 
@@ -73,6 +89,8 @@ class _JobHooks:
 async def run_job(job_id: str, settings: Settings) -> str:
     """Run or resume a job if no other worker holds it; returns what became of it."""
     db = Database(settings.database_url)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
+    limiter = Limiter(redis, db, settings.redis_prefix, settings.limits)
     jobs = FineTuning(db)
     owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
@@ -81,7 +99,7 @@ async def run_job(job_id: str, settings: Settings) -> str:
             return "not claimed"
         try:
             return await _run(job, jobs, Files(db, settings.files.root, settings.files.max_bytes),
-                              settings, owner)
+                              settings, owner, limiter)
         except Exception as exc:  # the job fails; the worker lives on
             log.exception("fine-tuning job %s failed", job_id)
             await jobs.update(job_id, owner, status="failed",
@@ -90,6 +108,7 @@ async def run_job(job_id: str, settings: Settings) -> str:
             await jobs.event(job_id, f"The job failed: {exc}"[:1000], level="error")
             return "failed"
     finally:
+        await redis.aclose()
         await db.close()
 
 
@@ -102,7 +121,7 @@ async def _load(files: Files, job: FineTuningJob, file_id: str, base: ModelConfi
 
 
 async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Settings,
-               owner: str) -> str:
+               owner: str, limiter: Limiter) -> str:
     from transformers import AutoTokenizer
 
     base = next(m for m in settings.models if m.name == job.model)
@@ -135,9 +154,27 @@ async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Set
     await jobs.event(job.id, "Fine-tuning job started" if first_run else
                      f"Fine-tuning job resumed (attempt {job.attempts})")
 
+    config = _train_config(job, base, settings)
+    tracker = await _tracking(job, jobs, owner, files, settings, config)
+    status: str | None = "FAILED"  # the run's end, unless training gets further
+    try:
+        bill = AttemptBill(jobs.db, job, await training_price(jobs.db, job.model),
+                           settings.finetune.device_cost_per_hour_usd, limiter.charge)
+        outcome = await _train(job, jobs, files, settings, owner, config, val_set,
+                               [list(e.messages) for e in train_set], tracker, bill)
+        # A lost lease leaves the run open: the worker that took the job over continues it.
+        status = {"succeeded": "FINISHED", "cancelled": "KILLED"}.get(outcome)
+        return outcome
+    finally:
+        if tracker is not None:
+            await tracker.close(status)
+
+
+def _train_config(job: FineTuningJob, base: ModelConfig, settings: Settings) -> TrainConfig:
     hp, lora = job.hyperparameters, job.lora
+    assert base.weights is not None
     root = Path(settings.finetune.adapters_root) / job.id
-    config = TrainConfig(
+    return TrainConfig(
         base_model=Path(base.weights), output_dir=root / "work",
         n_epochs=int(hp.get("n_epochs") or 3), batch_size=int(hp.get("batch_size") or 4),
         learning_rate=BASE_LEARNING_RATE * float(hp.get("learning_rate_multiplier") or 1.0),
@@ -148,18 +185,77 @@ async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Set
         gradient_checkpointing=bool(lora.get("gradient_checkpointing", False)),
         checkpoint_every=int(lora.get("checkpoint_every", 10)),
         max_length=base.context_length, seed=job.seed)
-    hooks = _JobHooks(asyncio.get_running_loop(), jobs, job, owner, settings)
-    messages = [list(e.messages) for e in train_set]
+
+
+async def _tracking(job: FineTuningJob, jobs: FineTuning, owner: str, files: Files,
+                    settings: Settings, config: TrainConfig) -> Tracker | None:
+    """The job's MLflow run, when it asked for one: created with its parameters on the first
+    attempt, reopened on a resume; None (after a warning event) when it cannot be used."""
+    spec = next((i["mlflow"] for i in job.integrations or [] if i.get("type") == "mlflow"),
+                None)
+    if spec is None:
+        return None
+    cfg = settings.finetune
+
+    async def warn(message: str) -> None:
+        await jobs.event(job.id, message, level="warn")
+
+    if cfg.mlflow_tracking_uri is None:  # configured when the job was created, not now
+        await warn("Experiment tracking is unavailable: no MLflow tracking server is "
+                   "configured. The job goes on without it.")
+        return None
+    tracker = await start_tracking(
+        cfg.mlflow_tracking_uri, spec, job.tracking, job.id,
+        {"llmops.job_id": job.id, "llmops.base_model": job.model,
+         "llmops.tenant_id": job.tenant_id},
+        timeout_s=cfg.mlflow_timeout_s, artifact_timeout_s=cfg.mlflow_artifact_timeout_s,
+        queue_size=cfg.mlflow_queue_size, warn=warn)
+    if tracker is None:
+        return None
+    ref = tracker.ref
+    link = {"run_id": ref.run_id, "experiment_id": ref.experiment_id, "url": ref.url}
+    if job.tracking is None:
+        await jobs.update(job.id, owner, tracking=asdict(ref))
+        await jobs.event(job.id, f"Tracking in MLflow run {ref.run_id}: {ref.url}", data=link)
+    else:
+        await jobs.event(job.id, f"Resumed MLflow run {ref.run_id}: {ref.url}", data=link)
+    # Every attempt logs them (the same values again: MLflow accepts that), in case the
+    # first one died before it could.
+    sha = {f"{param}_sha256": (await files.get(job.tenant_id, file_id)).sha256
+           for param, file_id in (("training_file", job.training_file),
+                                  ("validation_file", job.validation_file)) if file_id}
+    await tracker.log(params=run_params(config, {
+        "base_model": job.model, "method": "supervised", "job_id": job.id,
+        "training_file": job.training_file, "validation_file": job.validation_file,
+        "learning_rate_multiplier": job.hyperparameters.get("learning_rate_multiplier"),
+        **sha}))
+    return tracker
+
+
+async def _train(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Settings,
+                 owner: str, config: TrainConfig, val_set: list[Example],
+                 messages: list[list[Any]], tracker: Tracker | None, bill: AttemptBill
+                 ) -> str:
+    """Train, publish the adapter, evaluate it if asked; returns what became of the job."""
+    hp, lora = job.hyperparameters, job.lora
+    root = Path(settings.finetune.adapters_root) / job.id
+    hooks = _JobHooks(asyncio.get_running_loop(), jobs, job, owner, settings, tracker, bill)
     val_messages = [list(e.messages) for e in val_set]
     try:
         with METRICS.training(job.model):
             result = await asyncio.to_thread(train, config, messages, val_messages, hooks)
     except Cancelled:
+        await bill.update(hooks.trained_tokens, ended=True)
         if (await jobs.get(job.id)).cancel_requested:
             await jobs.update(job.id, owner, status="cancelled")
             await jobs.event(job.id, "The job was cancelled.")
             return "cancelled"
         return "lease lost"  # another worker holds the job now
+
+    except BaseException:
+        await asyncio.shield(bill.update(hooks.trained_tokens, ended=True))
+        raise
+    await bill.update(hooks.trained_tokens, ended=True)
 
     published = root / "adapter"
     staging = root / "adapter.tmp"
@@ -167,6 +263,12 @@ async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Set
     shutil.copytree(result.adapter_dir, staging)
     shutil.rmtree(published, ignore_errors=True)
     os.replace(staging, published)
+    if tracker is not None:
+        final = {"final_train_loss": result.train_loss, "trained_tokens": result.trained_tokens}
+        if result.val_loss is not None:
+            final["final_valid_loss"] = result.val_loss
+        await tracker.log(metrics=final, step=result.steps)
+        await tracker.upload(published, "adapter")
     name = adapter_name(job)
     training_file = await files.get(job.tenant_id, job.training_file)
     lineage = {"base_model": job.model, "training_file_sha256": training_file.sha256,

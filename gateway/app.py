@@ -249,7 +249,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(inference_router(served))
     app.include_router(models_router(s.catalog), dependencies=[Depends(principal)])
     app.include_router(files_router(s.files, s.auth, functools.partial(_forget_file, s)))
-    app.include_router(fine_tuning_router(cfg, s.jobs, s.files, s.celery, s.auth, s.evals))
+    app.include_router(fine_tuning_router(cfg, s.jobs, s.files, s.celery, s.auth, s.evals,
+                                          s.limiter, s.prices))
     app.include_router(evals_router(s.evals, s.catalog, s.runs, s.auth))
     app.include_router(eval_watches_router(cfg, s.evals, s.watches, s.runs, s.auth))
     app.include_router(batches_router(s.batches, s.auth))

@@ -78,7 +78,9 @@ async def load_prices(db: Database, prices: PriceBook) -> None:
         rows = await session.scalars(select(ModelPrice))
         prices.prices = {r.model: Price(float(r.input_per_mtok), float(r.output_per_mtok),
                                         None if r.cached_input_per_mtok is None
-                                        else float(r.cached_input_per_mtok))
+                                        else float(r.cached_input_per_mtok),
+                                        None if r.training_per_mtok is None
+                                        else float(r.training_per_mtok))
                          for r in rows}
 
 

@@ -212,6 +212,22 @@ class FineTuneConfig(_Strict):
         64, ge=1, description="Answer length when a job is evaluated on its validation file.")
     evaluation_load_timeout_s: float = Field(
         300.0, gt=0, description="How long an evaluated adapter may take to be served.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="The MLflow tracking server jobs with an `mlflow` integration log to "
+        "(its REST API, e.g. http://mlflow:5000); unset: such jobs are refused.")
+    mlflow_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="Timeout of each call to the tracking server.")
+    mlflow_artifact_timeout_s: float = Field(
+        300.0, gt=0, description="Timeout of the adapter's upload to the tracking server.")
+    mlflow_queue_size: int = Field(
+        10_000, ge=100, description="Metrics a job buffers for the tracking server; beyond "
+        "that the oldest are dropped (they stay in the job's events).")
+    device_cost_per_hour_usd: float = Field(
+        0.0, ge=0, description="Price of an hour of a fine-tuning worker's device, for jobs "
+        "whose base model has no training price.")
+    estimate_tokens_per_s: float = Field(
+        1000.0, gt=0, description="Training throughput assumed when a job's cost is estimated "
+        "from device time (measure it: the workers' tokens/s metric).")
 
 
 class RetrievalConfig(_Strict):

@@ -37,7 +37,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from llmops.settings import LedgerConfig
 from llmops.store import Database, UsageRecord
 
-__all__ = ["LedgerPublisher", "LedgerWriter", "UsageEvent", "spend_since", "usage_report"]
+__all__ = ["LedgerPublisher", "LedgerWriter", "UsageEvent", "record_usage", "spend_since",
+           "usage_report"]
 
 log = logging.getLogger(__name__)
 GROUP = "ledger-writers"
@@ -55,6 +56,7 @@ class UsageEvent:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of the prompt tokens, those the engine's prefix cache held
     completion_tokens: int = 0
+    trained_tokens: int = 0  # fine-tuning: tokens trained on
     latency_ms: float = 0.0
     ttft_ms: float | None = None
     pool: str | None = None
@@ -268,6 +270,20 @@ class LedgerWriter:
                 await conn.execute(statement, ends)
 
 
+async def record_usage(db: Database, event: UsageEvent) -> None:
+    """Write one record straight to the database, replacing an earlier version of it (same
+    request id): for workers, whose records grow as their work goes on (training) and whose
+    path has no request waiting on it."""
+    dialect = postgresql if db.engine.dialect.name == "postgresql" else sqlite
+    row = event.row()
+    statement: Any = dialect.insert(UsageRecord.__table__)
+    statement = statement.on_conflict_do_update(
+        index_elements=["request_id"],
+        set_={c: statement.excluded[c] for c in row if c not in ("request_id", "created_at")})
+    async with db.engine.begin() as conn:
+        await conn.execute(statement, [row])
+
+
 def _bucket(db: Database, period: str) -> Any:
     column = UsageRecord.created_at
     if db.engine.dialect.name == "postgresql":
@@ -287,7 +303,8 @@ async def usage_report(
     start: datetime | None = None,
     end: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Requests, tokens (prompt, of those cached, and completion), cost and device seconds,
+    """Requests, tokens (prompt, of those cached, completion, and trained on by fine-tuning
+    jobs), cost and device seconds,
     summed per group (and per day or month)."""
     columns: list[Any] = [getattr(UsageRecord, g).label(g) for g in group_by]
     if period is not None:
@@ -301,6 +318,7 @@ async def usage_report(
         func.coalesce(func.sum(UsageRecord.prompt_tokens), 0).label("prompt_tokens"),
         func.coalesce(func.sum(UsageRecord.cached_tokens), 0).label("cached_tokens"),
         func.coalesce(func.sum(UsageRecord.completion_tokens), 0).label("completion_tokens"),
+        func.coalesce(func.sum(UsageRecord.trained_tokens), 0).label("trained_tokens"),
         func.coalesce(func.sum(UsageRecord.cost_usd), 0).label("cost_usd"),
         func.coalesce(func.sum(UsageRecord.device_seconds), 0).label("device_seconds"),
     ).group_by(*columns).order_by(*columns)

@@ -15,6 +15,7 @@ budgets and spend are also read for the metrics (`Limiter.tenant_budgets`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -90,6 +91,15 @@ for i = 1, #KEYS / 2 do
   redis.call('EXPIRE', KEYS[2 * i], tonumber(ARGV[3 * i]))
 end
 return {1}
+"""
+
+# KEYS: spend counters. ARGV: cost. Adds to the counters that exist (a missing one is loaded
+# from the ledger, which already holds the cost, when it is next needed).
+_CHARGE = """
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('INCRBYFLOAT', key, ARGV[1]) end
+end
+return 1
 """
 
 # KEYS: per scope (spent, reserved). ARGV: reservation, actual cost, ttl seconds.
@@ -179,6 +189,7 @@ class Limiter:
         self._adjust = redis.register_script(_ADJUST)
         self._reserve = redis.register_script(_RESERVE)
         self._settle = redis.register_script(_SETTLE)
+        self._charge = redis.register_script(_CHARGE)
 
     def _buckets(self, who: Principal, tokens: int) -> list[tuple[_Bucket, int]]:
         out = []
@@ -308,6 +319,38 @@ class Limiter:
             spent = await spend_since(self.db, budget.column, budget.owner, budget.start)
             await self.redis.set(budget.spent, repr(spent), nx=True, ex=budget.ttl_s)
         raise ServiceUnavailableError("Budget state is unavailable.", code="budget_unavailable")
+
+    async def check_budget(self, who: Principal, cost: float, what: str) -> None:
+        """Raise 429 `insufficient_quota` when `cost` (of work about to be created, e.g. a
+        fine-tuning job's estimate, described by `what`) does not fit the key's or tenant's
+        remaining budget. Nothing stays reserved: the work is billed as it runs."""
+        budgets = self._budgets(who)
+        if not budgets:
+            return
+        try:
+            await self._reserve_budgets(budgets, cost)
+        except LimitExceededError as exc:
+            raise LimitExceededError(f"{what} does not fit the remaining budget. {exc.message}",
+                                     reason="budget", code="insufficient_quota",
+                                     type_="insufficient_quota") from None
+        except RedisError:
+            if not self.config.budgets_fail_open:
+                raise ServiceUnavailableError("Budgets cannot be checked right now. Try again "
+                                              "shortly.", code="budget_unavailable") from None
+            return
+        await self.settle(Admission(budgets=budgets, reserved_cost=cost), 0, 0.0)
+
+    async def charge(self, tenant_id: str, key_id: str, cost: float) -> None:
+        """Add spend that bypassed admission (training, billed by workers as it runs) to the
+        key's and tenant's budget counters of this day and month."""
+        if cost == 0:
+            return
+        now = datetime.now(UTC)
+        keys = [f"{self._budget_key(owner, period, now)}:spent"
+                for owner in (key_id, tenant_id) for period in ("day", "month")]
+        # On failure the spend is still in the ledger, and reloaded when Redis returns empty.
+        with contextlib.suppress(RedisError):
+            await self._charge(keys=keys, args=[repr(cost)])
 
     async def settle(self, admission: Admission, tokens: int, cost: float) -> None:
         """Replace the reservation with what the request really used."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from llmops.settings import PoolConfig
 
-__all__ = ["Price", "device_seconds", "request_cost"]
+__all__ = ["Price", "device_seconds", "request_cost", "training_cost"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class Price:
     input_per_mtok: float
     output_per_mtok: float
     cached_input_per_mtok: float | None = None  # None: as `input_per_mtok`
+    training_per_mtok: float | None = None  # fine-tuning; None: the workers' device time
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
              ) -> float:
@@ -43,6 +44,15 @@ def device_seconds(pool: PoolConfig, prompt_tokens: int, completion_tokens: int,
                    cached_tokens: int = 0) -> float:
     return ((prompt_tokens - cached_tokens) / pool.prefill_tokens_per_s
             + completion_tokens / pool.decode_tokens_per_s)
+
+
+def training_cost(price: Price | None, device_cost_per_hour_usd: float, trained_tokens: int,
+                  device_seconds: float) -> float:
+    """What fine-tuning cost: the model's training price per token trained on when it has
+    one, else the fine-tuning workers' device time."""
+    if price is not None and price.training_per_mtok is not None:
+        return trained_tokens * price.training_per_mtok / 1e6
+    return device_seconds * device_cost_per_hour_usd / 3600.0
 
 
 def request_cost(price: Price | None, pool: PoolConfig | None, prompt_tokens: int,

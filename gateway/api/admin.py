@@ -130,6 +130,10 @@ class PriceIn(Wire):
         None, ge=0, le=_MONEY_MAX, allow_inf_nan=False,
         description="USD per million prompt tokens found in the engine's prefix cache "
         "(`cached_tokens`); unset: `input_per_mtok`.")
+    training_per_mtok: float | None = Field(
+        None, ge=0, le=_MONEY_MAX, allow_inf_nan=False,
+        description="USD per million tokens a fine-tuning job trains on (each epoch counts); "
+        "unset: the fine-tuning workers' device time (`finetune.device_cost_per_hour_usd`).")
 
 
 def _tenant_out(t: Tenant) -> dict[str, Any]:
@@ -246,9 +250,11 @@ def admin_router(db: Database, tenants: Tenancy, auth: Authenticator, prices: Pr
             row.output_per_mtok = Decimal(str(body.output_per_mtok))
             row.cached_input_per_mtok = (None if body.cached_input_per_mtok is None
                                          else Decimal(str(body.cached_input_per_mtok)))
+            row.training_per_mtok = (None if body.training_per_mtok is None
+                                     else Decimal(str(body.training_per_mtok)))
             await session.commit()
         prices.prices[model] = Price(body.input_per_mtok, body.output_per_mtok,
-                                     body.cached_input_per_mtok)
+                                     body.cached_input_per_mtok, body.training_per_mtok)
         return {"model": model, **body.model_dump()}
 
     @router.get("/prices")
@@ -258,13 +264,16 @@ def admin_router(db: Database, tenants: Tenancy, auth: Authenticator, prices: Pr
             data = [{"model": r.model, "input_per_mtok": float(r.input_per_mtok),
                      "output_per_mtok": float(r.output_per_mtok),
                      "cached_input_per_mtok": float(r.cached_input_per_mtok)
-                     if r.cached_input_per_mtok is not None else None} for r in rows]
+                     if r.cached_input_per_mtok is not None else None,
+                     "training_per_mtok": float(r.training_per_mtok)
+                     if r.training_per_mtok is not None else None} for r in rows]
         return {"object": "list", "data": data}
 
     @router.get("/usage")
     async def usage(
         group_by: Annotated[str, Query(description="Comma-separated: tenant_id, key_id, "
-                                                   "model, adapter, pool")] = "tenant_id",
+                                                   "model, adapter, pool, endpoint (training "
+                                                   "is /v1/fine_tuning/jobs)")] = "tenant_id",
         period: Period | None = None,
         tenant_id: str | None = None,
         key_id: str | None = None,
@@ -273,7 +282,7 @@ def admin_router(db: Database, tenants: Tenancy, auth: Authenticator, prices: Pr
         end: datetime | None = None,
     ) -> dict[str, Any]:
         groups = tuple(g.strip() for g in group_by.split(",") if g.strip())
-        allowed = {"tenant_id", "key_id", "model", "adapter", "pool"}
+        allowed = {"tenant_id", "key_id", "model", "adapter", "pool", "endpoint"}
         if not groups or not set(groups) <= allowed:
             raise BadRequestError(f"group_by must name some of {sorted(allowed)}",
                                   param="group_by")

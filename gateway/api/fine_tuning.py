@@ -7,8 +7,9 @@ Our additions are named as such: `lora` (r, alpha, dropout, target_modules, `qua
 
 from __future__ import annotations
 
+import asyncio
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from celery import Celery
 from fastapi import APIRouter, Depends, Request
@@ -16,6 +17,8 @@ from pydantic import Field
 
 import tenancy
 from evals.store import Evals
+from finetune.billing import estimate_cost
+from finetune.dataset import InvalidDatasetError, validate_chat_jsonl
 from finetune.jobs import FineTuning, adapter_name
 from gateway.http.auth import authenticated
 from gateway.http.paging import page
@@ -28,10 +31,13 @@ from llmops.errors import (
     ServiceUnavailableError,
 )
 from llmops.files import Files
-from llmops.settings import Settings
+from llmops.settings import ModelConfig, Settings
 from llmops.store import FineTuningEvent, FineTuningJob
 from llmops.wire import Open, Wire
+from tenancy.accounting import PriceBook
 from tenancy.auth import Authenticator
+from tenancy.limits import Limiter
+from tenancy.tenants import Principal
 from workers.app import FINETUNE_TASK
 
 __all__ = ["event_out", "fine_tuning_router", "job_out"]
@@ -72,6 +78,23 @@ class EvaluationIn(Wire):
         "always", description="`if_better`: serve the adapter only if it beats the base.")
 
 
+class MlflowOptions(Wire):
+    experiment: str = Field(min_length=1, max_length=500,
+                            description="The MLflow experiment; created when missing.")
+    run_name: str | None = Field(None, min_length=1, max_length=250,
+                                 description="Default: the job's id.")
+    tags: dict[Annotated[str, Field(min_length=1, max_length=250)],
+               Annotated[str, Field(max_length=5000)]] | None = Field(None, max_length=50)
+
+
+class Integration(Wire):
+    """OpenAI's `integrations` entry; the kind this gateway has is an MLflow tracking server
+    (the gateway's own: a job cannot name a server for workers to call)."""
+
+    type: Literal["mlflow"]
+    mlflow: MlflowOptions
+
+
 class JobIn(Wire):
     model: str
     training_file: str
@@ -83,6 +106,7 @@ class JobIn(Wire):
     metadata: dict[str, str] | None = None
     lora: LoraOptions = Field(default_factory=LoraOptions)
     evaluation: EvaluationIn | None = None
+    integrations: list[Integration] | None = Field(None, max_length=1)
 
 
 def _hyperparameters(body: JobIn) -> dict[str, Any]:
@@ -133,10 +157,21 @@ def job_out(job: FineTuningJob) -> dict[str, Any]:
         "training_file": job.training_file, "validation_file": job.validation_file,
         "hyperparameters": hp, "trained_tokens": job.trained_tokens, "error": job.error,
         "seed": job.seed, "user_provided_suffix": job.suffix, "estimated_finish": None,
-        "integrations": [], "metadata": None,
+        "integrations": _integrations_out(job), "metadata": None,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
         "lora": job.lora, "evaluation": job.evaluation, "result": job.result or None,
     }
+
+
+def _integrations_out(job: FineTuningJob) -> list[dict[str, Any]]:
+    """The integrations as given; the MLflow one with its run once the worker opened it."""
+    out = []
+    for item in job.integrations or []:
+        if item.get("type") == "mlflow" and job.tracking:
+            run = {k: job.tracking[k] for k in ("run_id", "experiment_id", "url")}
+            item = {**item, "mlflow": {**item["mlflow"], "run": run}}
+        out.append(item)
+    return out
 
 
 def event_out(event: FineTuningEvent) -> dict[str, Any]:
@@ -149,10 +184,40 @@ def event_out(event: FineTuningEvent) -> dict[str, Any]:
 
 
 def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celery: Celery,
-                       auth: Authenticator, evals: Evals) -> APIRouter:
+                       auth: Authenticator, evals: Evals, limiter: Limiter, prices: PriceBook
+                       ) -> APIRouter:
     router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
                        dependencies=[Depends(authenticated(auth))])
     bases = {m.name: m for m in settings.models if m.kind == "chat"}
+    tokenizers: dict[str, Any] = {}  # base model -> its tokenizer, loaded at first need
+
+    async def check_budget(who: Principal, base: ModelConfig, file_id: str,
+                           hyperparameters: dict[str, Any]) -> None:
+        """Refuse a job whose estimated cost does not fit the caller's remaining budget; the
+        file is read (and tokenized) only for callers that have a budget."""
+        if who.key_limits.budget_usd is None and who.tenant_limits.budget_usd is None:
+            return
+        assert base.weights is not None
+        if base.name not in tokenizers:
+            from transformers import AutoTokenizer  # heavy: only when budgets need it
+
+            tokenizers[base.name] = await asyncio.to_thread(AutoTokenizer.from_pretrained,
+                                                            base.weights)
+        row = await files.get(who.tenant_id, file_id)
+        data = await asyncio.to_thread(files.path(row).read_bytes)
+        try:
+            examples = await asyncio.to_thread(
+                validate_chat_jsonl, data, tokenizer=tokenizers[base.name],
+                max_tokens=base.context_length, min_examples=1)
+        except InvalidDatasetError:
+            return  # the worker refuses it in validation, before any (billed) training
+        cfg = settings.finetune
+        tokens, cost = estimate_cost(examples, int(hyperparameters.get("n_epochs") or 3),
+                                     prices.prices.get(base.name), cfg.device_cost_per_hour_usd,
+                                     cfg.estimate_tokens_per_s)
+        await limiter.check_budget(
+            who, cost, f"This job's estimated cost, {cost:.4f} USD ({tokens} tokens to train "
+            "on: the training file's tokens times its epochs),")
 
     async def owned(request: Request, job_id: str) -> FineTuningJob:
         try:
@@ -185,12 +250,18 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
                 raise BadRequestError(f"File {file_id} has purpose '{row.purpose}', not "
                                       "'fine-tune'.", param=param)
         evaluation = await _evaluation(body, who.tenant_id, evals)
+        await check_budget(who, base, body.training_file, hyperparameters)
+        if body.integrations and settings.finetune.mlflow_tracking_uri is None:
+            raise BadRequestError("The `mlflow` integration needs an MLflow tracking server, "
+                                  "and none is configured on this gateway "
+                                  "(finetune.mlflow_tracking_uri).", param="integrations")
         job = await jobs.create(
             tenant_id=who.tenant_id, key_id=who.key_id, model=body.model,
             training_file=body.training_file, validation_file=body.validation_file,
             suffix=body.suffix, seed=body.seed if body.seed is not None else 0,
             hyperparameters=hyperparameters, lora=body.lora.model_dump(),
-            evaluation=evaluation)
+            evaluation=evaluation, integrations=[
+                i.model_dump(exclude_none=True) for i in body.integrations or []] or None)
         try:
             await enqueue(celery, FINETUNE_TASK, [job.id])
         except ServiceUnavailableError:

@@ -252,7 +252,7 @@ async def cmd_usage(args: argparse.Namespace, db: Database) -> int:
     rows = await usage_report(db, group_by=groups, period=args.period, tenant_id=tenant,
                               key_id=args.key, model=args.model)
     header = [*groups, *(["period"] if args.period else []), "requests", "unfinished",
-              "prompt_tokens", "cached_tokens", "completion_tokens", "cost_usd",
+              "prompt_tokens", "cached_tokens", "completion_tokens", "trained_tokens", "cost_usd",
               "device_seconds"]
     print("  ".join(header))
     for row in rows:
@@ -395,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     usage.add_argument("--tenant", help="tenant id or name")
     usage.add_argument("--key", help="key id")
     usage.add_argument("--model")
-    usage.add_argument("--group-by", default="tenant_id,model")
+    usage.add_argument("--group-by", default="tenant_id,model,endpoint",
+                       help="of tenant_id, key_id, model, adapter, pool, endpoint (training: "
+                       "/v1/fine_tuning/jobs)")
     usage.add_argument("--period", choices=("day", "month"))
     usage.set_defaults(func=_store(cmd_usage))
 

@@ -117,6 +117,8 @@ class ModelPrice(Base):
     output_per_mtok: Mapped[Decimal]  # USD per million completion tokens
     # USD per million prompt tokens found in the engine's prefix cache; None: input_per_mtok.
     cached_input_per_mtok: Mapped[Decimal | None] = mapped_column(default=None)
+    # USD per million tokens trained on (fine-tuning); None: priced by the workers' device time.
+    training_per_mtok: Mapped[Decimal | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
@@ -141,6 +143,7 @@ class UsageRecord(Base):
     prompt_tokens: Mapped[int] = mapped_column(default=0)
     cached_tokens: Mapped[int] = mapped_column(default=0)  # of prompt_tokens
     completion_tokens: Mapped[int] = mapped_column(default=0)
+    trained_tokens: Mapped[int] = mapped_column(default=0)  # fine-tuning (endpoint: its jobs)
     latency_ms: Mapped[float] = mapped_column(default=0.0)
     ttft_ms: Mapped[float | None] = mapped_column(default=None)
     pool: Mapped[str | None] = mapped_column(String(8), default=None)
@@ -186,6 +189,10 @@ class FineTuningJob(Base):
     lora: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # {eval_id?, data_source?, promote}: evaluate base and adapter after training.
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # OpenAI's `integrations` as given ([{type: "mlflow", mlflow: {...}}]).
+    integrations: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
+    # The MLflow run the job logs to ({run_id, experiment_id, url}), kept across resumes.
+    tracking: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     status: Mapped[str] = mapped_column(String(20), default="validating_files")
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(256), default=None)

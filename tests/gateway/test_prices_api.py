@@ -53,7 +53,7 @@ async def test_cached_input_price_is_set_listed_loaded_and_unset(tmp_path: Path)
                                                      "output_per_mtok": 8.0})
         listed = (await client.get("/admin/prices")).json()["data"]
         assert listed[0] == {"model": "chat", "input_per_mtok": 3.0, "output_per_mtok": 8.0,
-                             "cached_input_per_mtok": None}
+                             "cached_input_per_mtok": None, "training_per_mtok": None}
         await load_prices(db, book)
         assert book.prices["chat"] == Price(3.0, 8.0)
     await db.close()
