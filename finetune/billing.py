@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from finetune.dataset import Example
 from llmops.store import Database, FineTuningJob, ModelPrice
+from observability.worker_metrics import METRICS
 from tenancy.ledger import UsageEvent, record_usage
 from tenancy.pricing import Price, training_cost
 
@@ -72,4 +73,5 @@ class AttemptBill:
             created_at=self.created_at))
         if cost > self.billed:
             await self.charge(job.tenant_id, job.key_id, cost - self.billed)
+            METRICS.train_cost.labels(job.model).inc(cost - self.billed)
             self.billed = cost

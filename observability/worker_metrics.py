@@ -92,6 +92,9 @@ class WorkerMetrics:
         self.train_tokens = Counter("llmops_finetune_tokens",
                                     "Tokens trained on, padding excluded.", ["base_model"],
                                     registry=r)
+        self.train_cost = Counter("llmops_finetune_cost_usd",
+                                  "What training cost in US dollars, as billed to the ledger.",
+                                  ["base_model"], registry=r)
         self.chunks_embedded = Counter("llmops_ingest_chunks_embedded",
                                        "Chunks embedded by the embedding model.", registry=r)
         self.chunks_upserted = Counter("llmops_ingest_chunks_upserted",
@@ -129,6 +132,7 @@ class WorkerMetrics:
         """Around one training run of a job on `base_model`."""
         self.train_steps.labels(base_model)
         self.train_tokens.labels(base_model)
+        self.train_cost.labels(base_model)
         try:
             yield
         finally:

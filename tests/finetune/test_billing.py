@@ -20,6 +20,7 @@ from llmops.cli import models_home
 from llmops.cli.models import prepare_models
 from llmops.settings import LimitsConfig, Settings
 from llmops.store import Database, FineTuningJob, UsageRecord, upgrade
+from observability.worker_metrics import METRICS
 from tenancy.ledger import usage_report
 from tenancy.limits import Limiter
 from tenancy.pricing import Price
@@ -39,6 +40,7 @@ async def test_each_attempt_is_billed_once_for_what_it_trained(tmp_path: Path, r
     month = f"{prefix}:budget:ten_b:{datetime.now(UTC):%Y%m}:spent"
     await redis.set(month, "1.0")  # the tenant's spend this month, as admission loaded it
     price = Price(1.0, 2.0, training_per_mtok=4.0)
+    counted = METRICS.train_cost.labels("chat")._value.get()
 
     first = AttemptBill(db, job, price, 0.0, limiter.charge)
     await first.update(100_000)  # a checkpoint
@@ -55,6 +57,7 @@ async def test_each_attempt_is_billed_once_for_what_it_trained(tmp_path: Path, r
     assert [float(r.cost_usd) for r in rows] == [1.0, 0.6]  # 4 USD per million trained on
     assert all(r.device_seconds > 0 for r in rows)
     assert float(await redis.get(month) or 0) == pytest.approx(2.6)  # each record's cost once
+    assert METRICS.train_cost.labels("chat")._value.get() - counted == pytest.approx(1.6)
     report = await usage_report(db, group_by=("tenant_id", "endpoint"))
     assert [(r["endpoint"], r["trained_tokens"], r["cost_usd"]) for r in report] == [
         (ENDPOINT, 400_000, pytest.approx(1.6))]
