@@ -36,6 +36,9 @@ from finetune.trainer import Cancelled, Hooks, Messages, TrainResult, train
 __all__ = ["RankGroup", "main", "torchrun_command", "train_distributed"]
 
 POLL_S = 0.2  # how often the launcher relays events and asks whether to stop
+# A group restarted on torchrun's shared rendezvous store can read its predecessor's
+# addresses and fail to connect (pytorch#135712): each attempt gets a store of its own.
+RANK_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 class RankGroup:
@@ -216,7 +219,7 @@ def train_distributed(config: TrainConfig, train_set: Sequence[Messages],
     with (folder / "torchrun.log").open("wb") as log:
         proc = subprocess.Popen(torchrun_command(spec, devices, restarts, timeout_s),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                env={**os.environ, **RANK_ENV}, start_new_session=True)
     stop_asked: float | None = None
     try:
         while True:
