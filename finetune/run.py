@@ -13,12 +13,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from evals.store import Evals
 from finetune.config import TrainConfig
 from finetune.dataset import Example, InvalidDatasetError, validate_chat_jsonl
+from finetune.distributed import train_distributed
 from finetune.jobs import FineTuning, adapter_name
 from finetune.promotion import evaluate
 from finetune.trainer import Cancelled, train
@@ -151,9 +153,13 @@ async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Set
     hooks = _JobHooks(asyncio.get_running_loop(), jobs, job, owner, settings)
     messages = [list(e.messages) for e in train_set]
     val_messages = [list(e.messages) for e in val_set]
+    devices = int(lora.get("devices") or settings.finetune.devices)
+    fit = train if devices == 1 else partial(
+        train_distributed, devices=devices, restarts=settings.finetune.restarts,
+        timeout_s=settings.finetune.group_timeout_s)
     try:
         with METRICS.training(job.model):
-            result = await asyncio.to_thread(train, config, messages, val_messages, hooks)
+            result = await asyncio.to_thread(fit, config, messages, val_messages, hooks)
     except Cancelled:
         if (await jobs.get(job.id)).cancel_requested:
             await jobs.update(job.id, owner, status="cancelled")
