@@ -259,7 +259,7 @@ def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[
             hooks.event("info", f"Resumed from checkpoint at step {step}.", {"step": step})
 
         model.train()
-        step_loss = ranks.wrap(model, lambda batch: _loss(model, batch))
+        step_loss: Any = ranks.wrap(model, lambda batch: _loss(model, batch))
         pad_id = tokenizer.pad_token_id
         losses: list[float] = []
         trained_tokens = 0
@@ -317,7 +317,7 @@ def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[
                            seconds, trained_tokens / seconds if seconds > 0 else 0.0)
     finally:
         # Free the model now, not at the next collection: a worker trains many jobs.
-        del model
+        model = step_loss = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
