@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from evals.store import Evals
 from finetune.billing import AttemptBill, training_price
 from finetune.config import TrainConfig
 from finetune.dataset import Example, InvalidDatasetError, validate_chat_jsonl
+from finetune.distributed import train_distributed
 from finetune.jobs import FineTuning, adapter_name
 from finetune.promotion import evaluate
 from finetune.tracking import Tracker, run_params, start_tracking
@@ -241,9 +243,13 @@ async def _train(job: FineTuningJob, jobs: FineTuning, files: Files, settings: S
     root = Path(settings.finetune.adapters_root) / job.id
     hooks = _JobHooks(asyncio.get_running_loop(), jobs, job, owner, settings, tracker, bill)
     val_messages = [list(e.messages) for e in val_set]
+    devices = int(lora.get("devices") or settings.finetune.devices)
+    fit = train if devices == 1 else partial(
+        train_distributed, devices=devices, restarts=settings.finetune.restarts,
+        timeout_s=settings.finetune.group_timeout_s)
     try:
         with METRICS.training(job.model):
-            result = await asyncio.to_thread(train, config, messages, val_messages, hooks)
+            result = await asyncio.to_thread(fit, config, messages, val_messages, hooks)
     except Cancelled:
         await bill.update(hooks.trained_tokens, ended=True)
         if (await jobs.get(job.id)).cancel_requested:

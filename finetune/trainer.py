@@ -17,15 +17,15 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from finetune.config import TrainConfig
 
-__all__ = ["Cancelled", "Hooks", "TrainResult", "assistant_loss", "encode", "latest_checkpoint",
-           "train"]
+__all__ = ["Cancelled", "Hooks", "Ranks", "TrainResult", "assistant_loss", "encode",
+           "latest_checkpoint", "train"]
 
 IGNORE = -100
 Messages = Sequence[Mapping[str, Any]]
@@ -48,6 +48,40 @@ class _Quiet:
 
     def should_stop(self) -> bool:
         return False
+
+
+class Ranks(Protocol):
+    """The processes a job trains in, data parallel (finetune.distributed); one by default."""
+
+    rank: int
+    world: int
+
+    def shard(self, batch: list[int]) -> list[int]:
+        """This rank's part of a global batch (may be empty)."""
+        ...
+
+    def wrap(self, model: Any, loss: Callable[[dict[str, Any]], Any]
+             ) -> Callable[[dict[str, Any]], Any]:
+        """`loss` computed so that its backward pass averages gradients across ranks."""
+        ...
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over all ranks."""
+        ...
+
+
+class _Solo:
+    rank, world = 0, 1
+
+    def shard(self, batch: list[int]) -> list[int]:
+        return batch
+
+    def wrap(self, model: Any, loss: Callable[[dict[str, Any]], Any]
+             ) -> Callable[[dict[str, Any]], Any]:
+        return loss
+
+    def sum(self, values: list[float]) -> list[float]:
+        return values
 
 
 @dataclass(frozen=True)
@@ -109,7 +143,7 @@ def _load_model(config: TrainConfig) -> tuple[Any, Any, Any]:
             bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(
             config.base_model, quantization_config=quant,
-            device_map={"": 0} if device == "cuda" else "cpu")
+            device_map={"": torch.cuda.current_device()} if device == "cuda" else "cpu")
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=config.gradient_checkpointing)
     else:
@@ -190,14 +224,16 @@ def assistant_loss(model: Any, rows: Sequence[Row], batch_size: int, pad_id: int
 
 
 def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[Messages] = (),
-          hooks: Hooks | None = None) -> TrainResult:
-    """Train a LoRA adapter; resumes from the newest checkpoint in `config.output_dir`."""
+          hooks: Hooks | None = None, ranks: Ranks | None = None) -> TrainResult:
+    """Train a LoRA adapter; resumes from the newest checkpoint in `config.output_dir`.
+    With `ranks`, this process trains its shard of every batch and only rank 0 writes."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import get_linear_schedule_with_warmup
 
     hooks = hooks or _Quiet()
+    ranks = ranks or _Solo()
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     model, tokenizer, device = _load_model(config)
@@ -223,6 +259,7 @@ def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[
             hooks.event("info", f"Resumed from checkpoint at step {step}.", {"step": step})
 
         model.train()
+        step_loss: Any = ranks.wrap(model, lambda batch: _loss(model, batch))
         pad_id = tokenizer.pad_token_id
         losses: list[float] = []
         trained_tokens = 0
@@ -232,24 +269,33 @@ def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[
             epoch, index = divmod(step, steps_per_epoch)
             t0 = time.perf_counter()
             chosen = _epoch_batches(lengths, config.batch_size, config.seed + epoch)[index]
-            batch = _batch([rows[i] for i in chosen], pad_id, device)
-            loss = _loss(model, batch)
+            mine = ranks.shard(chosen)
+            # A rank without examples (a short last batch) still joins the gradient
+            # exchange, with a copy that weighs nothing.
+            batch = _batch([rows[i] for i in mine or chosen[:1]], pad_id, device)
+            labelled = int((batch["labels"][:, 1:] != IGNORE).sum()) if mine else 0
+            tokens = int(batch["attention_mask"].sum()) if mine else 0
+            all_labelled, all_tokens = ranks.sum([labelled, tokens])
+            # Gradients are averaged over ranks: weigh each rank's mean by its share of the
+            # labelled tokens, so the update is the one a single process would make.
+            loss = step_loss(batch) * (labelled * ranks.world / max(all_labelled, 1))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens = int(batch["attention_mask"].sum())
+            tokens = int(all_tokens)
             trained_tokens += tokens
-            losses.append(loss.item())
+            losses.append(ranks.sum([loss.item() / ranks.world])[0])
             took = time.perf_counter() - t0
             seconds += took
             hooks.event("metrics", f"Step {step}/{total_steps}: training loss={losses[-1]:.4f}",
                         {"step": step, "total_steps": total_steps, "train_loss": losses[-1],
                          "learning_rate": scheduler.get_last_lr()[0],
                          "tokens": tokens, "tokens_per_s": tokens / took})
-            if step % config.checkpoint_every == 0 or step % steps_per_epoch == 0:
+            if ranks.rank == 0 and (step % config.checkpoint_every == 0
+                                    or step % steps_per_epoch == 0):
                 val = (assistant_loss(model, val_rows, config.batch_size, pad_id, device)
                        if val_rows else None)
                 _save_checkpoint(model, optimizer, scheduler, config, step, losses[-1], val)
@@ -259,17 +305,19 @@ def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[
                 raise Cancelled(f"stopped at step {step}")
 
         adapter_dir = config.output_dir / "adapter"
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(adapter_dir)
-        model.save_pretrained(adapter_dir)
-        val = (assistant_loss(model, val_rows, config.batch_size, pad_id, device)
-               if val_rows else None)
+        val = None
+        if ranks.rank == 0:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(adapter_dir)
+            model.save_pretrained(adapter_dir)
+            val = (assistant_loss(model, val_rows, config.batch_size, pad_id, device)
+                   if val_rows else None)
         tail = losses[-steps_per_epoch:] or [float("nan")]
         return TrainResult(adapter_dir, step, sum(tail) / len(tail), val, trained_tokens,
                            seconds, trained_tokens / seconds if seconds > 0 else 0.0)
     finally:
         # Free the model now, not at the next collection: a worker trains many jobs.
-        del model
+        model = step_loss = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

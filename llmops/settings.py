@@ -228,6 +228,15 @@ class FineTuneConfig(_Strict):
     estimate_tokens_per_s: float = Field(
         1000.0, gt=0, description="Training throughput assumed when a job's cost is estimated "
         "from device time (measure it: the workers' tokens/s metric).")
+    devices: int = Field(
+        1, ge=1, le=64, description="Processes (GPUs, one each) a job trains on when it does "
+        "not say (`lora.devices`); above 1, data parallel under torchrun.")
+    restarts: int = Field(
+        3, ge=0, le=100, description="Times a job on several devices restarts all its "
+        "processes, from the newest checkpoint, when one dies.")
+    group_timeout_s: float = Field(
+        1800.0, gt=0, description="Bound on forming a multi-device job's process group and "
+        "on each exchange between its processes (a checkpoint with its evaluation included).")
 
 
 class RetrievalConfig(_Strict):

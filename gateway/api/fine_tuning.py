@@ -2,7 +2,7 @@
 `POST .../{id}/cancel`, `GET .../{id}/events`, `GET .../{id}/checkpoints`.
 
 Our additions are named as such: `lora` (r, alpha, dropout, target_modules, `quantization:
-"nf4"` for QLoRA, gradient_checkpointing, checkpoint_every) next to OpenAI's fields.
+"nf4"` for QLoRA, gradient_checkpointing, checkpoint_every, devices) next to OpenAI's fields.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class LoraOptions(Wire):
     quantization: Literal["none", "nf4"] = "none"
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(10, ge=1)
+    devices: int | None = Field(None, ge=1, le=64, description="Processes (GPUs) to train on, "
+                                "data parallel; unset: the worker's `finetune.devices`.")
 
 
 class EvaluationIn(Wire):

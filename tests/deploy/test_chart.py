@@ -272,6 +272,26 @@ def test_gateway_scales_and_survives_drains(rendered: dict[str, list[Manifest]])
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
+def test_a_fine_tuning_worker_with_several_gpus_trains_on_all_of_them(tmp_path: Path) -> None:
+    values = {**GPU_CLUSTER, "workers": {**GPU_CLUSTER["workers"], "finetune": {
+        "gpu": {"count": 4, "product": "NVIDIA-H100-80GB-HBM3"}}}}
+    docs = manifests(values)
+    deployment = one(docs, "Deployment", f"{FULLNAME}-worker-finetune")
+    kubernetes_validate.validate(deployment, KUBERNETES, strict=True)
+    worker = pod_spec(deployment)["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 4
+    # The worker's settings, loaded as in the pod: jobs default to all four GPUs.
+    (tmp_path / "config.yaml").write_text(
+        one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    env = {k: v for k, v in container_env(docs, worker).items() if k.startswith("LLMOPS_")}
+    with environment({**env, "LLMOPS_CONFIG": str(tmp_path / "config.yaml")}):
+        assert Settings().finetune.devices == 4
+    # On the CPU a job trains in one process unless it asks for more.
+    cpu = manifests(CPU_ONLY)
+    worker = pod_spec(one(cpu, "Deployment", f"{FULLNAME}-worker-finetune"))["containers"][0]
+    assert "LLMOPS_FINETUNE__DEVICES" not in container_env(cpu, worker)
+
+
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_every_pod_is_locked_down(rendered: dict[str, list[Manifest]], name: str) -> None:
     for doc in rendered[name]:
