@@ -6,9 +6,10 @@ it relays rank 0's events to its own `Hooks`, asks its hooks whether to stop (wh
 job's lease) and, if so, tells the ranks through a file. Each rank runs `finetune.trainer.train`
 on its shard of every global batch; gloo on CPUs, NCCL on GPUs (one per rank, `LOCAL_RANK`).
 
-Files, all under `<output_dir>/ranks/`: `spec.json` (the config and the data),
-`events.jsonl` (rank 0's events, a JSON object a line), `stop` (present: stop at the next
-step), `result-<rank>.json` (each rank's outcome) and `torchrun.log` (the ranks' output).
+Files, all under `<output_dir>/ranks/`: `spec.json` (the config and the data, removed when the
+ranks end), `events.jsonl` (rank 0's events, a JSON object a line), `stop` (present: stop at
+the next step), `result-<rank>.json` (each rank's outcome) and `torchrun.log` (the ranks'
+output).
 
 A rank that dies (killed, out of memory) makes torchrun stop the others and start the whole
 group again, up to `restarts` times; the new ranks resume from the newest checkpoint, as a
@@ -239,6 +240,7 @@ def train_distributed(config: TrainConfig, train_set: Sequence[Messages],
         if proc.poll() is None:  # an error here, or ranks that would not stop
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        spec.unlink()  # a copy of the tenant's data, needed only while the ranks run
     if relay:
         relay()
     results = [folder / f"result-{rank}.json" for rank in range(devices)]

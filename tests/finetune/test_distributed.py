@@ -123,6 +123,7 @@ def test_a_killed_rank_resumes_the_group_from_its_checkpoint(
     assert resumed and resumed[0] in (2, 4)
     assert result.steps == 6
     assert max_diff(adapter(pair[0]), adapter(result)) < ADAPTER_ATOL
+    assert not (tmp_path / "ranks" / "spec.json").exists()  # the data's copy is gone
 
 
 def test_cancel_stops_both_ranks_at_the_same_step(base: Path, tmp_path: Path) -> None:
