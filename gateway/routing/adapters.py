@@ -123,8 +123,7 @@ class AdapterLoader:
             return []
         self.catalog.owners[name] = job.tenant_id
         self.catalog.details[name] = _details(job)
-        verdict = job.result.get("evaluation")
-        if verdict is None or verdict.get("promoted"):
+        if not _withheld(job):
             self.catalog.withheld.discard(name)
         else:
             self.catalog.withheld.add(name)  # under evaluation, or held back by it
@@ -153,10 +152,10 @@ class AdapterLoader:
         if job is None or not (who.is_admin or (job.tenant_id == who.tenant_id
                                                 and who.may_use(model))):
             return
-        loads = await self._apply(job)
-        if model in self.catalog.withheld and (job.status == "succeeded"  # held back
-                                               or not (who.is_admin or who.delegated)):
+        if _withheld(job) and (job.status == "succeeded"  # held back: never loaded again
+                               or not (who.is_admin or who.delegated)):
             return
+        loads = await self._apply(job)
         if self.catalog.resolve(model) is not None:
             return  # a replica has it
         if not loads:
@@ -255,6 +254,12 @@ class AdapterLoader:
             return False
         log.info("adapter %s loaded into %s", name, url)
         return True
+
+
+def _withheld(job: FineTuningJob) -> bool:
+    """Under evaluation, or held back by it."""
+    verdict = job.result.get("evaluation")
+    return verdict is not None and not verdict.get("promoted")
 
 
 def _details(job: FineTuningJob) -> dict[str, Any]:
