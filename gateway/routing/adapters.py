@@ -67,7 +67,9 @@ class AdapterLoader:
     # Keeping every gateway's adapters in line with the store
 
     async def run(self) -> None:
-        """Reconcile at once when poked (a worker's message), else every adapters_interval_s."""
+        """Reconcile at start, at once when poked (a worker's message), else every
+        adapters_interval_s."""
+        self._wake.set()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.adapters_interval_s)
