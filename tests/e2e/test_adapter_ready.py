@@ -57,11 +57,10 @@ def gateways(engines: Engines, gateway_factory: GatewayFactory, logs: Path,
         b.running.stop()
 
 
-def _listed_by_both(gateways: tuple[Gateway, ...], name: str, since: float) -> float:
+def _listed_by_both(listings: list[httpx.Client], name: str, since: float) -> float:
     """Seconds from `since` until every gateway lists `name` (given up after 5 s)."""
     while time.monotonic() - since < 5:
-        if all(name in httpx.get(f"{g.base_url}/models", headers=g.headers, timeout=5).text
-               for g in gateways):
+        if all(name in c.get("/models").text for c in listings):
             return time.monotonic() - since
         time.sleep(0.05)
     return float("inf")
@@ -79,7 +78,11 @@ def test_a_succeeded_jobs_model_answers_at_once_on_every_gateway(
         hyperparameters={"n_epochs": 1, "batch_size": 4},
         extra_body={"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}})
         for i in range(JOBS)]  # the worker trains them one after another
-    with ThreadPoolExecutor(2) as pool_:
+    listings = [httpx.Client(base_url=g.base_url, headers=g.headers, timeout=5)
+                for g in gateways]
+    for c in listings:
+        c.get("/models")  # connected before any clock starts
+    with ThreadPoolExecutor(1) as pool_:
         for i, job in enumerate(jobs):
             deadline = time.monotonic() + 300
             while (done := clients[0].fine_tuning.jobs.retrieve(job.id)).status not in (
@@ -90,9 +93,11 @@ def test_a_succeeded_jobs_model_answers_at_once_on_every_gateway(
             assert done.status == "succeeded", done.error
             name = done.fine_tuned_model
             assert name is not None
-            listed = pool_.submit(_listed_by_both, gateways, name, succeeded)
+            listed = pool_.submit(_listed_by_both, listings, name, succeeded)
             # The instant it succeeded, through A or B: the adapter answers.
             reply = clients[i % 2].chat.completions.create(
                 model=name, max_tokens=4, messages=[{"role": "user", "content": QUESTIONS[0]}])
             assert reply.model == name
             assert listed.result() < 1.0, f"{name} not listed by both gateways within 1 s"
+    for c in listings:
+        c.close()
