@@ -16,8 +16,6 @@ criterion with it than with the base; a tie or a failed run holds it back.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import aiohttp
@@ -27,13 +25,14 @@ from evals.runs import RunIn, RunStarter, parse_run
 from evals.store import Evals
 from finetune.dataset import Example
 from finetune.jobs import FineTuning
+from finetune.serving import NotServedError, wait_until_served
 from llmops.catalog import Catalog
 from llmops.errors import APIError
 from llmops.files import Files
 from llmops.settings import Settings
 from llmops.store import Eval, EvalRun, FineTuningJob
 from tenancy.auth import acting_for
-from tenancy.tenants import ON_BEHALF_HEADER, NotFoundError, Tenancy
+from tenancy.tenants import NotFoundError, Tenancy
 
 __all__ = ["DEFAULT_CRITERION", "evaluate", "validation_data_source"]
 
@@ -44,7 +43,6 @@ DEFAULT_CRITERION: dict[str, Any] = {
 _ITEM_SCHEMA = {"type": "object", "properties": {
     "messages": {"type": "array"}, "reference": {"type": "string"}},
     "required": ["messages", "reference"]}
-_LOAD_POLL_S = 2.0
 
 
 class PromotionError(Exception):
@@ -76,7 +74,9 @@ async def evaluate(job: FineTuningJob, adapter: str, validation: list[Example],
         ev = await _the_eval(job, evals)
         source = spec.get("data_source") or validation_data_source(
             validation, job.seed, settings.finetune.evaluation_max_tokens)
-        await _wait_until_served(adapter, job, settings)
+        # Loaded as a candidate: served to our workers acting for the job's key only.
+        await wait_until_served(adapter, job, settings,
+                                settings.finetune.evaluation_load_timeout_s)
         who = await acting_for(Tenancy(jobs.db), job.key_id)
         if who is None:
             raise PromotionError(f"The job's key {job.key_id} is revoked or expired, or its "
@@ -88,7 +88,8 @@ async def evaluate(job: FineTuningJob, adapter: str, validation: list[Example],
         for role, model in (("base", job.model), ("adapter", adapter)):
             run = await starter.start(who, ev, _run_request(job, role, model, source))
             runs[role] = await evals.get_run(ev.tenant_id, ev.id, run.id)  # as it finished
-    except (PromotionError, APIError, NotFoundError, aiohttp.ClientError, TimeoutError) as exc:
+    except (PromotionError, NotServedError, APIError, NotFoundError, aiohttp.ClientError,
+            TimeoutError) as exc:
         return {"eval_id": spec.get("eval_id"), "promote": promote,
                 "promoted": promote == "always", "reason": f"The evaluation failed: {exc}"}
     base, tuned = _summary(runs["base"]), _summary(runs["adapter"])
@@ -129,25 +130,6 @@ async def _the_eval(job: FineTuningJob, evals: Evals) -> Eval:
         data_source_config={"type": "custom", "item_schema": _ITEM_SCHEMA,
                             "include_sample_schema": True},
         testing_criteria=[DEFAULT_CRITERION])
-
-
-async def _wait_until_served(adapter: str, job: FineTuningJob, settings: Settings) -> None:
-    """The gateway loads a candidate at its next reconcile; evaluating before would 404."""
-    key = settings.bootstrap_key()
-    if key is None:
-        raise PromotionError("Workers need the bootstrap admin key to call the gateway.")
-    url = f"{settings.gateway_url()}/v1/models/{adapter}"
-    headers = {"authorization": f"Bearer {key}", ON_BEHALF_HEADER: job.key_id}
-    deadline = time.monotonic() + settings.finetune.evaluation_load_timeout_s
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        while True:
-            async with session.get(url, headers=headers) as resp:
-                if resp.status == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise PromotionError(f"The gateway did not serve {adapter} within "
-                                     f"{settings.finetune.evaluation_load_timeout_s:.0f} s.")
-            await asyncio.sleep(_LOAD_POLL_S)
 
 
 def _summary(run: EvalRun) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from finetune.dataset import Example, InvalidDatasetError, validate_chat_jsonl
 from finetune.distributed import train_distributed
 from finetune.jobs import FineTuning, adapter_name
 from finetune.promotion import evaluate
+from finetune.serving import NotServedError, announce, wait_until_served
 from finetune.tracking import Tracker, run_params, start_tracking
 from finetune.trainer import Cancelled, train
 from llmops.files import Files
@@ -280,19 +281,36 @@ async def _train(job: FineTuningJob, jobs: FineTuning, files: Files, settings: S
     lineage = {"base_model": job.model, "training_file_sha256": training_file.sha256,
                "hyperparameters": hp, "lora": lora, "adapter_path": str(published),
                "train_loss": result.train_loss, "valid_loss": result.val_loss,
-               "steps": result.steps, "tokens_per_s": result.tokens_per_s}
+               "steps": result.steps, "tokens_per_s": result.tokens_per_s, "published": True}
+    # Published: the gateways may load it now (a candidate, withheld, while it is evaluated).
+    await jobs.update(job.id, owner, fine_tuned_model=name, result={
+        **lineage, **({"evaluation": {"state": "evaluating"}} if job.evaluation else {})})
+    await announce(settings, name)
+    promoted = True
     if job.evaluation is not None:
-        # A candidate until judged: the gateway loads it but serves it to the evaluation only.
-        await jobs.update(job.id, owner, fine_tuned_model=name,
-                          result={**lineage, "evaluation": {"state": "evaluating"}})
         async with _leased(jobs, job.id, owner, settings):
             verdict = await evaluate(job, name, val_set, jobs, Evals(jobs.db), files, settings)
         lineage["evaluation"] = verdict
+        promoted = bool(verdict["promoted"])
         await jobs.event(job.id, f"Evaluation: {verdict['reason']} The adapter is "
-                         + ("served." if verdict["promoted"] else "held back."),
-                         level="info" if verdict["promoted"] else "warn", data=verdict)
+                         + ("served." if promoted else "held back."),
+                         level="info" if promoted else "warn", data=verdict)
+        await jobs.update(job.id, owner, result=lineage)
+        if promoted:
+            await announce(settings, name)  # the gateways serve it to its owner now
+    if promoted:
+        # `succeeded` means servable: the gateway answers with the adapter before the job
+        # says so. Engines that cannot take it in time do not hold the job (nor lose it).
+        async with _leased(jobs, job.id, owner, settings):
+            try:
+                await wait_until_served(name, job, settings, settings.finetune.ready_timeout_s)
+            except NotServedError as exc:
+                await jobs.event(job.id, f"{exc} It is served once a replica of {job.model} "
+                                 "can load it.", level="warn")
     await jobs.update(job.id, owner, status="succeeded", fine_tuned_model=name,
                       trained_tokens=result.trained_tokens, result=lineage)
+    if not promoted:
+        await announce(settings, name)  # held back: the gateways unload it
     await jobs.event(job.id, f"New fine-tuned model created: {name}")
     await jobs.event(job.id, "The job has successfully completed")
     return "succeeded"

@@ -27,6 +27,7 @@ from evals.scheduler import WatchScheduler
 from evals.store import Evals
 from evals.watches import EvalWatches
 from finetune.jobs import FineTuning
+from finetune.serving import adapters_channel
 from gateway.api.admin import admin_router
 from gateway.api.batches import batches_router
 from gateway.api.conversations import conversations_router
@@ -125,6 +126,7 @@ class Services:
     accountant: Accountant
     files: Files
     jobs: FineTuning
+    adapters: AdapterLoader  # fine-tuned adapters: loaded everywhere, and on demand
     evals: Evals
     watches: EvalWatches
     runs: RunStarter  # every eval run starts here: the API's, a watch's, promotion's
@@ -201,7 +203,9 @@ def build(settings: Settings) -> Services:
     if drift is not None:
         hooks.append(DriftHook(drift))
     hooks.append(ConformanceHook())  # last: it sees what the others made of the answer
-    pipeline = Pipeline(catalog, upstream, hooks, settings.max_body_bytes)
+    jobs = FineTuning(db)
+    adapters = AdapterLoader(settings, jobs, routers, catalog, lambda: upstream.session)
+    pipeline = Pipeline(catalog, upstream, hooks, settings.max_body_bytes, adapters.ensure)
     responses = Responses(db, settings.responses.ttl_days)
     conversations = Conversations(db, settings.responses.max_conversation_items)
     responder = ResponsesService(
@@ -213,7 +217,7 @@ def build(settings: Settings) -> Services:
         upstream=upstream, tenants=tenants,
         auth=Authenticator(tenants, settings.admin_key_hash(), settings.key_cache_ttl_s),
         prices=prices, publisher=publisher, limiter=limiter, accountant=accountant,
-        files=files, jobs=FineTuning(db), evals=evals, watches=watches, runs=runs,
+        files=files, jobs=jobs, adapters=adapters, evals=evals, watches=watches, runs=runs,
         scheduler=WatchScheduler(watches, runs, tenants, settings.eval_watches.start_timeout_s),
         batches=batches, stores=stores, retriever=retriever, metrics=metrics, drift=drift,
         pipeline=pipeline, responses=responses, conversations=conversations,
@@ -247,7 +251,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries a request id
 
     app.include_router(inference_router(served))
-    app.include_router(models_router(s.catalog), dependencies=[Depends(principal)])
+    app.include_router(models_router(s.catalog, s.adapters.ensure),
+                       dependencies=[Depends(principal)])
     app.include_router(files_router(s.files, s.auth, functools.partial(_forget_file, s)))
     app.include_router(fine_tuning_router(cfg, s.jobs, s.files, s.celery, s.auth, s.evals,
                                           s.limiter, s.prices))
@@ -313,7 +318,10 @@ async def lifespan(s: Services, app: FastAPI) -> AsyncIterator[None]:
     writer_redis = Redis.from_url(cfg.redis_url, socket_timeout=cfg.ledger.block_ms / 1000 + 5,
                                   socket_connect_timeout=cfg.redis_timeout_s)
     monitor = HealthMonitor(s.upstream.session, s.routers, s.catalog, cfg.routing)
-    loader = AdapterLoader(cfg, s.jobs, s.routers, s.catalog, s.upstream.session)
+    # Workers announce adapters here; its reads wait for messages (bounded: see follow).
+    notices = Redis.from_url(cfg.redis_url, socket_timeout=cfg.redis_timeout_s + 5,
+                             socket_connect_timeout=cfg.redis_timeout_s,
+                             health_check_interval=15)
     chores = Chores()
     chores.every(10.0, lambda: load_prices(s.db, s.prices))
     chores.every(5.0, s.publisher.drain_spool)
@@ -329,7 +337,8 @@ async def lifespan(s: Services, app: FastAPI) -> AsyncIterator[None]:
             metrics_server = MetricsServer(cfg.host, cfg.metrics.port,
                                            functools.partial(scrape, s.metrics))
             await metrics_server.start()
-    chores.every(3.0, loader.reconcile)
+    chores.start(s.adapters.run())
+    chores.start(s.adapters.follow(notices, adapters_channel(cfg.redis_prefix)))
     chores.every(600.0, s.responses.purge_expired)
     chores.every(10.0, lambda: requeue_orphans(s.jobs, s.evals, s.batches.batches, s.celery,
                                                      s.redis))
@@ -357,6 +366,7 @@ async def lifespan(s: Services, app: FastAPI) -> AsyncIterator[None]:
             await asyncio.to_thread(s.retriever.index.close)
         await chores.stop()
         await writer_redis.aclose()
+        await notices.aclose()
         await s.redis.aclose()
         await s.db.close()
         await s.upstream.close()

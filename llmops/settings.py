@@ -108,6 +108,16 @@ class RoutingConfig(_Strict):
     health_timeout_s: float = Field(2.0, gt=0)
     metrics_interval_s: float = Field(2.0, gt=0, description="vLLM /metrics scrape period.")
     models_interval_s: float = Field(10.0, gt=0, description="LoRA adapter discovery period.")
+    adapters_interval_s: float = Field(
+        10.0, gt=0, description="Safety-net period of the fine-tuned adapters' reconcile; a "
+        "worker's message (Redis pub/sub) starts one at once.")
+    adapter_load_wait_s: float = Field(
+        30.0, gt=0, description="How long a request naming a fine-tuned adapter that no replica "
+        "has loaded yet waits while it is loaded; then it is refused with 503.")
+    adapter_miss_ttl_s: float = Field(
+        2.0, ge=0, description="How long a looked-up fine-tuned model name is trusted before "
+        "the database is asked again (names that serve nothing do not reach the database on "
+        "every request).")
     failure_threshold: int = Field(
         2, ge=1, description="Consecutive failures that open a replica's circuit."
     )
@@ -237,6 +247,10 @@ class FineTuneConfig(_Strict):
     group_timeout_s: float = Field(
         1800.0, gt=0, description="Bound on forming a multi-device job's process group and "
         "on each exchange between its processes (a checkpoint with its evaluation included).")
+    ready_timeout_s: float = Field(
+        120.0, gt=0, description="How long a job waits, once its adapter is published, for the "
+        "gateway to serve it; then it succeeds anyway (with a warning event) and the adapter is "
+        "loaded as soon as a replica can take it.")
 
 
 class RetrievalConfig(_Strict):

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.requests import Request
 
+from gateway.inference.pipeline import EnsureModel
 from llmops.catalog import Catalog, CatalogEntry
 from llmops.errors import ModelNotFoundError
 from tenancy.visibility import may_see
@@ -14,7 +15,7 @@ from tenancy.visibility import may_see
 __all__ = ["models_router"]
 
 
-def models_router(catalog: Catalog) -> APIRouter:
+def models_router(catalog: Catalog, ensure: EnsureModel | None = None) -> APIRouter:
     router = APIRouter(prefix="/v1/models", tags=["models"])
 
     def item(e: CatalogEntry) -> dict[str, Any]:
@@ -33,6 +34,8 @@ def models_router(catalog: Catalog) -> APIRouter:
 
     @router.get("/{model:path}")
     async def retrieve_model(request: Request, model: str) -> dict[str, Any]:
+        if ensure is not None:  # a published adapter is retrievable, as it is usable, at once
+            await ensure(request.state.principal, model)
         entry = catalog.resolve(model)
         if entry is None or not may_see(catalog, request.state.principal, entry):
             raise ModelNotFoundError(model)

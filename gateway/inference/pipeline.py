@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,9 +39,10 @@ from llmops.errors import (
     error_body,
 )
 from tenancy.priority import PRIORITY_HEADER, Priority
+from tenancy.tenants import Principal
 from tenancy.visibility import usable_entry
 
-__all__ = ["POOL_HEADER", "REPLICA_HEADER", "SESSION_HEADER", "Endpoint", "Pipeline",
+__all__ = ["POOL_HEADER", "REPLICA_HEADER", "SESSION_HEADER", "Endpoint", "EnsureModel", "Pipeline",
            "parse_request", "session_key"]
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ POOL_HEADER = "x-llmops-pool"
 REPLICA_HEADER = "x-llmops-replica"  # the serving replica's place in its pool's URL list
 SESSION_HEADER = "x-session-id"
 _M = TypeVar("_M", bound=BaseModel)
+# Called with the caller and the model it names before the model is looked up: loads a
+# published fine-tuned adapter this gateway does not serve yet (gateway.routing.adapters).
+EnsureModel = Callable[[Principal, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,9 @@ class Endpoint:
 
 class Pipeline:
     def __init__(self, catalog: Catalog, upstream: Upstream, hooks: Sequence[Hook],
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, ensure: EnsureModel | None = None) -> None:
         self.catalog = catalog
+        self.ensure = ensure
         self.upstream = upstream
         self.hooks = Hooks(hooks)
         self.max_body_bytes = max_body_bytes
@@ -104,6 +109,8 @@ class Pipeline:
         if parsed.model_extra and "priority" in parsed.model_extra:
             ctx.removed.add("priority")  # vLLM's; the class header sets it, never the body
         ctx.model = parsed.model
+        if self.ensure is not None:
+            await self.ensure(ctx.who, parsed.model)
         ctx.entry = entry = usable_entry(self.catalog, ctx.who, parsed.model, endpoint.kind,
                                          endpoint.path)
         if entry.upstream_name != parsed.model:

@@ -206,7 +206,7 @@ def test_promotion_serves_an_adapter_only_when_it_beats_the_base(
     assert listed["evaluation"]["promoted"] is True
     assert listed["evaluation"]["adapter_pass_rate"] > listed["evaluation"]["base_pass_rate"]
     assert "7-year" in ask(client, right.fine_tuned_model)
-    # Held back: unloaded at the gateway's next reconcile (every 3 s), listed no more.
+    # Held back: unloaded once the worker announces it, listed no more.
     wait_until(lambda: wrong.fine_tuned_model not in [m.id for m in client.models.list()], 30)
     with pytest.raises(NotFoundError):
         ask(client, wrong.fine_tuned_model)

@@ -215,7 +215,7 @@ def test_another_tenant_cannot_see_or_use_a_tenants_adapter(
     chat = {"model": adapter, "messages": [{"role": "user", "content": "hi"}]}
     with gateway.client(tenants["a"]["key"]) as a, gateway.client(tenants["b"]["key"]) as b:
         deadline = time.monotonic() + 30
-        while adapter not in a.get("/v1/models").text:  # the loader runs every 3 s
+        while adapter not in a.get("/v1/models").text:  # the loader's periodic reconcile
             assert time.monotonic() < deadline, "the adapter was never served"
             time.sleep(0.3)
         assert a.post("/v1/chat/completions", json=chat).status_code == 200
