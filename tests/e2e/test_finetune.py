@@ -307,14 +307,14 @@ def test_cli_creates_follows_and_plots(stack: tuple[Gateway, Running], tmp_path:
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def long_job(client: OpenAI, suffix: str, epochs: int) -> Any:
+def long_job(client: OpenAI, suffix: str, epochs: int, devices: int = 1) -> Any:
     """12 examples in batches of 2: six steps an epoch."""
     train = client.files.create(file=("long.jsonl", dataset(QUESTIONS)), purpose="fine-tune")
     return client.fine_tuning.jobs.create(
         model=CHAT_MODEL, training_file=train.id, suffix=suffix,
         hyperparameters={"n_epochs": epochs, "batch_size": 2},
         extra_body={"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"],
-                             "checkpoint_every": 4}})
+                             "checkpoint_every": 4, "devices": devices}})
 
 
 def test_cancel_stops_a_running_job(stack: tuple[Gateway, Running]) -> None:
@@ -339,13 +339,19 @@ def test_cancel_stops_a_running_job(stack: tuple[Gateway, Running]) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_adapters_are_reloaded_after_an_engine_restart(stack: tuple[Gateway, Running],
-                                                      engines: Engines, logs: Path) -> None:
+def test_a_two_process_job_is_served_and_reloaded_after_an_engine_restart(
+        stack: tuple[Gateway, Running], engines: Engines, logs: Path) -> None:
     gateway, _ = stack
     client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0, timeout=120)
-    done = wait_for(long_job(client, "restart", epochs=1).id, client,
-                    {"succeeded", "failed", "cancelled"})
+    # Trained on two processes (gloo): their events, checkpoints and adapter reach the job.
+    job = long_job(client, "restart", epochs=1, devices=2)
+    done = wait_for(job.id, client, {"succeeded", "failed", "cancelled"})
     assert done.status == "succeeded", done.error
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] \
+        == [6, 4]
+    steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data
+             if e.type == "metrics"]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
     name = done.fine_tuned_model
 
     def engine_has_it() -> bool:
