@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 
+from llmops.catalog import FINE_TUNED
 from llmops.store import (
     Database,
     FineTuningCheckpoint,
@@ -33,7 +34,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 def adapter_name(job: FineTuningJob) -> str:
     """The served name of a job's adapter; the job id keeps every version's name unique
     (vLLM reuses stale prefix-cache blocks when a name is reloaded, vllm#42125)."""
-    return f"ft:{job.model}:{job.suffix or 'custom'}:{job.id}"
+    return f"{FINE_TUNED}{job.model}:{job.suffix or 'custom'}:{job.id}"
 
 
 class FineTuning:

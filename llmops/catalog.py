@@ -14,7 +14,9 @@ from typing import Any
 
 from llmops.settings import ModelConfig
 
-__all__ = ["Catalog", "CatalogEntry"]
+__all__ = ["FINE_TUNED", "Catalog", "CatalogEntry"]
+
+FINE_TUNED = "ft:"  # how fine-tuned adapters' names begin (`finetune.jobs.adapter_name`)
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,14 @@ class Catalog:
                    delegated: bool = False) -> bool:
         """A tenant's fine-tuned adapters are its own; everything else is shared. A candidate
         withheld adapter is seen only by admins and by our workers acting for its owner
-        (`delegated`)."""
+        (`delegated`). A fine-tuned adapter an engine reports before this gateway has learnt
+        its owner is nobody's until then."""
         if entry.name in self.withheld and not (admin or delegated):
             return False
         owner = self.owners.get(entry.name)
-        return owner is None or admin or owner == tenant_id
+        if owner is None:
+            return admin or not entry.name.startswith(FINE_TUNED)
+        return admin or owner == tenant_id
 
     def entries(self) -> list[CatalogEntry]:
         return [*self._bases.values(), *self._adapters.values()]

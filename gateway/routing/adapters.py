@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from finetune.jobs import FineTuning
 from gateway.routing.policy import Router
 from gateway.routing.replica import Replica
-from llmops.catalog import Catalog
+from llmops.catalog import FINE_TUNED, Catalog
 from llmops.errors import NoHealthyBackendError, ServiceUnavailableError
 from llmops.settings import Settings
 from llmops.store import FineTuningJob
@@ -181,7 +181,7 @@ class AdapterLoader:
     async def _lookup(self, model: str) -> FineTuningJob | None:
         """The job whose published adapter `model` names, or None; one database read per name
         per adapter_miss_ttl_s, however often it is asked (a message forgets it at once)."""
-        if not model.startswith("ft:"):
+        if not model.startswith(FINE_TUNED):
             return None  # not an adapter name (`finetune.jobs.adapter_name`)
         now = time.monotonic()
         if (hit := self._lookups.get(model)) is not None and hit[0] > now:

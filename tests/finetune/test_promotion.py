@@ -1,5 +1,5 @@
-"""Fine-tune promotion's pieces that need no engine: what a withheld adapter's visibility is,
-and the questions a validation file becomes."""
+"""Fine-tune promotion's pieces that need no engine: who sees a withheld adapter (or one whose
+owner is not known yet), and the questions a validation file becomes."""
 
 from __future__ import annotations
 
@@ -25,6 +25,21 @@ def test_a_withheld_adapter_is_seen_by_admins_and_delegated_workers_only() -> No
     assert catalog.visible_to(entry, "ten_a", admin=False, delegated=True)
     assert catalog.visible_to(entry, "ten_admin", admin=True)
     assert not catalog.visible_to(entry, "ten_b", admin=False, delegated=True)  # not its owner
+
+
+def test_a_fine_tuned_adapter_whose_owner_is_not_known_yet_is_nobodys() -> None:
+    """An engine may report an adapter another gateway loaded before this one has read whose
+    it is: until then only admins see it. Adapters an operator loaded are shared."""
+    catalog = Catalog([BASE])
+    catalog.set_adapters("chat", ["ft:chat:a:1", "support-style"])
+    tuned, shared = catalog.resolve("ft:chat:a:1"), catalog.resolve("support-style")
+    assert tuned is not None and shared is not None
+    assert not catalog.visible_to(tuned, "ten_b", admin=False)
+    assert catalog.visible_to(tuned, "ten_admin", admin=True)
+    assert catalog.visible_to(shared, "ten_b", admin=False)
+    catalog.owners["ft:chat:a:1"] = "ten_a"
+    assert catalog.visible_to(tuned, "ten_a", admin=False)
+    assert not catalog.visible_to(tuned, "ten_b", admin=False)
 
 
 def test_validation_examples_become_questions_with_their_answers_as_references() -> None:
