@@ -18,10 +18,17 @@ from typing import Any
 
 from evals.store import Evals
 from finetune.config import TrainConfig
-from finetune.dataset import Example, InvalidDatasetError, validate_chat_jsonl
+from finetune.dataset import (
+    Example,
+    InvalidDatasetError,
+    PreferenceExample,
+    validate_chat_jsonl,
+    validate_preference_jsonl,
+)
 from finetune.jobs import FineTuning, adapter_name
+from finetune.preference import DEFAULT_BETA, Preference
 from finetune.promotion import evaluate
-from finetune.trainer import Cancelled, train
+from finetune.trainer import Cancelled, Objective, Supervised, train
 from llmops.files import Files
 from llmops.settings import ModelConfig, Settings
 from llmops.store import Database, FineTuningJob, utcnow
@@ -94,11 +101,12 @@ async def run_job(job_id: str, settings: Settings) -> str:
 
 
 async def _load(files: Files, job: FineTuningJob, file_id: str, base: ModelConfig,
-                tokenizer: Any, min_examples: int) -> list[Example]:
+                tokenizer: Any, min_examples: int) -> list[Example] | list[PreferenceExample]:
     row = await files.get(job.tenant_id, file_id)
     data = await asyncio.to_thread(files.path(row).read_bytes)
-    return validate_chat_jsonl(data, tokenizer=tokenizer, max_tokens=base.context_length,
-                               min_examples=min_examples)
+    validate = validate_preference_jsonl if job.method == "dpo" else validate_chat_jsonl
+    return validate(data, tokenizer=tokenizer, max_tokens=base.context_length,
+                    min_examples=min_examples)
 
 
 async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Settings,
@@ -111,7 +119,7 @@ async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Set
     first_run = job.status == "validating_files"
     if first_run:
         await jobs.event(job.id, f"Validating training file: {job.training_file}")
-    sets: dict[str, list[Example]] = {}
+    sets: dict[str, list[Any]] = {}
     for param, file_id, least in (("training_file", job.training_file,
                                    settings.finetune.min_examples),
                                   ("validation_file", job.validation_file, 1)):
@@ -149,11 +157,20 @@ async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Set
         checkpoint_every=int(lora.get("checkpoint_every", 10)),
         max_length=base.context_length, seed=job.seed)
     hooks = _JobHooks(asyncio.get_running_loop(), jobs, job, owner, settings)
-    messages = [list(e.messages) for e in train_set]
-    val_messages = [list(e.messages) for e in val_set]
+    objective: Objective = Supervised()
+    if job.method == "dpo":
+        objective = Preference(float(hp.get("beta") or DEFAULT_BETA))
+        # Promotion's default eval asks the validation questions and compares each answer
+        # with the preferred output.
+        examples, val_examples = train_set, val_set
+        val_set = [e.as_chat() for e in val_examples]
+    else:
+        examples = [list(e.messages) for e in train_set]
+        val_examples = [list(e.messages) for e in val_set]
     try:
         with METRICS.training(job.model):
-            result = await asyncio.to_thread(train, config, messages, val_messages, hooks)
+            result = await asyncio.to_thread(train, config, examples, val_examples, hooks,
+                                             objective)
     except Cancelled:
         if (await jobs.get(job.id)).cancel_requested:
             await jobs.update(job.id, owner, status="cancelled")
@@ -169,8 +186,9 @@ async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Set
     os.replace(staging, published)
     name = adapter_name(job)
     training_file = await files.get(job.tenant_id, job.training_file)
-    lineage = {"base_model": job.model, "training_file_sha256": training_file.sha256,
-               "hyperparameters": hp, "lora": lora, "adapter_path": str(published),
+    lineage = {"base_model": job.model, "method": job.method,
+               "training_file_sha256": training_file.sha256, "hyperparameters": hp,
+               "lora": lora, "adapter_path": str(published),
                "train_loss": result.train_loss, "valid_loss": result.val_loss,
                "steps": result.steps, "tokens_per_s": result.tokens_per_s}
     if job.evaluation is not None:
