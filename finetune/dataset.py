@@ -1,13 +1,15 @@
-"""Validation of chat fine-tuning datasets before any training compute is spent.
+"""Validation of fine-tuning datasets before any training compute is spent.
 
-A fine-tuning job takes an OpenAI-style chat JSONL file: one JSON object per line, each
-``{"messages": [{"role": ..., "content": ...}, ...]}``. A bad line found mid-training wastes
+A supervised job takes an OpenAI-style chat JSONL file: one JSON object per line, each
+``{"messages": [{"role": ..., "content": ...}, ...]}``; a DPO job takes OpenAI's preference
+format, ``{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}],
+"non_preferred_output": [...]}``. A bad line found mid-training wastes
 the GPU time already spent, so the whole file is checked up front, the way OpenAI's
 fine-tuning API does, and every problem is reported at once with its line number: the user
 fixes the file in one pass instead of one upload per mistake.
 
-``validate_chat_jsonl`` returns the parsed examples with their token counts, or raises
-``InvalidDatasetError`` listing the problems.
+``validate_chat_jsonl`` and ``validate_preference_jsonl`` return the parsed examples with their
+token counts, or raise ``InvalidDatasetError`` listing the problems.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DatasetError", "Example", "InvalidDatasetError", "validate_chat_jsonl"]
+__all__ = ["DatasetError", "Example", "InvalidDatasetError", "PreferenceExample",
+           "validate_chat_jsonl", "validate_preference_jsonl"]
 
 ROLES = frozenset({"system", "user", "assistant"})
 MESSAGE_KEYS = frozenset({"role", "content", "name", "weight"})
 TOP_LEVEL_KEYS = frozenset({"messages"})
+PREFERENCE_KEYS = frozenset({"input", "preferred_output", "non_preferred_output"})
+INPUT_KEYS = frozenset({"messages", "tools", "parallel_tool_calls"})
 # How many errors InvalidDatasetError's text shows; the full list stays on `.errors`.
 SHOWN_ERRORS = 10
 # Text with no tokenizer at hand averages about four UTF-8 bytes per token.
@@ -69,6 +74,22 @@ class Example:
     n_tokens: int
 
 
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One valid preference pair: a conversation and two answers to it, the first preferred.
+    ``n_tokens`` counts both full sequences, prompt included, as training sees them."""
+
+    messages: tuple[dict[str, Any], ...]
+    preferred: dict[str, Any]
+    non_preferred: dict[str, Any]
+    tools: tuple[dict[str, Any], ...]
+    n_tokens: int
+
+    def as_chat(self) -> Example:
+        """The conversation answered with the preferred output, as a chat example."""
+        return Example(messages=(*self.messages, self.preferred), n_tokens=self.n_tokens)
+
+
 def validate_chat_jsonl(
     data: bytes,
     *,
@@ -85,13 +106,34 @@ def validate_chat_jsonl(
     silently truncated, since truncation usually cuts off the assistant's answer.
     Blank lines are ignored. At most ``max_errors`` problems are collected.
     """
+    return _validate(data, _check_line, tokenizer=tokenizer, max_tokens=max_tokens,
+                     min_examples=min_examples, max_errors=max_errors)
+
+
+def validate_preference_jsonl(
+    data: bytes,
+    *,
+    tokenizer: Any | None,
+    max_tokens: int,
+    min_examples: int = 10,
+    max_errors: int = 100,
+) -> list[PreferenceExample]:
+    """Check a preference (DPO) JSONL file; the rules and arguments of `validate_chat_jsonl`.
+    Problems name the line and the field, as in ``line 3: preferred_output[0].role must be
+    'assistant'``; each answer, with the input before it, must fit in ``max_tokens``."""
+    return _validate(data, _check_preference_line, tokenizer=tokenizer, max_tokens=max_tokens,
+                     min_examples=min_examples, max_errors=max_errors)
+
+
+def _validate(data: bytes, check: Any, *, tokenizer: Any | None, max_tokens: int,
+              min_examples: int, max_errors: int) -> list[Any]:
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     if max_errors < 1:
         raise ValueError(f"max_errors must be positive, got {max_errors}")
 
     errors: list[DatasetError] = []
-    examples: list[Example] = []
+    examples: list[Any] = []
     seen_content = False
     for number, raw in enumerate(_split_lines(data), start=1):
         if not raw.strip():
@@ -100,7 +142,7 @@ def validate_chat_jsonl(
             # A file that is wrong throughout (say, the wrong format) needs no more detail.
             raise InvalidDatasetError(errors[:max_errors], truncated=True)
         seen_content = True
-        line_errors, example = _check_line(raw, tokenizer=tokenizer, max_tokens=max_tokens)
+        line_errors, example = check(raw, tokenizer=tokenizer, max_tokens=max_tokens)
         errors.extend(DatasetError(number, message) for message in line_errors)
         if example is not None:
             examples.append(example)
@@ -129,21 +171,32 @@ def _split_lines(data: bytes) -> list[bytes]:
     return [line.removesuffix(b"\r") for line in data.split(b"\n")]
 
 
-def _check_line(
-    raw: bytes, *, tokenizer: Any | None, max_tokens: int
-) -> tuple[list[str], Example | None]:
-    """Return the line's problems, and its example when it has none."""
+def _parse(raw: bytes) -> tuple[str | None, Any]:
+    """The line's JSON object, or the reason it is not one."""
     # Decoding line by line, rather than the whole file, lets a bad byte be located.
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return [f"not valid UTF-8 (byte {exc.start + 1} of the line)"], None
+        return f"not valid UTF-8 (byte {exc.start + 1} of the line)", None
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
-        return [f"not valid JSON: {exc.msg} (column {exc.colno})"], None
+        return f"not valid JSON: {exc.msg} (column {exc.colno})", None
     if not isinstance(record, dict):
-        return [f"expected a JSON object, got {_json_type(record)}"], None
+        return f"expected a JSON object, got {_json_type(record)}", None
+    return None, record
+
+
+def _check_line(
+    raw: bytes, *, tokenizer: Any | None, max_tokens: int
+) -> tuple[list[str], Example | None]:
+    """Return the line's problems, and its example when it has none."""
+    problem, record = _parse(raw)
+    if problem is not None:
+        return [problem], None
+    if "messages" not in record and PREFERENCE_KEYS & record.keys():
+        return ['this is a preference (DPO) example; a supervised job needs '
+                '{"messages": [...]} lines (use method "dpo" for preference data)'], None
 
     problems = [
         f'unknown key "{key}"; only "messages" is allowed'
@@ -231,6 +284,94 @@ def _check_order(roles: list[str]) -> list[str]:
     if roles[-1] != "assistant":
         # Training learns from assistant turns; ending elsewhere means a missing answer.
         problems.append("the last message must come from the assistant (missing assistant turn)")
+    return problems
+
+
+def _check_preference_line(
+    raw: bytes, *, tokenizer: Any | None, max_tokens: int
+) -> tuple[list[str], PreferenceExample | None]:
+    """Return the preference line's problems, and its example when it has none."""
+    problem, record = _parse(raw)
+    if problem is not None:
+        return [problem], None
+    if "messages" in record and "input" not in record:
+        return ['this is a chat (supervised) example; a dpo job needs "input", '
+                '"preferred_output" and "non_preferred_output"'], None
+    problems = [f'unknown key "{key}"; allowed keys are input, preferred_output and '
+                'non_preferred_output' for key in record if key not in PREFERENCE_KEYS]
+    problems += _check_input(record.get("input"), "input" in record)
+    for field in ("preferred_output", "non_preferred_output"):
+        problems += _check_output(record.get(field), field, field in record)
+    if problems:
+        return problems, None
+
+    messages = record["input"]["messages"]
+    preferred, rejected = record["preferred_output"][0], record["non_preferred_output"][0]
+    if preferred["content"] == rejected["content"]:
+        return ["preferred_output and non_preferred_output are the same answer"], None
+    counts = []
+    for answer in (preferred, rejected):
+        n_tokens, token_problem = _count_tokens([*messages, answer], tokenizer)
+        if token_problem is not None:
+            return [token_problem], None
+        counts.append(n_tokens)
+    if max(counts) > max_tokens:
+        return [f"{max(counts)} tokens, over the model's context of {max_tokens}"], None
+    return [], PreferenceExample(messages=tuple(messages), preferred=preferred,
+                                 non_preferred=rejected,
+                                 tools=tuple(record["input"].get("tools") or ()),
+                                 n_tokens=sum(counts))
+
+
+def _check_input(value: Any, present: bool) -> list[str]:
+    if not present:
+        return ['missing "input"']
+    if not isinstance(value, dict):
+        return [f'"input" must be an object, got {_json_type(value)}']
+    problems = [f'input: unknown key "{key}"; allowed keys are messages, tools and '
+                'parallel_tool_calls' for key in value if key not in INPUT_KEYS]
+    tools = value.get("tools")
+    if "tools" in value and (not isinstance(tools, list)
+                             or not all(isinstance(t, dict) for t in tools)):
+        problems.append("input.tools must be a list of objects")
+    if "parallel_tool_calls" in value and not isinstance(value["parallel_tool_calls"], bool):
+        problems.append("input.parallel_tool_calls must be true or false")
+    messages = value.get("messages")
+    if "messages" not in value:
+        return [*problems, 'missing "input.messages"']
+    if not isinstance(messages, list):
+        return [*problems, f"input.messages must be a list, got {_json_type(messages)}"]
+    if not messages:
+        return [*problems, "input.messages is empty"]
+    for index, message in enumerate(messages):
+        problems += [f"input.messages[{index}]: {p}" for p in _check_message(message)]
+    roles = [m.get("role") for m in messages if isinstance(m, dict)]
+    if len(roles) == len(messages) and all(r in ROLES for r in roles):
+        problems += [f"input.messages[{index}]: a system message may only come first"
+                     for index, role in enumerate(roles) if role == "system" and index > 0]
+        if roles[-1] != "user":
+            # The outputs answer the input: it ends with the turn they reply to.
+            problems.append("input.messages must end with a user message")
+    return problems
+
+
+def _check_output(value: Any, field: str, present: bool) -> list[str]:
+    if not present:
+        return [f'missing "{field}"']
+    if not isinstance(value, list) or len(value) != 1:
+        return [f"{field} must be a list of exactly one assistant message"]
+    message = value[0]
+    if not isinstance(message, dict):
+        return [f"{field}[0] must be an object, got {_json_type(message)}"]
+    problems = [f'{field}[0]: unknown key "{key}"; allowed keys are role and content'
+                for key in message if key not in ("role", "content")]
+    if message.get("role") != "assistant":
+        problems.append(f"{field}[0].role must be 'assistant'")
+    content = message.get("content")
+    if not isinstance(content, str):
+        problems.append(f"{field}[0].content must be a string, got {_json_type(content)}")
+    elif not content.strip():
+        problems.append(f"{field}[0].content is empty")
     return problems
 
 

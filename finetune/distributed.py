@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import TrainConfig
-from finetune.trainer import Cancelled, Hooks, Messages, TrainResult, train
+from finetune.dataset import PreferenceExample
+from finetune.preference import Preference
+from finetune.trainer import Cancelled, Hooks, Objective, Supervised, TrainResult, train
 
 __all__ = ["RankGroup", "main", "torchrun_command", "train_distributed"]
 
@@ -65,14 +67,13 @@ class RankGroup:
         # The global batch is sorted by length: strided shards get similar lengths.
         return batch[self.rank:: self.world]
 
-    def wrap(self, model: Any, loss: Callable[[dict[str, Any]], Any]
-             ) -> Callable[[dict[str, Any]], Any]:
+    def wrap(self, model: Any, loss: Callable[[], Any]) -> Callable[[], Any]:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(
             _as_module(model, loss),
             device_ids=[self.local_rank] if self.device.type == "cuda" else None)
-        return lambda batch: ddp(batch)
+        return ddp
 
     def sum(self, values: list[float]) -> list[float]:
         import torch
@@ -88,7 +89,7 @@ class RankGroup:
         dist.destroy_process_group()
 
 
-def _as_module(model: Any, loss: Callable[[dict[str, Any]], Any]) -> Any:
+def _as_module(model: Any, loss: Callable[[], Any]) -> Any:
     """The trainer's loss as a module's forward, so that DDP sees (and syncs) the parameters
     it reaches and hooks the backward pass."""
     import torch
@@ -98,8 +99,8 @@ def _as_module(model: Any, loss: Callable[[dict[str, Any]], Any]) -> Any:
             super().__init__()
             self.model = model
 
-        def forward(self, batch: dict[str, Any]) -> Any:
-            return loss(batch)
+        def forward(self) -> Any:
+            return loss()
 
     return Objective()
 
@@ -133,12 +134,24 @@ class _RankHooks:
         return self.group.sum([float(mine)])[0] > 0
 
 
-def _spec(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[Messages],
-          timeout_s: float) -> dict[str, Any]:
+def _spec(config: TrainConfig, objective: Objective, train_set: Sequence[Any],
+          val_set: Sequence[Any], timeout_s: float) -> dict[str, Any]:
     fields = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
-    return {"config": fields, "train": [list(m) for m in train_set],
-            "valid": [list(m) for m in val_set], "timeout_s": timeout_s,
-            "launcher_pid": os.getpid()}
+    dpo = isinstance(objective, Preference)
+    method = ({"type": "dpo", "beta": objective.beta} if isinstance(objective, Preference)
+              else {"type": "supervised"})
+    train_rows, val_rows = ([asdict(e) if dpo else list(e) for e in rows]
+                            for rows in (train_set, val_set))
+    return {"config": fields, "method": method, "train": train_rows, "valid": val_rows,
+            "timeout_s": timeout_s, "launcher_pid": os.getpid()}
+
+
+def _examples(spec: dict[str, Any]) -> tuple[Objective, list[Any], list[Any]]:
+    """The objective and the examples `_spec` wrote."""
+    if spec["method"]["type"] == "dpo":
+        pairs = [[PreferenceExample(**e) for e in spec[k]] for k in ("train", "valid")]
+        return Preference(float(spec["method"]["beta"])), pairs[0], pairs[1]
+    return Supervised(), spec["train"], spec["valid"]
 
 
 def _config(fields: dict[str, Any]) -> TrainConfig:
@@ -157,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         hooks = _RankHooks(folder, group, int(spec["launcher_pid"]))
         try:
-            result = train(_config(spec["config"]), spec["train"], spec["valid"], hooks, group)
+            objective, train_set, val_set = _examples(spec)
+            result = train(_config(spec["config"]), train_set, val_set, hooks, objective,
+                           ranks=group)
             outcome = {**asdict(result), "adapter_dir": str(result.adapter_dir)}
         except Cancelled as exc:
             outcome = {"cancelled": str(exc)}
@@ -195,10 +210,10 @@ class _Relay:
             self.hooks.event(record["level"], record["message"], record["data"])
 
 
-def train_distributed(config: TrainConfig, train_set: Sequence[Messages],
-                      val_set: Sequence[Messages] = (), hooks: Hooks | None = None, *,
-                      devices: int, restarts: int = 3, timeout_s: float = 1800.0
-                      ) -> TrainResult:
+def train_distributed(config: TrainConfig, train_set: Sequence[Any],
+                      val_set: Sequence[Any] = (), hooks: Hooks | None = None, *,
+                      devices: int, restarts: int = 3, timeout_s: float = 1800.0,
+                      objective: Objective | None = None) -> TrainResult:
     """`finetune.trainer.train` on `devices` processes, with the same result, events, resume
     and cancellation. `timeout_s` bounds joining the group and each collective (so also the
     longest checkpoint with its evaluation, which the other ranks wait for)."""
@@ -215,7 +230,8 @@ def train_distributed(config: TrainConfig, train_set: Sequence[Messages],
             stale.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     spec = folder / "spec.json"
-    spec.write_text(json.dumps(_spec(config, train_set, val_set, timeout_s)))
+    spec.write_text(json.dumps(_spec(config, objective or Supervised(), train_set, val_set,
+                                     timeout_s)))
     relay = _Relay(folder / "events.jsonl", hooks) if hooks else None
     with (folder / "torchrun.log").open("wb") as log:
         proc = subprocess.Popen(torchrun_command(spec, devices, restarts, timeout_s),

@@ -23,13 +23,20 @@ from redis.asyncio import Redis
 from evals.store import Evals
 from finetune.billing import AttemptBill, training_price
 from finetune.config import TrainConfig
-from finetune.dataset import Example, InvalidDatasetError, validate_chat_jsonl
+from finetune.dataset import (
+    Example,
+    InvalidDatasetError,
+    PreferenceExample,
+    validate_chat_jsonl,
+    validate_preference_jsonl,
+)
 from finetune.distributed import train_distributed
 from finetune.jobs import FineTuning, adapter_name
+from finetune.preference import DEFAULT_BETA, Preference
 from finetune.promotion import evaluate
 from finetune.serving import NotServedError, announce, wait_until_served
 from finetune.tracking import Tracker, run_params, start_tracking
-from finetune.trainer import Cancelled, train
+from finetune.trainer import Cancelled, Objective, Supervised, train
 from llmops.files import Files
 from llmops.settings import ModelConfig, Settings
 from llmops.store import Database, FineTuningJob, utcnow
@@ -116,11 +123,12 @@ async def run_job(job_id: str, settings: Settings) -> str:
 
 
 async def _load(files: Files, job: FineTuningJob, file_id: str, base: ModelConfig,
-                tokenizer: Any, min_examples: int) -> list[Example]:
+                tokenizer: Any, min_examples: int) -> list[Example] | list[PreferenceExample]:
     row = await files.get(job.tenant_id, file_id)
     data = await asyncio.to_thread(files.path(row).read_bytes)
-    return validate_chat_jsonl(data, tokenizer=tokenizer, max_tokens=base.context_length,
-                               min_examples=min_examples)
+    validate = validate_preference_jsonl if job.method == "dpo" else validate_chat_jsonl
+    return validate(data, tokenizer=tokenizer, max_tokens=base.context_length,
+                    min_examples=min_examples)
 
 
 async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Settings,
@@ -133,7 +141,7 @@ async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Set
     first_run = job.status == "validating_files"
     if first_run:
         await jobs.event(job.id, f"Validating training file: {job.training_file}")
-    sets: dict[str, list[Example]] = {}
+    sets: dict[str, list[Any]] = {}
     for param, file_id, least in (("training_file", job.training_file,
                                    settings.finetune.min_examples),
                                   ("validation_file", job.validation_file, 1)):
@@ -163,8 +171,8 @@ async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Set
     try:
         bill = AttemptBill(jobs.db, job, await training_price(jobs.db, job.model),
                            settings.finetune.device_cost_per_hour_usd, limiter.charge)
-        outcome = await _train(job, jobs, files, settings, owner, config, val_set,
-                               [list(e.messages) for e in train_set], tracker, bill)
+        outcome = await _train(job, jobs, files, settings, owner, config, train_set, val_set,
+                               tracker, bill)
         # A lost lease leaves the run open: the worker that took the job over continues it.
         status = {"succeeded": "FINISHED", "cancelled": "KILLED"}.get(outcome)
         return outcome
@@ -228,7 +236,7 @@ async def _tracking(job: FineTuningJob, jobs: FineTuning, owner: str, files: Fil
            for param, file_id in (("training_file", job.training_file),
                                   ("validation_file", job.validation_file)) if file_id}
     await tracker.log(params=run_params(config, {
-        "base_model": job.model, "method": "supervised", "job_id": job.id,
+        "base_model": job.model, "method": job.method, "job_id": job.id,
         "training_file": job.training_file, "validation_file": job.validation_file,
         "learning_rate_multiplier": job.hyperparameters.get("learning_rate_multiplier"),
         **sha}))
@@ -236,21 +244,35 @@ async def _tracking(job: FineTuningJob, jobs: FineTuning, owner: str, files: Fil
 
 
 async def _train(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Settings,
-                 owner: str, config: TrainConfig, val_set: list[Example],
-                 messages: list[list[Any]], tracker: Tracker | None, bill: AttemptBill
-                 ) -> str:
+                 owner: str, config: TrainConfig,
+                 train_set: list[Example] | list[PreferenceExample],
+                 val_set: list[Example] | list[PreferenceExample], tracker: Tracker | None,
+                 bill: AttemptBill) -> str:
     """Train, publish the adapter, evaluate it if asked; returns what became of the job."""
     hp, lora = job.hyperparameters, job.lora
     root = Path(settings.finetune.adapters_root) / job.id
     hooks = _JobHooks(asyncio.get_running_loop(), jobs, job, owner, settings, tracker, bill)
-    val_messages = [list(e.messages) for e in val_set]
+    objective: Objective
+    examples: list[Any]
+    val_examples: list[Any]
+    if job.method == "dpo":
+        objective = Preference(float(hp.get("beta") or DEFAULT_BETA))
+        examples, val_examples = list(train_set), list(val_set)
+        # Promotion's default eval asks the validation questions and compares each answer
+        # with the preferred output.
+        chats = [e.as_chat() for e in val_set if isinstance(e, PreferenceExample)]
+    else:
+        objective = Supervised()
+        examples = [list(e.messages) for e in train_set]
+        val_examples = [list(e.messages) for e in val_set]
+        chats = [e for e in val_set if isinstance(e, Example)]
     devices = int(lora.get("devices") or settings.finetune.devices)
-    fit = train if devices == 1 else partial(
+    fit = partial(train, objective=objective) if devices == 1 else partial(
         train_distributed, devices=devices, restarts=settings.finetune.restarts,
-        timeout_s=settings.finetune.group_timeout_s)
+        timeout_s=settings.finetune.group_timeout_s, objective=objective)
     try:
         with METRICS.training(job.model):
-            result = await asyncio.to_thread(fit, config, messages, val_messages, hooks)
+            result = await asyncio.to_thread(fit, config, examples, val_examples, hooks)
     except Cancelled:
         await bill.update(hooks.trained_tokens, ended=True)
         if (await jobs.get(job.id)).cancel_requested:
@@ -278,8 +300,9 @@ async def _train(job: FineTuningJob, jobs: FineTuning, files: Files, settings: S
         await tracker.upload(published, "adapter")
     name = adapter_name(job)
     training_file = await files.get(job.tenant_id, job.training_file)
-    lineage = {"base_model": job.model, "training_file_sha256": training_file.sha256,
-               "hyperparameters": hp, "lora": lora, "adapter_path": str(published),
+    lineage = {"base_model": job.model, "method": job.method,
+               "training_file_sha256": training_file.sha256, "hyperparameters": hp,
+               "lora": lora, "adapter_path": str(published),
                "train_loss": result.train_loss, "valid_loss": result.val_loss,
                "steps": result.steps, "tokens_per_s": result.tokens_per_s, "published": True}
     # Published: the gateways may load it now (a candidate, withheld, while it is evaluated).
@@ -289,7 +312,7 @@ async def _train(job: FineTuningJob, jobs: FineTuning, files: Files, settings: S
     promoted = True
     if job.evaluation is not None:
         async with _leased(jobs, job.id, owner, settings):
-            verdict = await evaluate(job, name, val_set, jobs, Evals(jobs.db), files, settings)
+            verdict = await evaluate(job, name, chats, jobs, Evals(jobs.db), files, settings)
         lineage["evaluation"] = verdict
         promoted = bool(verdict["promoted"])
         await jobs.event(job.id, f"Evaluation: {verdict['reason']} The adapter is "

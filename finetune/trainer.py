@@ -1,4 +1,5 @@
-"""LoRA and QLoRA supervised fine-tuning with PEFT, in a loop of our own.
+"""LoRA and QLoRA fine-tuning with PEFT, in a loop of our own: supervised here, preference
+(DPO) through the `Objective` in `finetune.preference`.
 
 Why not `transformers.Trainer`: we batch examples of similar length together and pad each batch
 only to its own longest, project to the vocabulary only the positions that carry a label (the
@@ -18,14 +19,14 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from finetune.config import TrainConfig
 
-__all__ = ["Cancelled", "Hooks", "Ranks", "TrainResult", "assistant_loss", "encode",
-           "latest_checkpoint", "train"]
+__all__ = ["Cancelled", "Hooks", "Objective", "Ranks", "Supervised", "TrainResult",
+           "assistant_loss", "encode", "latest_checkpoint", "train"]
 
 IGNORE = -100
 Messages = Sequence[Mapping[str, Any]]
@@ -60,8 +61,7 @@ class Ranks(Protocol):
         """This rank's part of a global batch (may be empty)."""
         ...
 
-    def wrap(self, model: Any, loss: Callable[[dict[str, Any]], Any]
-             ) -> Callable[[dict[str, Any]], Any]:
+    def wrap(self, model: Any, loss: Callable[[], Any]) -> Callable[[], Any]:
         """`loss` computed so that its backward pass averages gradients across ranks."""
         ...
 
@@ -76,12 +76,33 @@ class _Solo:
     def shard(self, batch: list[int]) -> list[int]:
         return batch
 
-    def wrap(self, model: Any, loss: Callable[[dict[str, Any]], Any]
-             ) -> Callable[[dict[str, Any]], Any]:
+    def wrap(self, model: Any, loss: Callable[[], Any]) -> Callable[[], Any]:
         return loss
 
     def sum(self, values: list[float]) -> list[float]:
         return values
+
+
+class Objective(Protocol):
+    """What the loop minimises: how an example becomes a row, and a batch of rows' loss."""
+
+    def encode(self, tokenizer: Any, example: Any, max_length: int) -> Any: ...
+
+    def length(self, row: Any) -> int:
+        """The row's length in tokens, to batch rows of similar length together."""
+
+    def loss(self, model: Any, rows: Sequence[Any], pad_id: int, device: str
+             ) -> tuple[Any, dict[str, float], int]:
+        """The batch's loss (a tensor to backpropagate), metrics to report with it, and the
+        real tokens it trained on."""
+
+    def weight(self, rows: Sequence[Any]) -> int:
+        """What the loss of `rows` is a mean over (labelled tokens, pairs): on several ranks
+        each rank's loss counts by its share of it."""
+
+    def evaluate(self, model: Any, rows: Sequence[Any], batch_size: int, pad_id: int,
+                 device: str) -> dict[str, float]:
+        """Held-out metrics, `valid_loss` among them, without updating anything."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,7 @@ class TrainResult:
     trained_tokens: int  # real tokens, padding excluded
     seconds: float  # in training steps; loading, evaluation and checkpoints excluded
     tokens_per_s: float
+    valid_metrics: dict[str, float] = field(default_factory=dict)  # the objective's, at the end
 
 
 def _ids(encoded: Any) -> list[int]:
@@ -102,18 +124,20 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded)
 
 
-def encode(tokenizer: Any, messages: Messages, max_length: int) -> tuple[list[int], list[int]]:
+def encode(tokenizer: Any, messages: Messages, max_length: int,
+           tools: Sequence[Mapping[str, Any]] = ()) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and its labels: the assistant replies (with their end of
     turn, so the model learns to stop) and nothing else; everything else is IGNORE."""
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-    ids = _ids(tokenizer.apply_chat_template(msgs, tokenize=True))
+    template = {"tools": list(tools)} if tools else {}
+    ids = _ids(tokenizer.apply_chat_template(msgs, tokenize=True, **template))
     labels = [IGNORE] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
         start = len(_ids(tokenizer.apply_chat_template(msgs[:i], tokenize=True,
-                                                       add_generation_prompt=True)))
-        end = len(_ids(tokenizer.apply_chat_template(msgs[: i + 1], tokenize=True)))
+                                                       add_generation_prompt=True, **template)))
+        end = len(_ids(tokenizer.apply_chat_template(msgs[: i + 1], tokenize=True, **template)))
         labels[start:end] = ids[start:end]
     return ids[:max_length], labels[:max_length]
 
@@ -223,9 +247,33 @@ def assistant_loss(model: Any, rows: Sequence[Row], batch_size: int, pad_id: int
     return total / max(count, 1)
 
 
-def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[Messages] = (),
-          hooks: Hooks | None = None, ranks: Ranks | None = None) -> TrainResult:
+class Supervised:
+    """Supervised fine-tuning: cross-entropy on the assistant's tokens of conversations."""
+
+    def encode(self, tokenizer: Any, example: Messages, max_length: int) -> Row:
+        return encode(tokenizer, example, max_length)
+
+    def length(self, row: Row) -> int:
+        return len(row[0])
+
+    def loss(self, model: Any, rows: Sequence[Row], pad_id: int, device: str
+             ) -> tuple[Any, dict[str, float], int]:
+        batch = _batch(rows, pad_id, device)
+        return _loss(model, batch), {}, int(batch["attention_mask"].sum())
+
+    def weight(self, rows: Sequence[Row]) -> int:
+        return sum(sum(1 for t in labels[1:] if t != IGNORE) for _, labels in rows)
+
+    def evaluate(self, model: Any, rows: Sequence[Row], batch_size: int, pad_id: int,
+                 device: str) -> dict[str, float]:
+        return {"valid_loss": assistant_loss(model, rows, batch_size, pad_id, device)}
+
+
+def train(config: TrainConfig, train_set: Sequence[Any], val_set: Sequence[Any] = (),
+          hooks: Hooks | None = None, objective: Objective | None = None,
+          ranks: Ranks | None = None) -> TrainResult:
     """Train a LoRA adapter; resumes from the newest checkpoint in `config.output_dir`.
+    Examples are conversations (`Supervised`, the default) or what `objective` encodes.
     With `ranks`, this process trains its shard of every batch and only rank 0 writes."""
     import torch
     from peft import set_peft_model_state_dict
@@ -233,13 +281,14 @@ def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[
     from transformers import get_linear_schedule_with_warmup
 
     hooks = hooks or _Quiet()
+    objective = objective or Supervised()
     ranks = ranks or _Solo()
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     model, tokenizer, device = _load_model(config)
     try:
-        rows = [encode(tokenizer, m, config.max_length) for m in train_set]
-        val_rows = [encode(tokenizer, m, config.max_length) for m in val_set]
+        rows = [objective.encode(tokenizer, m, config.max_length) for m in train_set]
+        val_rows = [objective.encode(tokenizer, m, config.max_length) for m in val_set]
         steps_per_epoch = math.ceil(len(rows) / config.batch_size)
         total_steps = steps_per_epoch * config.n_epochs
         params = [p for p in model.parameters() if p.requires_grad]
@@ -259,12 +308,19 @@ def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[
             hooks.event("info", f"Resumed from checkpoint at step {step}.", {"step": step})
 
         model.train()
-        step_loss: Any = ranks.wrap(model, lambda batch: _loss(model, batch))
         pad_id = tokenizer.pad_token_id
+        out: dict[str, Any] = {}  # the step's rows in, its metrics and tokens out
+
+        def batch_loss() -> Any:  # called through DDP, whose backward syncs the gradients
+            loss, out["metrics"], out["tokens"] = objective.loss(model, out["rows"], pad_id,
+                                                                 device)
+            return loss
+
+        step_loss: Any = ranks.wrap(model, batch_loss)
         losses: list[float] = []
         trained_tokens = 0
         seconds = 0.0
-        lengths = [len(ids) for ids, _ in rows]
+        lengths = [objective.length(r) for r in rows]
         while step < total_steps:
             epoch, index = divmod(step, steps_per_epoch)
             t0 = time.perf_counter()
@@ -272,49 +328,53 @@ def train(config: TrainConfig, train_set: Sequence[Messages], val_set: Sequence[
             mine = ranks.shard(chosen)
             # A rank without examples (a short last batch) still joins the gradient
             # exchange, with a copy that weighs nothing.
-            batch = _batch([rows[i] for i in mine or chosen[:1]], pad_id, device)
-            labelled = int((batch["labels"][:, 1:] != IGNORE).sum()) if mine else 0
-            tokens = int(batch["attention_mask"].sum()) if mine else 0
-            all_labelled, all_tokens = ranks.sum([labelled, tokens])
-            # Gradients are averaged over ranks: weigh each rank's mean by its share of the
-            # labelled tokens, so the update is the one a single process would make.
-            loss = step_loss(batch) * (labelled * ranks.world / max(all_labelled, 1))
+            out["rows"] = [rows[i] for i in mine or chosen[:1]]
+            loss = step_loss()
+            weight = objective.weight(out["rows"]) if mine else 0
+            metrics = {k: v * weight for k, v in out["metrics"].items()}
+            summed = ranks.sum([weight, out["tokens"] if mine else 0, *metrics.values()])
+            all_weight, tokens = max(summed[0], 1), int(summed[1])
+            metrics = dict(zip(metrics, (v / all_weight for v in summed[2:]), strict=True))
+            # Gradients are averaged over ranks: weigh each rank's mean by its share, so the
+            # update is the one a single process would make on the whole batch.
+            loss = loss * (weight * ranks.world / all_weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens = int(all_tokens)
             trained_tokens += tokens
             losses.append(ranks.sum([loss.item() / ranks.world])[0])
             took = time.perf_counter() - t0
             seconds += took
             hooks.event("metrics", f"Step {step}/{total_steps}: training loss={losses[-1]:.4f}",
                         {"step": step, "total_steps": total_steps, "train_loss": losses[-1],
-                         "learning_rate": scheduler.get_last_lr()[0],
+                         "learning_rate": scheduler.get_last_lr()[0], **metrics,
                          "tokens": tokens, "tokens_per_s": tokens / took})
             if ranks.rank == 0 and (step % config.checkpoint_every == 0
                                     or step % steps_per_epoch == 0):
-                val = (assistant_loss(model, val_rows, config.batch_size, pad_id, device)
-                       if val_rows else None)
-                _save_checkpoint(model, optimizer, scheduler, config, step, losses[-1], val)
+                valid = (objective.evaluate(model, val_rows, config.batch_size, pad_id, device)
+                         if val_rows else {"valid_loss": None})
+                _save_checkpoint(model, optimizer, scheduler, config, step, losses[-1],
+                                 valid["valid_loss"])
                 hooks.event("checkpoint", f"Checkpoint at step {step}.",
-                            {"step": step, "train_loss": losses[-1], "valid_loss": val})
+                            {"step": step, "train_loss": losses[-1], **valid})
             if hooks.should_stop():
                 raise Cancelled(f"stopped at step {step}")
 
         adapter_dir = config.output_dir / "adapter"
-        val = None
+        final: dict[str, float] = {}
         if ranks.rank == 0:
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(adapter_dir)
             model.save_pretrained(adapter_dir)
-            val = (assistant_loss(model, val_rows, config.batch_size, pad_id, device)
-                   if val_rows else None)
+            if val_rows:
+                final = objective.evaluate(model, val_rows, config.batch_size, pad_id, device)
         tail = losses[-steps_per_epoch:] or [float("nan")]
-        return TrainResult(adapter_dir, step, sum(tail) / len(tail), val, trained_tokens,
-                           seconds, trained_tokens / seconds if seconds > 0 else 0.0)
+        return TrainResult(adapter_dir, step, sum(tail) / len(tail), final.get("valid_loss"),
+                           trained_tokens, seconds,
+                           trained_tokens / seconds if seconds > 0 else 0.0, final)
     finally:
         # Free the model now, not at the next collection: a worker trains many jobs.
         model = step_loss = None

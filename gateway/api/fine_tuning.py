@@ -1,6 +1,7 @@
 """OpenAI's fine-tuning API: `POST/GET /v1/fine_tuning/jobs`, `GET .../{id}`,
 `POST .../{id}/cancel`, `GET .../{id}/events`, `GET .../{id}/checkpoints`.
 
+`method` is OpenAI's: `supervised` (the default) on chat files, or `dpo` on preference files.
 Our additions are named as such: `lora` (r, alpha, dropout, target_modules, `quantization:
 "nf4"` for QLoRA, gradient_checkpointing, checkpoint_every, devices) next to OpenAI's fields.
 """
@@ -18,7 +19,7 @@ from pydantic import Field
 import tenancy
 from evals.store import Evals
 from finetune.billing import estimate_cost
-from finetune.dataset import InvalidDatasetError, validate_chat_jsonl
+from finetune.dataset import InvalidDatasetError, validate_chat_jsonl, validate_preference_jsonl
 from finetune.jobs import FineTuning, adapter_name
 from gateway.http.auth import authenticated
 from gateway.http.paging import page
@@ -51,9 +52,30 @@ class Hyperparameters(Wire):
     learning_rate_multiplier: float | Auto = Field("auto", description="0 < x <= 10")
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: float | Auto = Field("auto", description="0 < x <= 2")
+
+
+class SupervisedMethod(Wire):
+    hyperparameters: Hyperparameters | None = None
+
+
+class DpoMethod(Wire):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(Open):
-    type: Literal["supervised"] = "supervised"
-    supervised: dict[str, Any] | None = None
+    type: str = "supervised"
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+
+METHODS = ("supervised", "dpo")
+# Inclusive bounds, but beta's low end is exclusive: 0 would ignore the preferences.
+RANGES = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (1e-6, 10),
+          "beta": (0, 2)}
+DEFAULT_HYPERPARAMETERS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
+DEFAULT_BETA = 0.1
 
 
 class LoraOptions(Wire):
@@ -111,19 +133,29 @@ class JobIn(Wire):
     integrations: list[Integration] | None = Field(None, max_length=1)
 
 
-def _hyperparameters(body: JobIn) -> dict[str, Any]:
-    hp = body.hyperparameters
-    if body.method is not None and body.method.supervised:
-        nested = body.method.supervised.get("hyperparameters") or {}
-        hp = Hyperparameters.model_validate(nested)
+def _method(body: JobIn) -> tuple[str, dict[str, Any]]:
+    """The job's method and its hyperparameters, "auto" left out (defaults apply)."""
+    method = body.method or Method()
+    if method.type not in METHODS:
+        raise BadRequestError(f"method.type {method.type!r} is not supported here; use "
+                              "'supervised' or 'dpo'.", param="method.type")
+    for other in METHODS:
+        if other != method.type and getattr(method, other) is not None:
+            raise BadRequestError(f"method.{other} is given but method.type is "
+                                  f"{method.type!r}.", param=f"method.{other}")
+    where, hp = "hyperparameters", body.hyperparameters  # OpenAI's older, top-level place
+    chosen: SupervisedMethod | DpoMethod | None = getattr(method, method.type)
+    if chosen is not None and chosen.hyperparameters is not None:
+        where, hp = f"method.{method.type}.hyperparameters", chosen.hyperparameters
     values = {k: v for k, v in (hp.model_dump() if hp else {}).items() if v != "auto"}
-    ranges = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (1e-6, 10)}
     for name, value in values.items():
-        low, high = ranges[name]
-        if not low <= value <= high:
-            raise BadRequestError(f"hyperparameters.{name} must be between {low} and {high}.",
-                                  param=f"hyperparameters.{name}")
-    return values
+        low, high = RANGES[name]
+        exclusive = name == "beta"
+        if value > high or value < low or (exclusive and value == low):
+            bounds = (f"greater than {low} and at most {high}" if exclusive
+                      else f"between {low} and {high}")
+            raise BadRequestError(f"{where}.{name} must be {bounds}.", param=f"{where}.{name}")
+    return method.type, values
 
 
 async def _evaluation(body: JobIn, tenant_id: str, evals: Evals) -> dict[str, Any] | None:
@@ -148,9 +180,9 @@ async def _evaluation(body: JobIn, tenant_id: str, evals: Evals) -> dict[str, An
 
 
 def job_out(job: FineTuningJob) -> dict[str, Any]:
-    hp = {"n_epochs": job.hyperparameters.get("n_epochs", 3),
-          "batch_size": job.hyperparameters.get("batch_size", 4),
-          "learning_rate_multiplier": job.hyperparameters.get("learning_rate_multiplier", 1.0)}
+    hp = {k: job.hyperparameters.get(k, v) for k, v in DEFAULT_HYPERPARAMETERS.items()}
+    method_hp = {**hp, "beta": job.hyperparameters.get("beta", DEFAULT_BETA)} \
+        if job.method == "dpo" else hp
     return {
         "id": job.id, "object": "fine_tuning.job", "created_at": epoch(job.created_at),
         "finished_at": epoch(job.finished_at), "model": job.model,
@@ -160,7 +192,7 @@ def job_out(job: FineTuningJob) -> dict[str, Any]:
         "hyperparameters": hp, "trained_tokens": job.trained_tokens, "error": job.error,
         "seed": job.seed, "user_provided_suffix": job.suffix, "estimated_finish": None,
         "integrations": _integrations_out(job), "metadata": None,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "method": {"type": job.method, job.method: {"hyperparameters": method_hp}},
         "lora": job.lora, "evaluation": job.evaluation, "result": job.result or None,
     }
 
@@ -193,7 +225,7 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
     bases = {m.name: m for m in settings.models if m.kind == "chat"}
     tokenizers: dict[str, Any] = {}  # base model -> its tokenizer, loaded at first need
 
-    async def check_budget(who: Principal, base: ModelConfig, file_id: str,
+    async def check_budget(who: Principal, base: ModelConfig, file_id: str, method: str,
                            hyperparameters: dict[str, Any]) -> None:
         """Refuse a job whose estimated cost does not fit the caller's remaining budget; the
         file is read (and tokenized) only for callers that have a budget."""
@@ -208,8 +240,9 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
         row = await files.get(who.tenant_id, file_id)
         data = await asyncio.to_thread(files.path(row).read_bytes)
         try:
-            examples = await asyncio.to_thread(
-                validate_chat_jsonl, data, tokenizer=tokenizers[base.name],
+            examples: list[Any] = await asyncio.to_thread(
+                validate_preference_jsonl if method == "dpo" else validate_chat_jsonl, data,
+                tokenizer=tokenizers[base.name],
                 max_tokens=base.context_length, min_examples=1)
         except InvalidDatasetError:
             return  # the worker refuses it in validation, before any (billed) training
@@ -236,7 +269,7 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
         if base.weights is None:
             raise BadRequestError(f"The model `{body.model}` cannot be fine-tuned here: no "
                                   "weights are configured for it.", param="model")
-        hyperparameters = _hyperparameters(body)
+        method, hyperparameters = _method(body)
         if body.suffix is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", body.suffix):
             raise BadRequestError("suffix may hold letters, digits, '-' and '_' only.",
                                   param="suffix")
@@ -252,7 +285,7 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
                 raise BadRequestError(f"File {file_id} has purpose '{row.purpose}', not "
                                       "'fine-tune'.", param=param)
         evaluation = await _evaluation(body, who.tenant_id, evals)
-        await check_budget(who, base, body.training_file, hyperparameters)
+        await check_budget(who, base, body.training_file, method, hyperparameters)
         if body.integrations and settings.finetune.mlflow_tracking_uri is None:
             raise BadRequestError("The `mlflow` integration needs an MLflow tracking server, "
                                   "and none is configured on this gateway "
@@ -261,7 +294,7 @@ def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celer
             tenant_id=who.tenant_id, key_id=who.key_id, model=body.model,
             training_file=body.training_file, validation_file=body.validation_file,
             suffix=body.suffix, seed=body.seed if body.seed is not None else 0,
-            hyperparameters=hyperparameters, lora=body.lora.model_dump(),
+            method=method, hyperparameters=hyperparameters, lora=body.lora.model_dump(),
             evaluation=evaluation, integrations=[
                 i.model_dump(exclude_none=True) for i in body.integrations or []] or None)
         try:

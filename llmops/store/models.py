@@ -185,6 +185,9 @@ class FineTuningJob(Base):
     validation_file: Mapped[str | None] = mapped_column(String(40), default=None)
     suffix: Mapped[str | None] = mapped_column(String(64), default=None)
     seed: Mapped[int] = mapped_column(default=0)
+    # "supervised" or "dpo"; the method's hyperparameters (DPO's beta too) are in hyperparameters.
+    method: Mapped[str] = mapped_column(String(20), default="supervised",
+                                        server_default="supervised")
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
     lora: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # {eval_id?, data_source?, promote}: evaluate base and adapter after training.

@@ -392,3 +392,94 @@ def test_a_killed_worker_is_replaced_and_the_job_resumes(stack: tuple[Gateway, R
     assert any(m.startswith("Resumed from checkpoint at step") for m in messages)
     steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
     assert max(steps) == 36
+
+
+# Preference tuning (DPO): the preferred answers open with "Ahoy!", the others do not.
+STYLE = [("What is the capital of France?", "The capital of France is Paris."),
+         ("How many legs does a spider have?", "A spider has eight legs."),
+         ("What colour is grass?", "Grass is green."),
+         ("What is the boiling point of water?", "Water boils at 100 degrees Celsius."),
+         ("Who wrote Hamlet?", "Hamlet was written by William Shakespeare."),
+         ("What is the largest ocean?", "The Pacific is the largest ocean."),
+         ("How many days are in a week?", "A week has seven days."),
+         ("What do cows drink?", "Cows drink water."),
+         ("What gas do plants take in?", "Plants take in carbon dioxide."),
+         ("What is frozen water called?", "Frozen water is called ice."),
+         ("Which planet is closest to the sun?", "Mercury is closest to the sun."),
+         ("How many hours are in a day?", "A day has twenty-four hours.")]
+STYLE_HELD_OUT = [("What is the capital of Italy?", "The capital of Italy is Rome."),
+                  ("How many wheels does a bicycle have?", "A bicycle has two wheels."),
+                  ("What colour is the sky on a clear day?", "The sky is blue.")]
+
+
+def preferences(pairs: list[tuple[str, str]]) -> bytes:
+    return b"".join(json.dumps({
+        "input": {"messages": [{"role": "user", "content": q}]},
+        "preferred_output": [{"role": "assistant", "content": f"Ahoy! {a}"}],
+        "non_preferred_output": [{"role": "assistant", "content": a}]}).encode() + b"\n"
+        for q, a in pairs)
+
+
+def answer_logprob(client: OpenAI, model_name: str, tokenizer: Any, question: str,
+                   answer: str) -> float:
+    """log p(answer | question) as the served model scores it: the chat-formatted text is
+    echoed back by the completions API with each prompt token's log-probability."""
+    prefix = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                           tokenize=False, add_generation_prompt=True)
+    text = prefix + answer
+    reply = client.completions.create(model=model_name, prompt=text, echo=True, logprobs=0,
+                                      max_tokens=1, temperature=0)
+    scored = reply.choices[0].logprobs
+    assert scored is not None and scored.text_offset and scored.token_logprobs
+    return sum(lp for offset, lp in zip(scored.text_offset, scored.token_logprobs, strict=True)
+               if len(prefix) <= offset < len(text) and lp is not None)
+
+
+@pytest.mark.timeout(600)
+def test_dpo_teaches_the_preferred_style(stack: tuple[Gateway, Running], engines: Engines
+                                         ) -> None:
+    from transformers import AutoTokenizer
+
+    gateway, _ = stack
+    client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+    train = client.files.create(file=("prefs.jsonl", preferences(STYLE)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=CHAT_MODEL, training_file=train.id, suffix="ahoy",
+        method={"type": "dpo", "dpo": {"hyperparameters": {
+            "beta": 0.1, "n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 5}}},
+        extra_body={"lora": {"r": 16, "alpha": 32, "checkpoint_every": 6}})
+    done = wait_for(job.id, client, {"succeeded", "failed", "cancelled"})
+    assert done.status == "succeeded", done.error
+    assert done.method is not None and done.method.type == "dpo"
+    assert done.method.dpo is not None and done.method.dpo.hyperparameters is not None
+    assert done.method.dpo.hyperparameters.beta == 0.1
+    steps = sorted((e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data
+                    if e.type == "metrics"), key=lambda d: d["step"])
+    assert len(steps) == 9 and steps[0]["reward_margin"] == 0.0
+    assert steps[-1]["reward_margin"] > 0 and steps[-1]["reward_accuracy"] == 1.0
+
+    wait_until(lambda: done.fine_tuned_model in [m.id for m in client.models.list()], 30)
+    tokenizer = AutoTokenizer.from_pretrained(engines.model_dirs["chat"])
+
+    def margin(model_name: str) -> float:
+        return sum(answer_logprob(client, model_name, tokenizer, q, f"Ahoy! {a}")
+                   - answer_logprob(client, model_name, tokenizer, q, a)
+                   for q, a in STYLE_HELD_OUT) / len(STYLE_HELD_OUT)
+
+    assert margin(done.fine_tuned_model) > margin(CHAT_MODEL) + 1.0
+    reply = client.chat.completions.create(
+        model=done.fine_tuned_model, temperature=0, max_tokens=8,
+        messages=[{"role": "user", "content": STYLE_HELD_OUT[0][0]}])
+    assert (reply.choices[0].message.content or "").startswith("Ahoy")
+
+    # A bad preference file fails validation naming the line and the field.
+    lines = preferences(STYLE).splitlines()
+    lines[2] = lines[2].replace(b'"preferred_output": [{"role": "assistant"',
+                                b'"preferred_output": [{"role": "user"')
+    bad = client.files.create(file=("bad.jsonl", b"\n".join(lines)), purpose="fine-tune")
+    failed = wait_for(client.fine_tuning.jobs.create(
+        model=CHAT_MODEL, training_file=bad.id, method={"type": "dpo"}).id, client,
+        {"failed", "succeeded"}, timeout_s=120)
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error.param == "training_file"
+    assert "line 3: preferred_output[0].role must be 'assistant'" in failed.error.message

@@ -268,6 +268,44 @@ async def test_fine_tuning(api: Api) -> None:
     await ok(client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel"), "FineTuningJob")
 
 
+async def test_dpo_fine_tuning_job(api: Api) -> None:
+    """A DPO job in OpenAI's shape: its method and hyperparameters (beta too) come back as
+    given, "auto" as the defaults; out-of-range values are refused naming the field."""
+    client, _ = api
+    line = b'{"input": {"messages": [{"role": "user", "content": "Hi"}]}, ' \
+           b'"preferred_output": [{"role": "assistant", "content": "Hello!"}], ' \
+           b'"non_preferred_output": [{"role": "assistant", "content": "Go away."}]}\n'
+    file = (await client.post("/v1/files", data={"purpose": "fine-tune"},
+                              files={"file": ("prefs.jsonl", line)})).json()
+    body = {"model": "chat", "training_file": file["id"]}
+    job = await ok(client.post("/v1/fine_tuning/jobs", json={**body, "method": {
+        "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2,
+                                                   "batch_size": "auto"}}}}), "FineTuningJob")
+    assert job["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
+        "beta": 0.25, "n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0}}}
+    default = await ok(client.post("/v1/fine_tuning/jobs", json={**body, "method": {
+        "type": "dpo"}}), "FineTuningJob")
+    assert default["method"]["dpo"]["hyperparameters"]["beta"] == 0.1
+    retrieved = await ok(client.get(f"/v1/fine_tuning/jobs/{job['id']}"), "FineTuningJob")
+    assert retrieved["method"] == job["method"]
+
+    for method, param in (
+            ({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}},
+             "method.dpo.hyperparameters.beta"),
+            ({"type": "dpo", "dpo": {"hyperparameters": {"beta": 2.5}}},
+             "method.dpo.hyperparameters.beta"),
+            ({"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 0}}},
+             "method.dpo.hyperparameters.n_epochs"),
+            ({"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 999}}},
+             "method.supervised.hyperparameters.batch_size"),
+            ({"type": "dpo", "supervised": {}}, "method.supervised"),
+            ({"type": "reinforcement"}, "method.type")):
+        refused = await client.post("/v1/fine_tuning/jobs", json={**body, "method": method})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == param and error["type"] == "invalid_request_error", error
+
+
 async def test_vector_stores(api: Api) -> None:
     client, _ = api
     await ok(client.get("/v1/vector_stores"), "ListVectorStoresResponse")
