@@ -1,16 +1,16 @@
 """fine-tuning tracking and billing: a job's integrations and MLflow run, training prices,
 trained tokens in the ledger
 
-Revision ID: 0014
-Revises: 0013
+Revision ID: 0015
+Revises: 0014
 Create Date: 2026-12-05 08:40:00
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0014"
-down_revision = "0013"
+revision = "0015"
+down_revision = "0014"
 branch_labels = None
 depends_on = None
 
