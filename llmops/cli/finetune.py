@@ -43,12 +43,16 @@ def cmd_create(args: argparse.Namespace) -> int:
                                          ("batch_size", args.batch_size),
                                          ("learning_rate_multiplier", args.lr_multiplier))
                        if v is not None}
-    extra: dict[str, Any] = {"lora": {"r": args.lora_r, "quantization": args.quantization}}
+    if args.beta is not None:
+        hyperparameters["beta"] = args.beta
+    method = {"type": args.method, args.method: {"hyperparameters": hyperparameters}}
+    extra: dict[str, Any] = {"lora": {"r": args.lora_r, "quantization": args.quantization,
+                                      "devices": args.devices}}
     if args.eval or args.promote:
         extra["evaluation"] = {"eval_id": args.eval, "promote": args.promote or "always"}
     job = client.fine_tuning.jobs.create(
         model=args.model, training_file=training.id, validation_file=validation,
-        suffix=args.suffix, hyperparameters=hyperparameters, extra_body=extra)
+        suffix=args.suffix, method=method, extra_body=extra)
     print(f"created {job.id} (training file {training.id})")
     return follow(client, job.id, Path(args.plot or f"{job.id}-loss.png")) if args.follow else 0
 
@@ -143,13 +147,17 @@ def add_finetune_commands(sub: Any) -> None:
         dest="finetune", required=True)
     create = finetune.add_parser("create", help="upload a dataset and start a job")
     create.add_argument("--model", required=True)
-    create.add_argument("--file", required=True, help="chat JSONL training data")
-    create.add_argument("--validation", help="chat JSONL validation data")
+    create.add_argument("--file", required=True,
+                        help="JSONL training data: chats, or preference pairs with --method dpo")
+    create.add_argument("--validation", help="JSONL validation data, in the same format")
+    create.add_argument("--method", choices=("supervised", "dpo"), default="supervised")
+    create.add_argument("--beta", type=float, help="DPO only: how far from the base it may move")
     create.add_argument("--suffix")
     create.add_argument("--epochs", type=int)
     create.add_argument("--batch-size", type=int)
     create.add_argument("--lr-multiplier", type=float)
     create.add_argument("--lora-r", type=int, default=16)
+    create.add_argument("--devices", type=int, default=1, help="processes (GPUs) to train on")
     create.add_argument("--quantization", choices=("none", "nf4"), default="none",
                         help="nf4: QLoRA")
     create.add_argument("--eval", help="evaluate base and adapter on this eval after training")
