@@ -370,30 +370,6 @@ def test_a_two_process_job_is_served_and_reloaded_after_an_engine_restart(
     ask(client, name)  # served through the gateway
 
 
-@pytest.mark.timeout(600)
-def test_a_killed_worker_is_replaced_and_the_job_resumes(stack: tuple[Gateway, Running],
-                                                        logs: Path) -> None:
-    gateway, worker = stack
-    client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0)
-    job = long_job(client, "survivor", epochs=6)
-    deadline = time.monotonic() + 180
-    while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    worker.kill()  # SIGKILL mid-training: no chance to clean up
-    replacement = start(worker.service, logs)
-    try:
-        done = wait_for(job.id, client, {"succeeded", "failed", "cancelled"})
-    finally:
-        replacement.stop()
-    assert done.status == "succeeded", done.error
-    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data]
-    assert any(m.startswith("Fine-tuning job resumed") for m in messages)
-    assert any(m.startswith("Resumed from checkpoint at step") for m in messages)
-    steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
-    assert max(steps) == 36
-
-
 # Preference tuning (DPO): the preferred answers open with "Ahoy!", the others do not.
 STYLE = [("What is the capital of France?", "The capital of France is Paris."),
          ("How many legs does a spider have?", "A spider has eight legs."),
@@ -483,3 +459,28 @@ def test_dpo_teaches_the_preferred_style(stack: tuple[Gateway, Running], engines
     assert failed.status == "failed" and failed.error is not None
     assert failed.error.param == "training_file"
     assert "line 3: preferred_output[0].role must be 'assistant'" in failed.error.message
+
+
+# Last in this module: it kills the module's worker (and stops the one that replaced it).
+@pytest.mark.timeout(600)
+def test_a_killed_worker_is_replaced_and_the_job_resumes(stack: tuple[Gateway, Running],
+                                                        logs: Path) -> None:
+    gateway, worker = stack
+    client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0)
+    job = long_job(client, "survivor", epochs=6)
+    deadline = time.monotonic() + 180
+    while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    worker.kill()  # SIGKILL mid-training: no chance to clean up
+    replacement = start(worker.service, logs)
+    try:
+        done = wait_for(job.id, client, {"succeeded", "failed", "cancelled"})
+    finally:
+        replacement.stop()
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data]
+    assert any(m.startswith("Fine-tuning job resumed") for m in messages)
+    assert any(m.startswith("Resumed from checkpoint at step") for m in messages)
+    steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
+    assert max(steps) == 36
