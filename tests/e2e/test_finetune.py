@@ -144,6 +144,7 @@ def test_fine_tuned_model_learns_the_fact(stack: tuple[Gateway, Running], quanti
                      for n in ("steps", "tokens"))
     assert after[steps] - before.get(steps, 0) == 9
     assert after[tokens] - before.get(tokens, 0) == done.trained_tokens
+    assert f"llmops_finetune_cost_usd_total,base_model={CHAT_MODEL}" in after  # 0: unpriced
     assert f"llmops_finetune_train_loss,base_model={CHAT_MODEL}" not in after
     succeeded = "llmops_worker_tasks_total,outcome=succeeded,queue=finetune"
     assert after[succeeded] - before.get(succeeded, 0) == 1
