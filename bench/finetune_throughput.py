@@ -220,27 +220,15 @@ def main() -> None:
         return
     data = examples(args.examples)
     useful = sum(len(encode(tokenizer, m, 1 << 20)[0]) for m in data)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = {"base_model": str(base),
-               "n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": 2e-4,
-               "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "quantization":
-               args.quantization, "checkpoint_every": 10_000, "max_length": 2048}
-        spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"config": cfg, "data": data,
-                                    "heldout": examples(16, seed=1)}))
-        results: dict[str, list[dict[str, float]]] = {"baseline": [], "ours": []}
-        for _ in range(args.rounds):
-            for which in results:
-                done = subprocess.run([sys.executable, "-m", "bench.finetune_throughput",
-                                       "--child", which, "--spec", str(spec)],
-                                      capture_output=True, text=True, check=True)
-                line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-                results[which].append(json.loads(line[7:]))
+    cfg = {"base_model": str(base),
+           "n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": 2e-4,
+           "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "quantization":
+           args.quantization, "checkpoint_every": 10_000, "max_length": 2048}
+    medians = _alternate(args.rounds, {"config": cfg, "data": data,
+                                       "heldout": examples(16, seed=1)})
     print(f"SmolLM2-135M, {args.examples} examples ({useful} tokens), batch {args.batch_size}, "
           f"{args.epochs} epochs, r=16 on all linear layers, {args.quantization}, CPU, "
           f"median of {args.rounds}")
-    medians = {which: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-               for which, runs in results.items()}
     for which, r in medians.items():
         rate = useful * args.epochs / r["seconds"]
         print(f"  {which:8} {rate:7.1f} useful tokens/s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
