@@ -70,6 +70,15 @@ def kv_events_args() -> list[str]:
     return ["--enable-prefix-caching", "--kv-events-config", json.dumps(config)]
 
 
+def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll `check` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what}: not in {timeout_s} s"
+        time.sleep(0.3)
+    return value
+
+
 def start(service: Service, logs: Path) -> Running:
     log = logs / f"{service.name}-{service.port}.log"
     return Running(service, service.spawn(log), log)

@@ -26,7 +26,7 @@ import sqlalchemy
 from openai import OpenAI
 
 from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL
-from tests.e2e.conftest import API_KEY, Gateway, Running, start_batch_worker
+from tests.e2e.conftest import API_KEY, Gateway, Running, start_batch_worker, wait_until
 
 CHAT = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -55,14 +55,6 @@ def new_key(admin: httpx.Client, **key: Any) -> dict[str, Any]:
 
 def client_for(gateway: Gateway, key: str) -> OpenAI:
     return OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=60)
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what}: not in {timeout_s} s"
-        time.sleep(0.3)
-    return value
 
 
 def chat(custom_id: str, text: str, max_tokens: int = 8) -> dict[str, Any]:

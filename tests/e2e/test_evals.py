@@ -23,7 +23,7 @@ from openai import OpenAI
 from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
 from tenancy.tenants import ON_BEHALF_HEADER
 from tests.clients import EVALS_API
-from tests.e2e.conftest import API_KEY, Gateway, Running, start, wait_healthy
+from tests.e2e.conftest import API_KEY, Gateway, Running, start, wait_healthy, wait_until
 
 pytestmark = EVALS_API
 
@@ -79,14 +79,6 @@ def new_key(admin: httpx.Client) -> dict[str, Any]:
 
 def client_for(gateway: Gateway, key: str) -> OpenAI:
     return OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=60)
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what}: not in {timeout_s} s"
-        time.sleep(0.3)
-    return value
 
 
 def create_eval(client: OpenAI, criteria: list[dict[str, Any]] = CRITERIA) -> Any:

@@ -30,6 +30,7 @@ from tests.e2e.conftest import (
     pool,
     start,
     wait_healthy,
+    wait_until,
 )
 
 FRANCE = "What is the capital of France?"
@@ -79,14 +80,6 @@ def other(stack: Gateway) -> Iterator[OpenAI]:
     with OpenAI(base_url=stack.base_url, api_key=key.json()["key"], max_retries=0,
                 timeout=60) as c:
         yield c
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what}: not in {timeout_s} s"
-        time.sleep(0.3)
-    return value
 
 
 def test_a_response_answers_and_is_stored(client: OpenAI) -> None:

@@ -31,6 +31,7 @@ from tests.e2e.conftest import (
     pool,
     start,
     wait_healthy,
+    wait_until,
 )
 
 pytestmark = EVALS_API
@@ -96,14 +97,6 @@ def stack(engines: Engines, gateway_factory: GatewayFactory, logs: Path
     wait_healthy([worker], timeout_s=120)
     yield gateway, worker
     worker.stop()
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what}: not in {timeout_s} s"
-        time.sleep(0.3)
-    return value
 
 
 def finished(client: OpenAI, eval_id: str, run_id: str) -> Any:

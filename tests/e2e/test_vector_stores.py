@@ -33,6 +33,7 @@ from tests.e2e.conftest import (
     model,
     pool,
     start,
+    wait_until,
 )
 
 
@@ -136,10 +137,17 @@ def test_the_worker_counts_what_it_ingested(rag: tuple[Gateway, Running],
     gateway, worker = rag
     url = f"{worker.url}/metrics"
     assert httpx.get(url).status_code == 401
-    resp = httpx.get(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
-    assert resp.status_code == 200
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(resp.text) for s in f.samples}
+    completed = ("llmops_worker_tasks_total", (("outcome", "completed"), ("queue", "ingest")))
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        resp = httpx.get(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert resp.status_code == 200
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(resp.text) for s in f.samples}
+        # A task is counted once it returns, a moment after its file shows completed.
+        return samples if samples.get(completed) == len(DOCUMENTS) else None
+
+    samples = wait_until(scrape, 10, "every ingest task counted")
     database = gateway.settings["database_url"].removeprefix("sqlite:///")
     with sqlite3.connect(database) as conn:
         [(chunks,)] = conn.execute("SELECT sum(chunks) FROM vector_store_files "
@@ -150,8 +158,6 @@ def test_the_worker_counts_what_it_ingested(rag: tuple[Gateway, Running],
     assert samples[("llmops_ingest_files_total", (("outcome", "completed"),))] == len(DOCUMENTS)
     assert samples[("llmops_ingest_file_duration_seconds_count", ())] == len(DOCUMENTS)
     assert samples[("llmops_ingest_embedding_batch_seconds_count", ())] >= len(DOCUMENTS)
-    assert samples[("llmops_worker_tasks_total",
-                    (("outcome", "completed"), ("queue", "ingest")))] == len(DOCUMENTS)
     assert samples[("llmops_worker_tasks_in_progress", (("queue", "ingest"),))] == 0
 
 
