@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 LOCK := constraints.txt
 EXTRAS := cpu,train,dev
 
-.PHONY: install lock models prometheus mlflow up down status test soak lint typecheck contracts docs \
+.PHONY: install lock models prometheus mlflow browser up down status test soak lint typecheck contracts docs \
 	clean bench-peers-setup
 
 $(STAMP): pyproject.toml $(LOCK)
@@ -53,6 +53,13 @@ prometheus:
 	    apt-get install -y -qq --no-install-recommends prometheus; \
 	  rc=$$?; test -z "$$ours" || $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$rc; }
 
+# Debian's Chromium for the console's browser tests, which Playwright drives (it never
+# downloads a browser of its own).
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium; }
+
 # A real MLflow tracking server for the experiment-tracking tests, in a venv of its own (its pins
 # clash with the project's); the stamp is the binary, rebuilt when its lock changes.
 MLFLOW_VENV := .mlflow-venv
@@ -82,7 +89,7 @@ docs: install
 	  --site-dir $$tmp; rc=$$?; rm -rf $$tmp; exit $$rc
 
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
-test: install models prometheus mlflow lint typecheck contracts docs
+test: install models prometheus mlflow browser lint typecheck contracts docs
 	$(BIN)/pytest
 
 # The long reliability runs: scenarios too slow for `make test` (marked soak), then a soak of
