@@ -42,9 +42,11 @@ from gateway.api.responses import responses_router
 from gateway.api.vector_store_file_batches import file_batches_router
 from gateway.api.vector_stores import Ingestion, internal_router, vector_stores_router
 from gateway.chores import Chores, load_prices, requeue_orphans
+from gateway.console import CONSOLE_PATH, console_app
 from gateway.http.auth import authenticated
 from gateway.http.errors import install_error_handlers
 from gateway.http.middleware import BodyLimitMiddleware, InferenceRoutes, RequestIdMiddleware
+from gateway.http.sessions import Sessions
 from gateway.inference.hooks import (
     AdmissionHook,
     ConformanceHook,
@@ -120,6 +122,7 @@ class Services:
     upstream: Upstream
     tenants: Tenancy
     auth: Authenticator
+    sessions: Sessions  # the console's sign-ins
     prices: PriceBook
     publisher: LedgerPublisher
     limiter: Limiter
@@ -216,6 +219,7 @@ def build(settings: Settings) -> Services:
         settings=settings, db=db, redis=redis, celery=celery, catalog=catalog, routers=routers,
         upstream=upstream, tenants=tenants,
         auth=Authenticator(tenants, settings.admin_key_hash(), settings.key_cache_ttl_s),
+        sessions=Sessions(redis, settings.redis_prefix, settings.console.session_ttl_s),
         prices=prices, publisher=publisher, limiter=limiter, accountant=accountant,
         files=files, jobs=jobs, adapters=adapters, evals=evals, watches=watches, runs=runs,
         scheduler=WatchScheduler(watches, runs, tenants, settings.eval_watches.start_timeout_s),
@@ -227,7 +231,7 @@ def build(settings: Settings) -> Services:
 def create_app(settings: Settings | None = None) -> FastAPI:
     s = build(settings or Settings())
     cfg = s.settings
-    principal = authenticated(s.auth)
+    principal = authenticated(s.auth, s.sessions if cfg.console.enabled else None)
     app = FastAPI(title="llmops gateway", version="0.1.0",
                   summary="OpenAI-compatible API in front of vLLM engines.",
                   lifespan=functools.partial(lifespan, s), default_response_class=_JSON)
@@ -253,22 +257,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(inference_router(served))
     app.include_router(models_router(s.catalog, s.adapters.ensure),
                        dependencies=[Depends(principal)])
-    app.include_router(files_router(s.files, s.auth, functools.partial(_forget_file, s)))
-    app.include_router(fine_tuning_router(cfg, s.jobs, s.files, s.celery, s.auth, s.evals,
+    app.include_router(files_router(s.files, principal, functools.partial(_forget_file, s)))
+    app.include_router(fine_tuning_router(cfg, s.jobs, s.files, s.celery, principal, s.evals,
                                           s.limiter, s.prices))
-    app.include_router(evals_router(s.evals, s.catalog, s.runs, s.auth))
-    app.include_router(eval_watches_router(cfg, s.evals, s.watches, s.runs, s.auth))
-    app.include_router(batches_router(s.batches, s.auth))
+    app.include_router(evals_router(s.evals, s.catalog, s.runs, principal))
+    app.include_router(eval_watches_router(cfg, s.evals, s.watches, s.runs, principal))
+    app.include_router(batches_router(s.batches, principal))
     app.include_router(responses_router(s.responder, s.responses, s.upstream, s.catalog,
-                                        s.auth, cfg.max_body_bytes))
-    app.include_router(conversations_router(s.conversations, s.auth))
-    app.include_router(admin_router(s.db, s.tenants, s.auth, s.prices, s.catalog, s.drift))
+                                        principal, cfg.max_body_bytes))
+    app.include_router(conversations_router(s.conversations, principal))
+    app.include_router(admin_router(s.db, s.tenants, s.auth, principal, s.prices, s.catalog,
+                                    s.drift))
     if s.retriever is not None:
         ingestion = Ingestion(cfg, s.stores, s.files, s.celery)
-        app.include_router(vector_stores_router(s.stores, ingestion, s.retriever, s.auth))
-        app.include_router(file_batches_router(cfg, s.stores, ingestion, s.auth))
-        app.include_router(internal_router(cfg, s.stores, s.retriever, s.auth))
+        app.include_router(vector_stores_router(s.stores, ingestion, s.retriever, principal))
+        app.include_router(file_batches_router(cfg, s.stores, ingestion, principal))
+        app.include_router(internal_router(cfg, s.stores, s.retriever, principal))
     app.include_router(health_router(s.routers, s.metrics if cfg.metrics.port is None else None))
+    if cfg.console.enabled:
+        app.mount(CONSOLE_PATH, console_app(s.auth, s.sessions, cfg.console))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

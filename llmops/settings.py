@@ -25,6 +25,7 @@ from guardrails.schema import GuardrailsPolicy
 
 __all__ = [
     "BatchesConfig",
+    "ConsoleConfig",
     "DriftConfig",
     "EvalWatchesConfig",
     "EvalsConfig",
@@ -431,6 +432,18 @@ class ResponsesConfig(_Strict):
         1000, ge=1, description="The most items a conversation may hold.")
 
 
+class ConsoleConfig(_Strict):
+    """The web console under `/console`: signed in with an API key, a server-side session."""
+
+    enabled: bool = Field(True, description="Serve the web console under `/console`.")
+    session_ttl_s: float = Field(
+        8 * 3600, gt=0, le=30 * 86400,
+        description="How long a console session lasts after sign-in (kept in Redis).")
+    secure_cookie: bool | None = Field(
+        None, description="Mark the session cookie `Secure`; none: when the request came over "
+        "HTTPS (behind a TLS-terminating proxy, run uvicorn with --proxy-headers or set true).")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMOPS_", env_nested_delimiter="__", extra="forbid"
@@ -464,6 +477,7 @@ class Settings(BaseSettings):
     eval_watches: EvalWatchesConfig = Field(default_factory=EvalWatchesConfig)
     batches: BatchesConfig = Field(default_factory=BatchesConfig)
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     log_level: str = "info"
 
     @classmethod

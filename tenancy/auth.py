@@ -91,11 +91,15 @@ class Authenticator:
         return principal
 
     async def resolve(self, key: str) -> Principal | None:
-        digest = hash_key(key)
+        return await self.by_digest(hash_key(key))
+
+    async def by_digest(self, digest: str) -> Principal | None:
+        """The principal of the key with this SHA-256 digest (a console session keeps only
+        the digest), while the key is usable; a rotated bootstrap key no longer matches."""
         if self.admin_key_hash is not None and hmac.compare_digest(digest,
                                                                    self.admin_key_hash):
             return BOOTSTRAP_ADMIN
-        return await self._lookup(digest, lambda: self.tenancy.principal(key))
+        return await self._lookup(digest, lambda: self.tenancy.principal_by_digest(digest))
 
     async def on_behalf(self, caller: Principal, key_id: str) -> Principal:
         """The principal of the key an admin caller acts for."""

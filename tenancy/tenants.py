@@ -199,7 +199,10 @@ class Tenancy:
     async def principal(self, plain: str) -> Principal | None:
         """The principal of a presented key, or None when it is unknown, revoked, expired or
         its tenant is disabled."""
-        digest = hash_key(plain)
+        return await self.principal_by_digest(hash_key(plain))
+
+    async def principal_by_digest(self, digest: str) -> Principal | None:
+        """`principal` for a key known by its digest (a console session keeps only that)."""
         async with self.db.session() as session:
             row = (await session.execute(
                 select(ApiKey, Tenant).join(Tenant, ApiKey.tenant_id == Tenant.id)

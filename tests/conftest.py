@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy
 
+pytest_plugins = ["tests.browser"]  # the console's headless Chromium
+
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 

@@ -13,7 +13,7 @@ from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import select
 
 import tenancy
-from gateway.http.auth import authenticated, require_admin
+from gateway.http.auth import Authenticated, require_admin
 from guardrails.schema import GuardrailsPolicy
 from llmops.catalog import Catalog
 from llmops.errors import (
@@ -170,10 +170,11 @@ def _stored(policy: GuardrailsPolicy | None) -> dict[str, Any] | None:
     return (policy.stored() or None) if policy is not None else None
 
 
-def admin_router(db: Database, tenants: Tenancy, auth: Authenticator, prices: PriceBook,
+def admin_router(db: Database, tenants: Tenancy, auth: Authenticator,
+                 principal: Authenticated, prices: PriceBook,
                  catalog: Catalog, drift: DriftDetector | None) -> APIRouter:
     router = APIRouter(prefix="/admin", tags=["admin"],
-                       dependencies=[Depends(authenticated(auth)), Depends(require_admin)])
+                       dependencies=[Depends(principal), Depends(require_admin)])
 
     async def call(coro: Any) -> Any:
         try:

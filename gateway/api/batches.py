@@ -9,11 +9,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from batches import BatchIn, BatchService
-from gateway.http.auth import authenticated
+from gateway.http.auth import Authenticated
 from gateway.http.paging import bounded, page
 from gateway.http.timestamps import epoch
 from llmops.store import Batch
-from tenancy.auth import Authenticator
 
 __all__ = ["batch_out", "batches_router"]
 
@@ -35,9 +34,9 @@ def batch_out(batch: Batch) -> dict[str, Any]:
     }
 
 
-def batches_router(service: BatchService, auth: Authenticator) -> APIRouter:
+def batches_router(service: BatchService, principal: Authenticated) -> APIRouter:
     router = APIRouter(prefix="/v1/batches", tags=["batches"],
-                       dependencies=[Depends(authenticated(auth))])
+                       dependencies=[Depends(principal)])
 
     @router.post("")
     async def create(request: Request, body: BatchIn) -> dict[str, Any]:

@@ -12,13 +12,12 @@ from pydantic import Field
 
 import tenancy
 from conversations import Conversations, InvalidItemError, normalize_input
-from gateway.http.auth import authenticated
+from gateway.http.auth import Authenticated
 from gateway.http.paging import bounded, page
 from gateway.http.timestamps import epoch
 from llmops.errors import BadRequestError, NotFoundError
 from llmops.store import Conversation
 from llmops.wire import Metadata, Wire
-from tenancy.auth import Authenticator
 
 __all__ = ["conversations_router"]
 
@@ -42,9 +41,9 @@ def conversation_out(row: Conversation) -> dict[str, Any]:
             "metadata": row.metadata_}
 
 
-def conversations_router(conversations: Conversations, auth: Authenticator) -> APIRouter:
+def conversations_router(conversations: Conversations, principal: Authenticated) -> APIRouter:
     router = APIRouter(prefix="/v1/conversations", tags=["conversations"],
-                       dependencies=[Depends(authenticated(auth))])
+                       dependencies=[Depends(principal)])
 
     def items_of(value: list[dict[str, Any]]) -> list[dict[str, Any]]:
         try:

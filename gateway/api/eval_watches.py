@@ -23,14 +23,13 @@ from evals.runs import RunStarter
 from evals.scheduler import start_watch_run
 from evals.store import Evals, pass_ratios
 from evals.watches import EvalWatches, InvalidRunError, WatchLimitError, WatchView, pass_rate
-from gateway.http.auth import authenticated
+from gateway.http.auth import Authenticated
 from gateway.http.paging import page
 from gateway.http.timestamps import epoch
 from llmops.errors import BadRequestError, ConflictError, NotFoundError, RateLimitError
 from llmops.settings import Settings
 from llmops.store import Eval, EvalRun, EvalWatch
 from llmops.wire import Wire
-from tenancy.auth import Authenticator
 from tenancy.tenants import Principal
 
 __all__ = ["eval_watches_router", "watch_out"]
@@ -99,9 +98,9 @@ def watch_out(view: WatchView) -> dict[str, Any]:
 
 
 def eval_watches_router(settings: Settings, evals: Evals, watches: EvalWatches,
-                        starter: RunStarter, auth: Authenticator) -> APIRouter:
+                        starter: RunStarter, principal: Authenticated) -> APIRouter:
     router = APIRouter(prefix="/v1/evals", tags=["evals"],
-                       dependencies=[Depends(authenticated(auth))])
+                       dependencies=[Depends(principal)])
     config = settings.eval_watches
 
     async def owned(request: Request, eval_id: str) -> Eval:

@@ -30,14 +30,13 @@ from evals.graders import GraderError, LabelModelGrader, ScoreModelGrader, parse
 from evals.retrieval.source import VECTOR_STORE_SEARCH, metric_names, summary
 from evals.runs import RunIn, RunStarter, bad_request, chat_model
 from evals.store import RUN_STATUSES, TERMINAL, Evals
-from gateway.http.auth import authenticated
+from gateway.http.auth import Authenticated
 from gateway.http.paging import bounded, page
 from gateway.http.timestamps import epoch
 from llmops.catalog import Catalog
 from llmops.errors import BadRequestError, NotFoundError
 from llmops.store import Eval, EvalOutputItem, EvalRun
 from llmops.wire import Metadata, Open, Wire
-from tenancy.auth import Authenticator
 from tenancy.tenants import Principal
 
 __all__ = ["eval_out", "evals_router", "item_out", "run_out"]
@@ -132,11 +131,11 @@ def item_out(item: EvalOutputItem) -> dict[str, Any]:
             "sample": item.sample}
 
 
-def evals_router(evals: Evals, catalog: Catalog, runs: RunStarter, auth: Authenticator
+def evals_router(evals: Evals, catalog: Catalog, runs: RunStarter, principal: Authenticated
                  ) -> APIRouter:
     """`runs` starts the runs clients ask for, as it starts every run."""
     router = APIRouter(prefix="/v1/evals", tags=["evals"],
-                       dependencies=[Depends(authenticated(auth))])
+                       dependencies=[Depends(principal)])
 
     async def owned(request: Request, eval_id: str) -> Eval:
         try:

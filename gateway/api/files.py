@@ -12,7 +12,7 @@ from starlette.datastructures import UploadFile
 from starlette.responses import FileResponse
 
 import tenancy
-from gateway.http.auth import authenticated
+from gateway.http.auth import Authenticated
 from gateway.http.paging import bounded, page
 from gateway.http.timestamps import epoch
 from llmops.errors import (
@@ -23,7 +23,6 @@ from llmops.errors import (
 )
 from llmops.files import PURPOSES, Files, FileTooLargeError
 from llmops.store import StoredFile
-from tenancy.auth import Authenticator
 
 __all__ = ["files_router"]
 
@@ -42,11 +41,11 @@ def _file_out(row: StoredFile) -> dict[str, Any]:
 OnDelete = Callable[[str, str], Awaitable[None]]  # (tenant_id, file_id)
 
 
-def files_router(files: Files, auth: Authenticator, on_delete: OnDelete | None = None
+def files_router(files: Files, principal: Authenticated, on_delete: OnDelete | None = None
                  ) -> APIRouter:
     """`on_delete` runs before a file goes, so that what was built from it goes too."""
     router = APIRouter(prefix="/v1/files", tags=["files"],
-                       dependencies=[Depends(authenticated(auth))])
+                       dependencies=[Depends(principal)])
 
     async def owned(request: Request, file_id: str) -> StoredFile:
         try:

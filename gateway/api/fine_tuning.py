@@ -21,7 +21,7 @@ from evals.store import Evals
 from finetune.billing import estimate_cost
 from finetune.dataset import InvalidDatasetError, validate_chat_jsonl, validate_preference_jsonl
 from finetune.jobs import FineTuning, adapter_name
-from gateway.http.auth import authenticated
+from gateway.http.auth import Authenticated
 from gateway.http.paging import page
 from gateway.http.timestamps import epoch
 from gateway.tasks import enqueue
@@ -36,7 +36,6 @@ from llmops.settings import ModelConfig, Settings
 from llmops.store import FineTuningEvent, FineTuningJob
 from llmops.wire import Open, Wire
 from tenancy.accounting import PriceBook
-from tenancy.auth import Authenticator
 from tenancy.limits import Limiter
 from tenancy.tenants import Principal
 from workers.app import FINETUNE_TASK
@@ -218,10 +217,10 @@ def event_out(event: FineTuningEvent) -> dict[str, Any]:
 
 
 def fine_tuning_router(settings: Settings, jobs: FineTuning, files: Files, celery: Celery,
-                       auth: Authenticator, evals: Evals, limiter: Limiter, prices: PriceBook
+                       principal: Authenticated, evals: Evals, limiter: Limiter, prices: PriceBook
                        ) -> APIRouter:
     router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
-                       dependencies=[Depends(authenticated(auth))])
+                       dependencies=[Depends(principal)])
     bases = {m.name: m for m in settings.models if m.kind == "chat"}
     tokenizers: dict[str, Any] = {}  # base model -> its tokenizer, loaded at first need
 

@@ -15,7 +15,7 @@ from starlette.responses import Response, StreamingResponse
 import tenancy
 from conversations import InvalidItemError, Responses, normalize_input
 from conversations.store import TERMINAL
-from gateway.http.auth import authenticated
+from gateway.http.auth import Authenticated
 from gateway.http.body import read_body
 from gateway.http.paging import bounded, page
 from gateway.inference.pipeline import parse_request
@@ -28,7 +28,6 @@ from gateway.responses.translate import chat_request
 from llmops.catalog import Catalog
 from llmops.errors import BadRequestError, ModelNotFoundError, NotFoundError
 from llmops.store import StoredResponse
-from tenancy.auth import Authenticator
 from tenancy.visibility import may_see
 
 __all__ = ["responses_router"]
@@ -37,9 +36,9 @@ _WAIT_S = 0.5  # how often a replayed stream looks for a background response's e
 
 
 def responses_router(service: ResponsesService, responses: Responses, upstream: Upstream,
-                     catalog: Catalog, auth: Authenticator, max_body_bytes: int) -> APIRouter:
+                     catalog: Catalog, principal: Authenticated, max_body_bytes: int) -> APIRouter:
     router = APIRouter(prefix="/v1/responses", tags=["responses"],
-                       dependencies=[Depends(authenticated(auth))])
+                       dependencies=[Depends(principal)])
 
     async def owned(request: Request, response_id: str) -> StoredResponse:
         try:

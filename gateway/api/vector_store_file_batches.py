@@ -17,7 +17,7 @@ from pydantic import Field
 
 import tenancy
 from gateway.api.vector_stores import Attributes, Ingestion, file_out
-from gateway.http.auth import authenticated
+from gateway.http.auth import Authenticated
 from gateway.http.paging import bounded, page
 from gateway.http.timestamps import epoch
 from llmops.errors import BadRequestError, NotFoundError
@@ -25,7 +25,6 @@ from llmops.settings import Settings
 from llmops.store import VectorStore, VectorStoreFileBatch
 from llmops.wire import Wire
 from retrieval.stores import FILE_STATUSES, Attach, VectorStores, batch_status
-from tenancy.auth import Authenticator
 
 __all__ = ["file_batches_router"]
 
@@ -52,9 +51,9 @@ async def batch_out(stores: VectorStores, row: VectorStoreFileBatch) -> dict[str
 
 
 def file_batches_router(settings: Settings, stores: VectorStores, ingestion: Ingestion,
-                        auth: Authenticator) -> APIRouter:
+                        principal: Authenticated) -> APIRouter:
     router = APIRouter(prefix="/v1/vector_stores/{store_id}/file_batches",
-                       tags=["vector stores"], dependencies=[Depends(authenticated(auth))])
+                       tags=["vector stores"], dependencies=[Depends(principal)])
     most = settings.retrieval.max_batch_files
 
     async def requested(store: VectorStore, body: BatchIn) -> list[Attach]:

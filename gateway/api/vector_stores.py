@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 import tenancy
-from gateway.http.auth import authenticated, require_admin
+from gateway.http.auth import Authenticated, require_admin
 from gateway.http.body import read_body
 from gateway.http.paging import bounded, page
 from gateway.http.timestamps import epoch
@@ -51,7 +51,6 @@ from retrieval import (
 )
 from retrieval.grounding import Retriever
 from retrieval.stores import FILE_STATUSES, VectorStores
-from tenancy.auth import Authenticator
 from workers.app import INGEST_TASK
 
 __all__ = ["Ingestion", "file_out", "internal_router", "store_out", "vector_stores_router"]
@@ -185,9 +184,9 @@ class Ingestion:
 
 
 def vector_stores_router(stores: VectorStores, ingestion: Ingestion, retriever: Retriever,
-                         auth: Authenticator) -> APIRouter:
+                         principal: Authenticated) -> APIRouter:
     router = APIRouter(prefix="/v1/vector_stores", tags=["vector stores"],
-                       dependencies=[Depends(authenticated(auth))])
+                       dependencies=[Depends(principal)])
     strategy, owned = ingestion.chunking, ingestion.store
 
     async def attach(request: Request, store: VectorStore, file_id: str,
@@ -301,10 +300,10 @@ def vector_stores_router(stores: VectorStores, ingestion: Ingestion, retriever: 
 
 
 def internal_router(settings: Settings, stores: VectorStores, retriever: Retriever,
-                    auth: Authenticator) -> APIRouter:
+                    principal: Authenticated) -> APIRouter:
     """Endpoints for our own workers, admin keys only."""
     router = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=False,
-                       dependencies=[Depends(authenticated(auth)), Depends(require_admin)])
+                       dependencies=[Depends(principal), Depends(require_admin)])
 
     @router.put("/vector_stores/{store_id}/files/{file_id}/points")
     async def put_points(request: Request, store_id: str, file_id: str) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+import { api } from "./console.js";
