@@ -292,6 +292,26 @@ def test_a_fine_tuning_worker_with_several_gpus_trains_on_all_of_them(tmp_path: 
     assert "LLMOPS_FINETUNE__DEVICES" not in container_env(cpu, worker)
 
 
+def test_the_console_cookie_is_secure_behind_a_tls_ingress(tmp_path: Path) -> None:
+    """TLS ends at the Ingress, so the gateway sees plain HTTP: the chart marks the console's
+    session cookie Secure itself, and an explicit value wins."""
+    tls = {"ingress": {"enabled": True, "tls": [{"secretName": "t", "hosts": ["x.example"]}],
+                       "hosts": [{"host": "x.example", "paths": [{"path": "/",
+                                                                  "pathType": "Prefix"}]}]}}
+
+    def console(values: dict[str, Any]) -> Any:
+        config = one(manifests(values), "ConfigMap", f"{FULLNAME}-config")["data"]
+        (tmp_path / "config.yaml").write_text(config["config.yaml"])
+        with environment({"LLMOPS_CONFIG": str(tmp_path / "config.yaml")}):
+            return Settings().console
+
+    assert console(CPU_ONLY).secure_cookie is None  # decided per request (its scheme)
+    assert console(CPU_ONLY).enabled and console(CPU_ONLY).session_ttl_s == 8 * 3600
+    assert console({**CPU_ONLY, **tls}).secure_cookie is True
+    assert console({**CPU_ONLY, **tls, "console": {"secureCookie": False}}).secure_cookie is False
+    assert console({**CPU_ONLY, "console": {"enabled": False}}).enabled is False
+
+
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_every_pod_is_locked_down(rendered: dict[str, list[Manifest]], name: str) -> None:
     for doc in rendered[name]:

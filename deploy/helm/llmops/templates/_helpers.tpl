@@ -165,6 +165,13 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- if .Values.gateway.metricsPort -}}
 {{- $_ := set $metrics "port" (int .Values.gateway.metricsPort) -}}
 {{- end -}}
+{{- $console := dict "enabled" .Values.console.enabled "session_ttl_s" (int .Values.console.sessionTTLSeconds) -}}
+{{- if not (kindIs "invalid" .Values.console.secureCookie) -}}
+{{- $_ := set $console "secure_cookie" .Values.console.secureCookie -}}
+{{- else if and .Values.ingress.enabled .Values.ingress.tls -}}
+{{- /* TLS ends at the Ingress: the gateway itself sees plain HTTP */ -}}
+{{- $_ := set $console "secure_cookie" true -}}
+{{- end -}}
 {{- $own := dict
   "host" "0.0.0.0"
   "port" (int .Values.gateway.port)
@@ -176,6 +183,7 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
   "ledger" (dict "spool_path" "/var/spool/llmops/usage.spool")
   "retrieval" $retrieval
   "metrics" $metrics
+  "console" $console
 -}}
 {{- $config := mergeOverwrite (deepCopy (default dict .Values.gateway.config)) $own -}}
 {{- toYaml $config -}}
