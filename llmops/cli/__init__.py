@@ -296,6 +296,7 @@ def _print_usage(port: int, key: str) -> None:
 llmops is up.
   base URL:  {base}
   admin key: {key}   (make member keys: llmops keys create --tenant NAME)
+  console:   http://127.0.0.1:{port}/console   (sign in with the admin key)
   models:    {CHAT_MODEL} (chat, LoRA-ready), {EMBEDDING_MODEL} (embeddings)
 
   curl {base}/chat/completions \\
