@@ -178,7 +178,7 @@ def test_gpu_pools_get_gpus_scheduling_and_probes(rendered: dict[str, list[Manif
     big = one(docs, "StatefulSet", f"{FULLNAME}-qwen2-5-72b-instruct-gpu")
     spec = pod_spec(big)
     vllm = spec["containers"][0]
-    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert vllm["args"][vllm["args"].index("--tensor-parallel-size") + 1] == "4"
     model = vllm["args"][vllm["args"].index("--model") + 1]
     assert model == "/models/weights/Qwen2.5-72B-Instruct-AWQ"
@@ -210,7 +210,7 @@ def test_gpu_pools_get_gpus_scheduling_and_probes(rendered: dict[str, list[Manif
     finetune = pod_spec(one(docs, "Deployment", f"{FULLNAME}-worker-finetune"))
     worker = finetune["containers"][0]
     assert worker["image"].startswith("ghcr.io/llmops/llmops-worker-gpu:")
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert worker["args"][worker["args"].index("-Q") + 1] == "finetune"
     assert worker["args"][worker["args"].index("--pool") + 1] == "solo"
     assert finetune["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
@@ -264,7 +264,9 @@ def test_gateway_scales_and_survives_drains(rendered: dict[str, list[Manifest]])
     hpa = one(docs, "HorizontalPodAutoscaler", f"{FULLNAME}-gateway")
     assert hpa["spec"]["scaleTargetRef"]["name"] == f"{FULLNAME}-gateway"
     deployment = one(docs, "Deployment", f"{FULLNAME}-gateway")
-    assert "replicas" not in deployment["spec"]  # the HPA owns it
+    # The HPA owns the count: installs start at its minimum, upgrades keep the live count
+    # (test_chart_live.py), never the API server's default of 1.
+    assert deployment["spec"]["replicas"] == hpa["spec"]["minReplicas"]
     pdb = one(docs, "PodDisruptionBudget", f"{FULLNAME}-gateway")
     assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
     gateway = pod_spec(deployment)["containers"][0]
@@ -279,7 +281,7 @@ def test_a_fine_tuning_worker_with_several_gpus_trains_on_all_of_them(tmp_path: 
     deployment = one(docs, "Deployment", f"{FULLNAME}-worker-finetune")
     kubernetes_validate.validate(deployment, KUBERNETES, strict=True)
     worker = pod_spec(deployment)["containers"][0]
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "4"
     # The worker's settings, loaded as in the pod: jobs default to all four GPUs.
     (tmp_path / "config.yaml").write_text(
         one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])

@@ -59,11 +59,14 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- printf "%s-%s-%s" (include "llmops.fullname" .ctx) (include "llmops.slug" .model.name | trunc 24 | trimSuffix "-") .pool.device | trunc 52 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* Base URLs of a pool's replicas: the StatefulSet's stable pod DNS names. */}}
+{{/* Base URLs of a pool's replicas: the StatefulSet's stable pod DNS names. An autoscaled pool
+     lists every replica up to its maximum: those not running are probed and skipped like a
+     failed replica, and each one the autoscaler adds takes traffic once healthy. */}}
 {{- define "llmops.poolURLs" -}}
 {{- $name := include "llmops.poolName" . -}}
+{{- $scale := include "llmops.poolAutoscaling" . | fromJson -}}
 {{- $urls := list -}}
-{{- range $i, $_ := until (int .pool.replicas) -}}
+{{- range $i, $_ := until (int (ternary $scale.maxReplicas .pool.replicas $scale.enabled)) -}}
 {{- $urls = append $urls (printf "http://%s-%d.%s.%s.svc.%s:%d" $name $i $name $.ctx.Release.Namespace $.ctx.Values.clusterDomain (int $.ctx.Values.vllm.port)) -}}
 {{- end -}}
 {{- toJson $urls -}}
@@ -319,6 +322,43 @@ authorization:
     name: {{ .Values.monitoring.metricsTokenSecret }}
     key: {{ .Values.monitoring.metricsTokenKey }}
 {{- end }}
+{{- end -}}
+
+{{/* A pool's autoscaling: vllm.autoscaling, with the pool's own `autoscaling` keys over it (dig,
+     not merge: a pool's `enabled: false` must win over a global true). JSON. */}}
+{{- define "llmops.poolAutoscaling" -}}
+{{- $g := .ctx.Values.vllm.autoscaling -}}
+{{- $min := int (dig "autoscaling" "minReplicas" (max 1 (int .pool.replicas)) .pool) -}}
+{{- $max := int (dig "autoscaling" "maxReplicas" (max $min (int $g.maxReplicas)) .pool) -}}
+{{- if lt $max $min -}}
+{{- fail (printf "models[%s]: the %s pool's autoscaling.maxReplicas (%d) is below its minReplicas (%d)" .model.name .pool.device $max $min) -}}
+{{- end -}}
+{{- dict "enabled" (dig "autoscaling" "enabled" $g.enabled .pool) "minReplicas" $min "maxReplicas" $max | toJson -}}
+{{- end -}}
+
+{{/* The replicas of a workload an autoscaler owns: the live count on upgrades (so that `helm
+     upgrade` neither resets what the autoscaler chose nor, by dropping the field, lets the API
+     server default it to 1), the autoscaler's minimum on install. */}}
+{{- define "llmops.autoscaledReplicas" -}}
+{{- $live := lookup "apps/v1" .kind .ctx.Release.Namespace .name -}}
+{{- if and $live $live.spec $live.spec.replicas -}}
+{{- $live.spec.replicas -}}
+{{- else -}}
+{{- .min -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The first of `versions` whose `kind` the cluster serves (.Capabilities.APIVersions): PDBs
+     reached policy/v1 in Kubernetes 1.21, HPAs autoscaling/v2 and CronJobs batch/v1 in 1.23;
+     older clusters serve only the beta. Without a cluster (`helm template`), Helm assumes all. */}}
+{{- define "llmops.apiVersion" -}}
+{{- $found := "" -}}
+{{- range .versions -}}
+{{- if and (not $found) ($.ctx.Capabilities.APIVersions.Has (printf "%s/%s" . $.kind)) -}}
+{{- $found = . -}}
+{{- end -}}
+{{- end -}}
+{{- default (first .versions) $found -}}
 {{- end -}}
 
 {{/* A generated secret value, kept across upgrades (lookup finds the live one); base64. */}}
