@@ -450,6 +450,41 @@ def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None
         render(values)
 
 
+def test_autoscaled_pools_scale_on_the_waiting_queue() -> None:
+    values = {**GPU_CLUSTER, "vllm": {"autoscaling": {"enabled": True, "maxReplicas": 5}}}
+    llama = GPU_CLUSTER["models"][0]
+    values["models"] = [{**llama, "pools": [
+        {**llama["pools"][0], "autoscaling": {"maxReplicas": 8}},
+        {**llama["pools"][1], "autoscaling": {"enabled": False}}]},
+        *GPU_CLUSTER["models"][1:]]
+    docs = manifests(values)
+    hpas = {h["metadata"]["name"]: h for h in find(docs, "HorizontalPodAutoscaler")}
+    gpu, cpu = f"{FULLNAME}-llama-3-1-8b-instruct-gpu", f"{FULLNAME}-llama-3-1-8b-instruct-cpu"
+    assert cpu not in hpas and f"{FULLNAME}-qwen2-5-72b-instruct-gpu" in hpas
+    hpa = hpas[gpu]
+    kubernetes_validate.validate(hpa, KUBERNETES, strict=True)
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                             "name": gpu}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 8)
+    external = hpa["spec"]["metrics"][0]["external"]
+    assert external["metric"] == {"name": "vllm:num_requests_waiting",
+                                  "selector": {"matchLabels": {"llmops_io_pool": gpu}}}
+    assert external["target"] == {"type": "AverageValue", "averageValue": "4"}
+    behavior = hpa["spec"]["behavior"]
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 60
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 600
+    assert behavior["scaleUp"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 180}]
+    # The series carry the pool label the HPA selects on.
+    monitor = one(docs, "PodMonitor", f"{FULLNAME}-vllm")
+    assert monitor["spec"]["podTargetLabels"] == ["llmops.io/pool"]
+    # The gateway knows every replica the pool may grow to; the StatefulSet starts at the minimum.
+    config = yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    urls = {p["urls"][0].split(".")[1]: len(p["urls"]) for m in config["models"]
+            for p in m["pools"]}
+    assert urls[gpu] == 8 and urls[cpu] == 1
+    assert one(docs, "StatefulSet", gpu)["spec"]["replicas"] == 3
+
+
 @pytest.mark.parametrize(("values", "message"), [
     ({"qdrant": {"enabled": False}}, "embedded index, which one process owns"),
     ({"postgresql": {"enabled": False}}, "database: set postgresql.enabled=true"),
@@ -457,6 +492,10 @@ def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None
                   "pools": [{"device": "cpu", "replicas": 1}]}] * 2}, 'duplicate model name "m"'),
     ({"models": [{"name": "m", "kind": "chat", "hfId": "a/b", "path": "m", "context_length": 512,
                   "pools": [{"device": "cpu", "replicas": 1}]}]}, "set hfId or path, not both"),
+    ({"models": [{"name": "m", "kind": "chat", "hfId": "a/b", "context_length": 512,
+                  "pools": [{"device": "cpu", "replicas": 3,
+                             "autoscaling": {"enabled": True, "maxReplicas": 2}}]}]},
+     r"autoscaling.maxReplicas \(2\) is below its minReplicas \(3\)"),
 ])
 def test_inconsistent_values_fail_the_render(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmRenderError, match=message):
