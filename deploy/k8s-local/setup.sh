@@ -20,6 +20,11 @@ if all_built && [ -x "$CACHE/root/usr/bin/etcd" ] && [ -x "$CACHE/root/usr/bin/c
   exit 0
 fi
 mkdir -p "$CACHE"/{apt/lists/partial,apt/archives/partial,debs,root,bin,src}
+# dpkg-source unpacks the source package; gcc compiles the pause binary.
+for tool in dpkg-source:dpkg-dev gcc:gcc; do
+  command -v "${tool%%:*}" >/dev/null || { log "apt-get install ${tool#*:}"
+    apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq install -y "${tool#*:}"; }
+done
 
 # A private apt configuration so the system's sources stay untouched: the system's mirror plus
 # deb-src for bookworm and bullseye's main for Go 1.15.
