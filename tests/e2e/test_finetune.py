@@ -176,12 +176,14 @@ def test_promotion_serves_an_adapter_only_when_it_beats_the_base(
                   {"role": "user", "content": "{{item.question}}"}]},
               "sampling_params": {"temperature": 0, "max_completion_tokens": 32}}
     started = {}
-    for suffix, answer in (("right", ANSWER), ("wrong", WRONG)):
+    # The wrong one needs no teaching to stay behind the base: one epoch of it will do.
+    for suffix, answer, epochs in (("right", ANSWER, 3), ("wrong", WRONG, 1)):
         train = client.files.create(file=(f"{suffix}.jsonl", dataset(QUESTIONS, answer)),
                                     purpose="fine-tune")
         started[suffix] = client.fine_tuning.jobs.create(
             model=CHAT_MODEL, training_file=train.id, suffix=suffix,
-            hyperparameters={"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 5},
+            hyperparameters={"n_epochs": epochs, "batch_size": 4,
+                             "learning_rate_multiplier": 5},
             extra_body={"evaluation": {"eval_id": ev.id, "data_source": source,
                                        "promote": "if_better"}})
     right, wrong = (wait_for(started[s].id, client, {"succeeded", "failed", "cancelled"})
@@ -468,7 +470,8 @@ def test_a_killed_worker_is_replaced_and_the_job_resumes(stack: tuple[Gateway, R
                                                         logs: Path) -> None:
     gateway, worker = stack
     client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0)
-    job = long_job(client, "survivor", epochs=6)
+    # 18 steps: the kill comes right after the checkpoint at step 4, with 14 steps to go.
+    job = long_job(client, "survivor", epochs=3)
     deadline = time.monotonic() + 180
     while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
         assert time.monotonic() < deadline
@@ -484,4 +487,4 @@ def test_a_killed_worker_is_replaced_and_the_job_resumes(stack: tuple[Gateway, R
     assert any(m.startswith("Fine-tuning job resumed") for m in messages)
     assert any(m.startswith("Resumed from checkpoint at step") for m in messages)
     steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
-    assert max(steps) == 36
+    assert max(steps) == 18
