@@ -46,7 +46,8 @@ class UsageQuery:
 def usage_query(
     group_by: Annotated[str, Query(description="Comma-separated: tenant_id, key_id, model, "
                                                "adapter, pool, endpoint (training is "
-                                               "/v1/fine_tuning/jobs)")] = "tenant_id",
+                                               "/v1/fine_tuning/jobs); empty with a "
+                                               "period: totals per period")] = "tenant_id",
     period: Annotated[Period | None, Query(description="Also per day or month (UTC): each "
                                                        "row's `period`.")] = None,
     tenant_id: str | None = None,
@@ -58,8 +59,9 @@ def usage_query(
 ) -> UsageQuery:
     """The usage parameters, read once for every usage endpoint."""
     groups = tuple(dict.fromkeys(g.strip() for g in group_by.split(",") if g.strip()))
-    if not groups or not set(groups) <= set(GROUPS):
-        raise BadRequestError(f"group_by must name some of {list(GROUPS)}", param="group_by")
+    if not set(groups) <= set(GROUPS) or not (groups or period):
+        raise BadRequestError(f"group_by must name some of {list(GROUPS)} (it may be empty "
+                              "with a period)", param="group_by")
     if start is not None and end is not None and end <= start:
         raise BadRequestError("end must come after start", param="end")
     return UsageQuery(groups, period, tenant_id, key_id, model, start, end)

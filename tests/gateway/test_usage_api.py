@@ -152,3 +152,16 @@ async def test_engines_show_every_replica_to_admins_only(
     _, _, plain = await _tenant_with_key(client, "member")
     denied = await client.get("/admin/engines", headers={"authorization": f"Bearer {plain}"})
     assert denied.status_code == 403 and "admin" in denied.json()["error"]["message"]
+
+
+async def test_usage_per_day_alone(setup: tuple[httpx.AsyncClient, Database]) -> None:
+    client, db = setup
+    tenant, key, _ = await _tenant_with_key(client, "t")
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    await _record(db, tenant, key, at=yesterday)
+    await _record(db, tenant, key)
+    await _record(db, tenant, key)
+    rows = (await client.get("/v1/usage", params={"group_by": "", "period": "day"})).json()
+    assert [(r["period"], r["requests"]) for r in rows["data"]] == [
+        (yesterday.strftime("%Y-%m-%d"), 1), (datetime.now(UTC).strftime("%Y-%m-%d"), 2)]
+    assert (await client.get("/v1/usage", params={"group_by": ""})).status_code == 400
