@@ -653,6 +653,7 @@ def test_the_console_ingests_searches_and_answers_from_a_store(
     uploaded = client.files.create(file=(script, b"Nothing to see."), purpose="assistants")
     assert uploaded.filename == script
     client.vector_stores.files.create(vector_store_id=store_id, file_id=uploaded.id)
+    page.reload()  # the store stays selected (its id is in the address)
     odd = page.locator("#files tbody tr", has_text=uploaded.id)
     expect(odd.locator(".badge")).to_have_text("completed", timeout=60_000)
     assert odd.locator("td").first.inner_text() == script
