@@ -47,7 +47,7 @@ async function selectEval(id) {
   state.eval = ev;
   $("runs-h").textContent = `Runs of ${ev.name || ev.id}`;
   clear($("criteria"), h("p", { class: "muted" }, "Criteria: ",
-    ev.testing_criteria.map((c, i) => [i ? ", " : "", h("code", {}, c.name), ` (${c.type})`])));
+    ev.testing_criteria.flatMap((c, i) => [i ? ", " : "", h("code", {}, c.name), ` (${c.type})`])));
   $("eval").hidden = false;
   state.stop = every(2000, loadRuns, () => state.active);
   await Promise.all([loadEvals(), loadWatches()]);
