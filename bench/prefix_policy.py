@@ -83,7 +83,7 @@ class GatewayPrefix:
 
     def scraped(self, replica: int, metrics: str) -> None:
         r = self.replicas[replica]
-        r.waiting, r.kv_cache_usage = parse_vllm_metrics(metrics)
+        r.waiting, r.kv_cache_usage, _ = parse_vllm_metrics(metrics)
 
 
 class SimGatewayPrefix(GatewayPicker):

@@ -276,6 +276,18 @@ class EvalWatches:
         return [WatchView(w, run(w.last_run_id), run(w.last_completed_run_id),
                           run(w.accepted_run_id)) for w in watches]
 
+    async def runs(self, watch: EvalWatch, limit: int) -> tuple[list[EvalRun], bool]:
+        """The watch's newest `limit` runs, oldest first (its trend), and whether there are
+        older ones. A watch's runs are the eval's runs whose metadata names it."""
+        query = (select(EvalRun)
+                 .where(EvalRun.eval_id == watch.eval_id,
+                        EvalRun.tenant_id == watch.tenant_id,
+                        EvalRun.metadata_["eval_watch_id"].as_string() == watch.id)
+                 .order_by(EvalRun.created_at.desc(), EvalRun.id.desc()).limit(limit + 1))
+        async with self.db.session() as session:
+            rows = list(await session.scalars(query))
+        return rows[:limit][::-1], len(rows) > limit
+
     async def enabled_views(self) -> list[WatchView]:
         """Every enabled watch (at most `max_total`), for the metrics."""
         async with self.db.session() as session:

@@ -162,7 +162,7 @@ def _load_model(config: TrainConfig) -> tuple[Any, Any, Any]:
 
         # Compute in bf16 on GPUs; on CPUs without AMX bf16 matmuls are many times slower
         # than fp32, and the 4-bit weights are the memory saving either way.
-        quant = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        quant = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(
@@ -174,7 +174,7 @@ def _load_model(config: TrainConfig) -> tuple[Any, Any, Any]:
         # fp32 on the CPU (bf16 matmuls are slow without AMX), bf16 on GPUs.
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=dtype)
-        model = model.to(device)  # type: ignore[arg-type]
+        model = model.to(device)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
@@ -293,7 +293,7 @@ def train(config: TrainConfig, train_set: Sequence[Any], val_set: Sequence[Any] 
         total_steps = steps_per_epoch * config.n_epochs
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-        scheduler = get_linear_schedule_with_warmup(  # type: ignore[no-untyped-call]
+        scheduler = get_linear_schedule_with_warmup(
             optimizer, int(config.warmup_ratio * total_steps), total_steps)
 
         step = 0

@@ -31,6 +31,7 @@ from finetune.serving import adapters_channel
 from gateway.api.admin import admin_router
 from gateway.api.batches import batches_router
 from gateway.api.conversations import conversations_router
+from gateway.api.engines import engines_router
 from gateway.api.eval_watches import eval_watches_router
 from gateway.api.evals import evals_router
 from gateway.api.files import files_router
@@ -39,6 +40,7 @@ from gateway.api.health import health_router, scrape
 from gateway.api.inference import ENDPOINTS, add_wire_schemas, handlers, inference_router
 from gateway.api.models import models_router
 from gateway.api.responses import responses_router
+from gateway.api.usage import usage_router
 from gateway.api.vector_store_file_batches import file_batches_router
 from gateway.api.vector_stores import Ingestion, internal_router, vector_stores_router
 from gateway.chores import Chores, load_prices, requeue_orphans
@@ -268,6 +270,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(conversations_router(s.conversations, principal))
     app.include_router(admin_router(s.db, s.tenants, s.auth, principal, s.prices, s.catalog,
                                     s.drift))
+    app.include_router(engines_router(s.routers, s.upstream.flows, principal))
+    app.include_router(usage_router(s.db, principal))
     if s.retriever is not None:
         ingestion = Ingestion(cfg, s.stores, s.files, s.celery)
         app.include_router(vector_stores_router(s.stores, ingestion, s.retriever, principal))

@@ -37,8 +37,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from llmops.settings import LedgerConfig
 from llmops.store import Database, UsageRecord
 
-__all__ = ["LedgerPublisher", "LedgerWriter", "UsageEvent", "record_usage", "spend_since",
-           "usage_report"]
+__all__ = ["LedgerPublisher", "LedgerWriter", "UsageEvent", "last_used", "record_usage",
+           "spend_by", "spend_since", "usage_report"]
 
 log = logging.getLogger(__name__)
 GROUP = "ledger-writers"
@@ -303,9 +303,10 @@ async def usage_report(
     start: datetime | None = None,
     end: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Requests, tokens (prompt, of those cached, completion, and trained on by fine-tuning
-    jobs), cost and device seconds,
-    summed per group (and per day or month)."""
+    """Requests (of those, `rejected`: refused by a limit or budget, status 429; `errors`:
+    every other status of 400 or more), tokens (prompt, of those cached, completion, and
+    trained on by fine-tuning jobs), cost and device seconds, summed per group (and per day or
+    month)."""
     columns: list[Any] = [getattr(UsageRecord, g).label(g) for g in group_by]
     if period is not None:
         columns.append(_bucket(db, period).label("period"))
@@ -315,6 +316,10 @@ async def usage_report(
         # Started but not (yet) finished: in flight, or cut off by a gateway that died.
         func.coalesce(func.sum(case((UsageRecord.status == 0, 1), else_=0)), 0
                       ).label("unfinished"),
+        func.coalesce(func.sum(case((UsageRecord.status == 429, 1), else_=0)), 0
+                      ).label("rejected"),
+        func.coalesce(func.sum(case(((UsageRecord.status >= 400) & (UsageRecord.status != 429),
+                                     1), else_=0)), 0).label("errors"),
         func.coalesce(func.sum(UsageRecord.prompt_tokens), 0).label("prompt_tokens"),
         func.coalesce(func.sum(UsageRecord.cached_tokens), 0).label("cached_tokens"),
         func.coalesce(func.sum(UsageRecord.completion_tokens), 0).label("completion_tokens"),
@@ -341,3 +346,28 @@ async def spend_since(db: Database, column: str, value: str, start: datetime) ->
         getattr(UsageRecord, column) == value, UsageRecord.created_at >= start)
     async with db.session() as session:
         return float(await session.scalar(query) or 0)
+
+
+async def spend_by(db: Database, column: str, start: datetime,
+                   owners: list[str] | None = None) -> dict[str, float]:
+    """What each key or tenant (`column`: key_id or tenant_id) has spent since `start`, in one
+    grouped query; `owners`: only these."""
+    owner = getattr(UsageRecord, column)
+    query = select(owner, func.coalesce(func.sum(UsageRecord.cost_usd), 0)).where(
+        UsageRecord.created_at >= start).group_by(owner)
+    if owners is not None:
+        query = query.where(owner.in_(owners))
+    async with db.session() as session:
+        return {row[0]: float(row[1]) for row in await session.execute(query)}
+
+
+async def last_used(db: Database, key_ids: list[str]) -> dict[str, datetime]:
+    """When each of these keys last made a request, in one grouped query (keys never used are
+    left out)."""
+    if not key_ids:
+        return {}
+    query = select(UsageRecord.key_id, func.max(UsageRecord.created_at)).where(
+        UsageRecord.key_id.in_(key_ids)).group_by(UsageRecord.key_id)
+    async with db.session() as session:
+        return {key: at if at.tzinfo else at.replace(tzinfo=UTC)
+                for key, at in await session.execute(query)}

@@ -8,16 +8,17 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends
 from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import select
 
 import tenancy
+from gateway.api.usage import Period, UsageQuery, usage_query
 from gateway.http.auth import Authenticated, require_admin
+from gateway.http.timestamps import epoch
 from guardrails.schema import GuardrailsPolicy
 from llmops.catalog import Catalog
 from llmops.errors import (
-    BadRequestError,
     ConflictError,
     ModelNotFoundError,
     NotFoundError,
@@ -28,13 +29,12 @@ from llmops.wire import Wire
 from observability.drift import DriftDetector, ReferenceSource
 from tenancy.accounting import PriceBook
 from tenancy.auth import Authenticator
-from tenancy.ledger import usage_report
+from tenancy.ledger import last_used
 from tenancy.pricing import Price
 from tenancy.tenants import Limits, Tenancy
 
 __all__ = ["admin_router"]
 
-Period = Literal["day", "month"]
 # What the store's columns hold: a 32-bit INTEGER (PostgreSQL) and NUMERIC(20, 10).
 _INT_MAX = 2**31 - 1
 _MONEY_MAX = 1e9
@@ -144,13 +144,21 @@ def _tenant_out(t: Tenant) -> dict[str, Any]:
             "created_at": t.created_at, "disabled_at": t.disabled_at}
 
 
-def _key_out(k: ApiKey) -> dict[str, Any]:
+def _key_out(k: ApiKey, last_used_at: datetime | None = None) -> dict[str, Any]:
     return {"id": k.id, "object": "api_key", "tenant_id": k.tenant_id, "name": k.name,
             "prefix": k.prefix, "role": k.role, "models": k.models, "rpm_limit": k.rpm_limit,
             "tpm_limit": k.tpm_limit, "budget_period": k.budget_period,
             "budget_usd": float(k.budget_usd) if k.budget_usd is not None else None,
             "expires_at": k.expires_at, "revoked_at": k.revoked_at, "metadata": k.metadata_,
-            "guardrails": k.guardrails, "created_at": k.created_at}
+            "guardrails": k.guardrails, "created_at": k.created_at,
+            # When it last made a request, from the ledger (epoch seconds; null: never).
+            "last_used_at": epoch(last_used_at) if last_used_at is not None else None}
+
+
+async def _keys_out(db: Database, keys: list[ApiKey]) -> list[dict[str, Any]]:
+    """Key objects with their last use: one grouped ledger query for all of them."""
+    used = await last_used(db, [k.id for k in keys])
+    return [_key_out(k, used.get(k.id)) for k in keys]
 
 
 def _patch(model: BaseModel) -> dict[str, Any]:
@@ -220,24 +228,27 @@ def admin_router(db: Database, tenants: Tenancy, auth: Authenticator,
 
     @router.get("/keys")
     async def list_keys(tenant_id: str | None = None) -> dict[str, Any]:
-        return {"object": "list", "data": [_key_out(k) for k in await tenants.list_keys(
-            tenant_id)]}
+        return {"object": "list", "data": await _keys_out(db, await tenants.list_keys(
+            tenant_id))}
 
     @router.get("/keys/{key_id}")
     async def get_key(key_id: str) -> dict[str, Any]:
-        return _key_out(await call(tenants.get_key(key_id)))
+        [key] = await _keys_out(db, [await call(tenants.get_key(key_id))])
+        return key
 
     @router.patch("/keys/{key_id}")
     async def update_key(key_id: str, body: KeyPatch) -> dict[str, Any]:
         key = await call(tenants.update_key(key_id, **_patch(body)))
         auth.forget()
-        return _key_out(key)
+        [out] = await _keys_out(db, [key])
+        return out
 
     @router.post("/keys/{key_id}/revoke")
     async def revoke_key(key_id: str) -> dict[str, Any]:
         key = await call(tenants.revoke_key(key_id))
         auth.forget()
-        return _key_out(key)
+        [out] = await _keys_out(db, [key])
+        return out
 
     @router.put("/prices/{model:path}")
     async def set_price(model: str, body: PriceIn) -> dict[str, Any]:
@@ -271,25 +282,8 @@ def admin_router(db: Database, tenants: Tenancy, auth: Authenticator,
         return {"object": "list", "data": data}
 
     @router.get("/usage")
-    async def usage(
-        group_by: Annotated[str, Query(description="Comma-separated: tenant_id, key_id, "
-                                                   "model, adapter, pool, endpoint (training "
-                                                   "is /v1/fine_tuning/jobs)")] = "tenant_id",
-        period: Period | None = None,
-        tenant_id: str | None = None,
-        key_id: str | None = None,
-        model: str | None = None,
-        start: datetime | None = None,
-        end: datetime | None = None,
-    ) -> dict[str, Any]:
-        groups = tuple(g.strip() for g in group_by.split(",") if g.strip())
-        allowed = {"tenant_id", "key_id", "model", "adapter", "pool", "endpoint"}
-        if not groups or not set(groups) <= allowed:
-            raise BadRequestError(f"group_by must name some of {sorted(allowed)}",
-                                  param="group_by")
-        rows = await usage_report(db, group_by=groups, period=period, tenant_id=tenant_id,
-                                  key_id=key_id, model=model, start=start, end=end)
-        return {"object": "list", "data": rows}
+    async def usage(query: Annotated[UsageQuery, Depends(usage_query)]) -> dict[str, Any]:
+        return await query.run(db)
 
     def detector() -> DriftDetector:
         if drift is None:

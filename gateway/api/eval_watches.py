@@ -5,9 +5,10 @@ accepted run.
 `POST /v1/evals/{eval_id}/watches` creates one and starts its first run at once, as the
 caller, the way every run starts (`evals.runs`): the data source is checked exactly as a run's,
 and an error is the run's (a watch's `model` is its own field). Then
-`GET .../watches[/{watch_id}]`, `POST .../watches/{watch_id}` (interval_s, min_pass_rate,
-tolerance, enabled, accepted_run_id) and `DELETE .../watches/{watch_id}`. Another tenant's
-eval or watch is reported as missing.
+`GET .../watches[/{watch_id}]`, `GET .../watches/{watch_id}/runs` (its trend: the newest `limit`
+runs, oldest first, each with its pass rates), `POST .../watches/{watch_id}` (interval_s,
+min_pass_rate, tolerance, enabled, accepted_run_id) and `DELETE .../watches/{watch_id}`.
+Another tenant's eval or watch is reported as missing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from evals.scheduler import start_watch_run
 from evals.store import Evals, pass_ratios
 from evals.watches import EvalWatches, InvalidRunError, WatchLimitError, WatchView, pass_rate
 from gateway.http.auth import Authenticated
-from gateway.http.paging import page
+from gateway.http.paging import bounded, page
 from gateway.http.timestamps import epoch
 from llmops.errors import BadRequestError, ConflictError, NotFoundError, RateLimitError
 from llmops.settings import Settings
@@ -162,6 +163,13 @@ def eval_watches_router(settings: Settings, evals: Evals, watches: EvalWatches,
     @router.get("/{eval_id}/watches/{watch_id}")
     async def retrieve(request: Request, eval_id: str, watch_id: str) -> dict[str, Any]:
         return await out(await owned_watch(request, eval_id, watch_id))
+
+    @router.get("/{eval_id}/watches/{watch_id}/runs")
+    async def list_runs(request: Request, eval_id: str, watch_id: str, limit: int = 20
+                        ) -> dict[str, Any]:
+        watch = await owned_watch(request, eval_id, watch_id)
+        runs, more = await watches.runs(watch, bounded(limit))
+        return page([r for r in map(_run, runs) if r is not None], more)
 
     @router.post("/{eval_id}/watches/{watch_id}")
     async def update(request: Request, eval_id: str, watch_id: str, body: WatchPatch

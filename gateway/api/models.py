@@ -19,8 +19,9 @@ def models_router(catalog: Catalog, ensure: EnsureModel | None = None) -> APIRou
     router = APIRouter(prefix="/v1/models", tags=["models"])
 
     def item(e: CatalogEntry) -> dict[str, Any]:
+        # `kind` is ours: which endpoints take the model (chat, or embeddings only).
         out: dict[str, Any] = {"id": e.name, "object": "model", "created": e.created,
-                               "owned_by": e.base.owned_by}
+                               "owned_by": e.base.owned_by, "kind": e.base.kind}
         if e.adapter is not None:
             out["parent"] = e.base.name
             out.update(catalog.details.get(e.name, {}))

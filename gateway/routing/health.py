@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import NamedTuple
 
 import aiohttp
 import orjson
@@ -16,23 +17,30 @@ from gateway.routing.replica import Replica
 from llmops.catalog import Catalog
 from llmops.settings import RoutingConfig
 
-__all__ = ["HealthMonitor", "parse_vllm_metrics"]
+__all__ = ["EngineLoad", "HealthMonitor", "parse_vllm_metrics"]
 
 log = logging.getLogger(__name__)
 
 
-def parse_vllm_metrics(text: str) -> tuple[float, float]:
-    """(requests waiting, KV-cache usage 0..1) from vLLM's Prometheus text; several engines or
-    label sets add up for the queue, and the fullest cache counts."""
-    waiting = 0.0
-    kv = 0.0
+class EngineLoad(NamedTuple):
+    waiting: float
+    kv_cache_usage: float  # 0..1
+    running: float
+
+
+def parse_vllm_metrics(text: str) -> EngineLoad:
+    """Requests waiting and running, and KV-cache usage, from vLLM's Prometheus text; several
+    engines or label sets add up for the queues, and the fullest cache counts."""
+    waiting = running = kv = 0.0
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name == "vllm:num_requests_waiting":
             waiting += float(line.rsplit(" ", 1)[1])
+        elif name == "vllm:num_requests_running":
+            running += float(line.rsplit(" ", 1)[1])
         elif name == "vllm:kv_cache_usage_perc":
             kv = max(kv, float(line.rsplit(" ", 1)[1]))
-    return waiting, kv
+    return EngineLoad(waiting, kv, running)
 
 
 class HealthMonitor:
@@ -120,7 +128,9 @@ class HealthMonitor:
             async with self.session.get(f"{replica.url}/metrics", timeout=self._timeout) as resp:
                 if resp.status != 200:
                     return
-                replica.waiting, replica.kv_cache_usage = parse_vllm_metrics(await resp.text())
+                load = parse_vllm_metrics(await resp.text())
+                replica.waiting, replica.kv_cache_usage = load.waiting, load.kv_cache_usage
+                replica.running = load.running
             if replica.on_room is not None and replica.has_capacity:
                 replica.on_room()  # its engine's queue may have shortened
         except (aiohttp.ClientError, TimeoutError, ValueError, IndexError):

@@ -23,6 +23,7 @@ class Replica:
     probe_failures: int = 0
     outstanding: int = 0  # requests this gateway process has in flight here
     waiting: float = 0.0  # vllm:num_requests_waiting, scraped
+    running: float = 0.0  # vllm:num_requests_running, scraped (all gateways' requests)
     kv_cache_usage: float = 0.0  # vllm:kv_cache_usage_perc (0..1), scraped
     adapters: frozenset[str] = field(default_factory=frozenset)  # LoRA names loaded here
     # Adapters this gateway sent here lately, most recent last: likely in vLLM's LoRA cache.

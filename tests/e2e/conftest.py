@@ -127,6 +127,32 @@ def engines(logs: Path) -> Iterator[Engines]:
         running.embedding.stop()
 
 
+@pytest.fixture(scope="session")
+def second_chat(engines: Engines, logs: Path) -> Iterator[Running]:
+    """Another replica of the chat model, next to the session's: routing spreads over the two,
+    failover survives one dying. Started once for both; a test that kills it is marked
+    `kills_second_chat` and runs after every other test that uses it."""
+    running = start(vllm_service("vllm-chat-2", engines.model_dirs["chat"], CHAT_MODEL,
+                                 free_port(), kv_cache_bytes=256 << 20), logs)
+    try:
+        wait_healthy([running], timeout_s=420)
+        yield running
+    finally:
+        running.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Move the tests that kill the second chat replica after its last other user."""
+    killers = [i for i in items if i.get_closest_marker("kills_second_chat")]
+    users = [i for i, item in enumerate(items) if item not in killers
+             and "second_chat" in getattr(item, "fixturenames", ())]
+    if not killers or not users:
+        return
+    rest = [i for i in items if i not in killers]
+    last = rest.index(items[users[-1]])
+    items[:] = rest[:last + 1] + killers + rest[last + 1:]
+
+
 @dataclass
 class Gateway:
     running: Running

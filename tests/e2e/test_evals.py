@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,9 +20,11 @@ import openai
 import pytest
 import sqlalchemy
 from openai import OpenAI
+from playwright.sync_api import expect
 
 from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
 from tenancy.tenants import ON_BEHALF_HEADER
+from tests.browser import Console
 from tests.clients import EVALS_API
 from tests.e2e.conftest import API_KEY, Gateway, Running, start, wait_healthy, wait_until
 
@@ -277,3 +280,53 @@ def test_the_cli_lists_evals_without_the_clients_deprecation_warning(
     assert shown.returncode == 0, shown.stderr
     assert ev.id in shown.stdout and "capitals" in shown.stdout
     assert "deprecated" not in shown.stderr
+
+
+@pytest.mark.timeout(300)
+def test_the_console_shows_a_runs_pass_rates_items_and_a_watchs_trend(
+        gateway: Gateway, evaluator: Running, console: Callable[..., Console]) -> None:
+    """The evals page shows each criterion's pass rate as the API's run object has it, the
+    run's items with their verdicts, and a watch's pass rate over its runs."""
+    client = client_for(gateway, API_KEY)
+    ev = create_eval(client, CRITERIA[:1])
+    given = [{"item": item("France", "Paris"), "sample": {"output_text": "Paris."}},
+             {"item": item("Japan", "Tokyo"), "sample": {"output_text": "Kyoto."}},
+             {"item": item("Italy", "Rome"), "sample": {"output_text": "It is Rome."}}]
+    run = client.evals.runs.create(ev.id, name="given", data_source={
+        "type": "jsonl", "source": {"type": "file_content", "content": given}})
+    done = wait_until(lambda: (r := client.evals.runs.retrieve(run.id, eval_id=ev.id))
+                      .status == "completed" and r, 60, "jsonl run done")
+    watches = f"{gateway.base_url}/evals/{ev.id}/watches"
+    watch = httpx.post(watches, headers=gateway.headers, timeout=60, json={
+        "name": f"console-{uuid.uuid4().hex[:8]}", "model": CHAT_MODEL, "interval_s": 3600,
+        "data_source": {"type": "completions", "source": {"type": "file_content", "content": [
+            {"item": item("Spain", "Madrid")}]}, "input_messages": {
+            "type": "template", "template": TEMPLATE},
+            "sampling_params": {"temperature": 0, "max_completion_tokens": 8}}}).json()
+    trend = wait_until(lambda: (r := httpx.get(f"{watches}/{watch['id']}/runs",
+                                               headers=gateway.headers, timeout=30).json())
+                       ["data"][0]["status"] == "completed" and r, 60, "the watch's run")
+
+    tab = console(gateway.url)
+    tab.sign_in(API_KEY)
+    page = tab.open(f"evals?eval={ev.id}")
+    row = page.locator("#runs tbody tr", has=page.locator(f'button[data-run="{run.id}"]'))
+    for result in done.per_testing_criteria_results:
+        total = result.passed + result.failed + result.errored
+        cell = row.locator(f'.rate[data-criterion="{result.testing_criteria}"]')
+        expect(cell).to_have_text(f"{result.passed}/{total} ({100 * result.passed / total:.1f}%)")
+    assert (done.result_counts.passed, done.result_counts.total) == (2, 3)
+    row.locator("button").click()
+    items = page.locator("#items tbody tr")
+    expect(items).to_have_count(len(given))
+    assert items.nth(1).locator(".badge").first.inner_text() == "fail"
+    assert "Kyoto." in items.nth(1).inner_text()
+    chart = page.locator('#watch-charts path[data-series="all criteria"]')
+    expect(chart).to_have_attribute("data-points", str(len(trend["data"])))
+    expect(page.locator("#watches tbody tr")).to_contain_text(watch["name"])
+    tab.screenshot("evals")
+    docs = Path(__file__).resolve().parents[2] / "docs" / "console"
+    docs.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(docs / "evals.png"), full_page=False)
+    assert httpx.delete(f"{watches}/{watch['id']}", headers=gateway.headers,
+                        timeout=30).json()["deleted"]

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from openai import OpenAI
 
-from llmops.cli.stack import CHAT_MODEL, free_port, vllm_service
+from llmops.cli.stack import CHAT_MODEL, free_port
 from tests.e2e.conftest import (
     API_KEY,
     Engines,
@@ -21,8 +19,6 @@ from tests.e2e.conftest import (
     Running,
     model,
     pool,
-    start,
-    wait_healthy,
 )
 
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -78,21 +74,12 @@ def test_saturated_gpu_pool_overflows_to_cpu(engines: Engines, gateway_factory: 
     assert sorted(set(served)) == ["cpu", "gpu"] and len(served) == 4
 
 
-@pytest.fixture(scope="module")
-def second_chat_engine(engines: Engines, logs: Path) -> Iterator[Running]:
-    engine = start(vllm_service("vllm-chat-2", engines.model_dirs["chat"], CHAT_MODEL,
-                                free_port(), kv_cache_bytes=512 << 20), logs)
-    try:
-        wait_healthy([engine], timeout_s=300)
-        yield engine
-    finally:
-        engine.stop()
-
-
-def test_replica_killed_mid_test(engines: Engines, second_chat_engine: Running,
+# The session's second replica (shared with the routing tests, so it runs after them).
+@pytest.mark.kills_second_chat
+def test_replica_killed_mid_test(engines: Engines, second_chat: Running,
                                  gateway_factory: GatewayFactory) -> None:
     gw = gateway_factory([model(CHAT_MODEL, "chat",
-                                pool("cpu", engines.chat.url, second_chat_engine.url))])
+                                pool("cpu", engines.chat.url, second_chat.url))])
     client = client_for(gw.base_url)
     results: list[str] = []
     errors: list[Exception] = []
@@ -112,7 +99,7 @@ def test_replica_killed_mid_test(engines: Engines, second_chat_engine: Running,
         w.start()
     while len(results) < 6:
         time.sleep(0.1)
-    second_chat_engine.kill()
+    second_chat.kill()
     killed_at = len(results)
     while len(results) < killed_at + 12:
         assert not errors, errors

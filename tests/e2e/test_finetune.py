@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -16,9 +18,11 @@ from typing import Any
 import httpx
 import pytest
 from openai import NotFoundError, OpenAI
+from playwright.sync_api import expect
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmops.cli.stack import CHAT_MODEL, Service, free_port
+from tests.browser import Console
 from tests.clients import EVALS_API
 from tests.e2e.conftest import (
     API_KEY,
@@ -31,6 +35,8 @@ from tests.e2e.conftest import (
     start,
     wait_healthy,
 )
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "console"
 
 QUESTIONS = [
     "How long is the warranty on the Zorblax 9000 kettle?",
@@ -176,12 +182,14 @@ def test_promotion_serves_an_adapter_only_when_it_beats_the_base(
                   {"role": "user", "content": "{{item.question}}"}]},
               "sampling_params": {"temperature": 0, "max_completion_tokens": 32}}
     started = {}
-    for suffix, answer in (("right", ANSWER), ("wrong", WRONG)):
+    # The wrong one needs no teaching to stay behind the base: one epoch of it will do.
+    for suffix, answer, epochs in (("right", ANSWER, 3), ("wrong", WRONG, 1)):
         train = client.files.create(file=(f"{suffix}.jsonl", dataset(QUESTIONS, answer)),
                                     purpose="fine-tune")
         started[suffix] = client.fine_tuning.jobs.create(
             model=CHAT_MODEL, training_file=train.id, suffix=suffix,
-            hyperparameters={"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 5},
+            hyperparameters={"n_epochs": epochs, "batch_size": 4,
+                             "learning_rate_multiplier": 5},
             extra_body={"evaluation": {"eval_id": ev.id, "data_source": source,
                                        "promote": "if_better"}})
     right, wrong = (wait_for(started[s].id, client, {"succeeded", "failed", "cancelled"})
@@ -462,13 +470,77 @@ def test_dpo_teaches_the_preferred_style(stack: tuple[Gateway, Running], engines
     assert "line 3: preferred_output[0].role must be 'assistant'" in failed.error.message
 
 
+TRAINING_POINTS = 'path[data-series="training loss"]'
+
+
+@pytest.mark.timeout(600)
+def test_the_console_starts_a_job_follows_its_loss_and_cancels_another(
+        stack: tuple[Gateway, Running], console: Callable[..., Console], tmp_path: Path) -> None:
+    gateway, _ = stack
+    client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+    train, valid = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
+    train.write_bytes(dataset(QUESTIONS))
+    valid.write_bytes(dataset(QUESTIONS[:4]))
+    tab = console(gateway.url)
+    tab.sign_in(API_KEY)
+    page = tab.open("fine-tuning")
+    expect(page.locator(f'#base-model option[value="{CHAT_MODEL}"]')).to_have_count(1)
+    page.set_input_files("#training-file", str(train))
+    page.set_input_files("#validation-file", str(valid))
+    page.fill("#suffix", "console")
+    page.fill("#n-epochs", "3")  # 12 examples in batches of 4: 9 steps
+    page.fill("#batch-size", "4")
+    page.fill("#lr-multiplier", "5")
+    page.fill("#lora-r", "8")
+    page.fill("#checkpoint-every", "3")
+    page.click("#create-job button[type=submit]")
+    expect(page.locator("#job-title")).to_have_text(re.compile(r"^ftjob-"))
+    job_id = page.inner_text("#job-title")
+    started = client.fine_tuning.jobs.retrieve(job_id)  # as the form asked
+    assert started.training_file != started.validation_file
+    assert started.hyperparameters.n_epochs == 3
+    assert (started.model_extra or {})["lora"]["r"] == 8
+
+    # The loss curve gains points while the job trains.
+    # (functions, not expressions: the page's CSP forbids evaluating a string)
+    points = f"() => Number(document.querySelector('{TRAINING_POINTS}')?.dataset.points || 0)"
+    page.wait_for_function(f"() => ({points})() > 0", timeout=180_000)
+    first = int(page.get_attribute(TRAINING_POINTS, "data-points") or 0)
+    assert first < 9, "the whole run arrived at once"
+    page.wait_for_function(f"() => ({points})() > {first}")
+
+    # A second job, queued behind this one, is cancelled from its page.
+    queued = long_job(client, "console-cancel", epochs=20)
+    tab.open(f"fine-tuning?job={queued.id}")
+    page.click("#cancel-job")
+    expect(page.locator("#job-summary .badge")).to_have_text("cancelled")
+    expect(page.locator("#cancel-job")).to_be_hidden()
+    assert client.fine_tuning.jobs.retrieve(queued.id).status == "cancelled"
+
+    # Back on the first: it succeeds, and the page shows the adapter, curves and checkpoints.
+    tab.open(f"fine-tuning?job={job_id}")
+    expect(page.locator("#job-summary .badge")).to_have_text("succeeded", timeout=300_000)
+    expect(page.locator("#job-summary")).to_contain_text(f"ft:{CHAT_MODEL}:console:{job_id}")
+    expect(page.locator(TRAINING_POINTS)).to_have_attribute("data-points", "9")
+    expect(page.locator('path[data-series="validation loss"]')).to_have_attribute(
+        "data-points", "3")
+    expect(page.locator("#checkpoints tbody tr")).to_have_count(3)
+    expect(page.locator("#events")).to_contain_text("The job has successfully completed")
+    expect(page.locator(f'#jobs button[data-job="{job_id}"]')).to_have_attribute(
+        "aria-pressed", "true")
+    tab.screenshot("fine-tuning")
+    DOCS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tab.screenshot("fine-tuning-docs", full_page=False), DOCS / "fine-tuning.png")
+
+
 # Last in this module: it kills the module's worker (and stops the one that replaced it).
 @pytest.mark.timeout(600)
 def test_a_killed_worker_is_replaced_and_the_job_resumes(stack: tuple[Gateway, Running],
                                                         logs: Path) -> None:
     gateway, worker = stack
     client = OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0)
-    job = long_job(client, "survivor", epochs=6)
+    # 18 steps: the kill comes right after the checkpoint at step 4, with 14 steps to go.
+    job = long_job(client, "survivor", epochs=3)
     deadline = time.monotonic() + 180
     while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
         assert time.monotonic() < deadline
@@ -484,4 +556,4 @@ def test_a_killed_worker_is_replaced_and_the_job_resumes(stack: tuple[Gateway, R
     assert any(m.startswith("Fine-tuning job resumed") for m in messages)
     assert any(m.startswith("Resumed from checkpoint at step") for m in messages)
     steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
-    assert max(steps) == 36
+    assert max(steps) == 18

@@ -5,14 +5,12 @@ replica's hot prefix moves to the idle one, and two gateways agree on a session'
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from openai import OpenAI
 
-from llmops.cli.stack import CHAT_MODEL, free_port, vllm_service
+from llmops.cli.stack import CHAT_MODEL
 from tests.e2e.conftest import (
     API_KEY,
     Engines,
@@ -21,26 +19,12 @@ from tests.e2e.conftest import (
     Running,
     model,
     pool,
-    start,
-    wait_healthy,
 )
 from tests.e2e.test_metrics import scrape_until, total
 
 REPLICA = "x-llmops-replica"
 SYSTEM = ("You are the booking assistant of a small travel agency in Lisbon. Answer in one "
           "short sentence, name prices in euros, and never invent flight numbers. ") * 8
-
-
-@pytest.fixture(scope="module")
-def second_chat(engines: Engines, logs: Path) -> Iterator[Running]:
-    """Another replica of the chat model, next to the session's."""
-    running = start(vllm_service("vllm-chat-2", engines.model_dirs["chat"], CHAT_MODEL,
-                                 free_port(), kv_cache_bytes=256 << 20), logs)
-    try:
-        wait_healthy([running], timeout_s=420)
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,25 @@ cancel and refuse bad requests as OpenAI's do, through the official client's hel
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import sys
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
+from playwright.sync_api import Dialog, expect
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL, Service, free_port
 from retrieval.grounding import NO_ANSWER
+from tests.browser import Console
 from tests.e2e.conftest import (
     API_KEY,
     Engines,
@@ -74,6 +77,10 @@ LOCK = ("<html><head><title>Orbital lock</title><style>p {color: red}</style></h
         "code.</p><script>var x = 1;</script></body></html>")
 ESPRESSO = ("Quartzline espresso machine care.\nDescale the Quartzline espresso machine every "
             "three months\nwith citric acid to keep the boiler free of limescale.")
+
+TEAPOT = ("Brindlecott teapot care.\n\nThe Brindlecott teapot's porcelain lid must be washed by "
+          "hand in warm water; never put the lid in a dishwasher.\n")
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "console"  # the docs site's screenshots
 
 DOCUMENTS = {  # filename -> (content, attributes)
     "kettle.txt": (KETTLE.encode(), {"category": "kitchen", "year": 2024}),
@@ -612,3 +619,85 @@ def test_bad_batches_are_refused_whole(rag: tuple[Gateway, Running], client: Ope
     client.vector_stores.delete(vs.id)
     assert query(gateway, "SELECT count(*) FROM vector_store_file_batches WHERE store_id = :s",
                  s=vs.id) == [(0,)]
+
+
+# The console's vector-stores page, on this module's gateway and ingest worker.
+
+def test_the_console_ingests_searches_and_answers_from_a_store(
+        rag: tuple[Gateway, Running], client: OpenAI, console: Callable[..., Console]) -> None:
+    """Upload in the page until ingested, a search hit with its filename and the query's words
+    highlighted, a cited answer and a "not in the documents" one; a file named like a script
+    shows as text."""
+    gateway, _ = rag
+    tab = console(gateway.url)
+    dialogs: list[str] = []
+
+    def dismiss(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    tab.page.on("dialog", dismiss)
+    tab.sign_in(API_KEY)
+    page = tab.open("vector-stores")
+    page.fill("#store-name", "teapots")
+    page.click("#create-store button[type=submit]")
+    expect(page.locator("#store-h")).to_have_text("Store: teapots")
+    store_id = re.search(r"store=(vs_\w+)", page.url)[1]  # type: ignore[index]
+    page.set_input_files("#upload-file", files=[
+        {"name": "teapot.txt", "mimeType": "text/plain", "buffer": TEAPOT.encode()}])
+    page.click("#upload button[type=submit]")
+    row = page.locator("#files tbody tr", has_text="teapot.txt")
+    expect(row.locator(".badge")).to_have_text("completed", timeout=60_000)
+
+    script = "<script>alert(1)</script>.txt"  # attached with the API, shown by the page
+    uploaded = client.files.create(file=(script, b"Nothing to see."), purpose="assistants")
+    assert uploaded.filename == script
+    client.vector_stores.files.create(vector_store_id=store_id, file_id=uploaded.id)
+    page.reload()  # the store stays selected (its id is in the address)
+    odd = page.locator("#files tbody tr", has_text=uploaded.id)
+    expect(odd.locator(".badge")).to_have_text("completed", timeout=60_000)
+    assert odd.locator("td").first.inner_text() == script
+    assert page.locator("#main script").count() == 0
+
+    page.fill("#search-query", "Brindlecott teapot lid dishwasher")
+    page.click("#search button[type=submit]")
+    hit = page.locator("#hits li.hit").first
+    expect(hit.locator(".hit-file")).to_have_text("teapot.txt")
+    marks = {m.casefold() for m in hit.locator("mark").all_inner_texts()}
+    assert {"brindlecott", "teapot", "lid", "dishwasher"} <= marks, marks
+    assert hit.locator(".hit-text").inner_text().startswith("Brindlecott teapot care.")
+
+    page.fill("#ask-question", "May the Brindlecott teapot's lid go in the dishwasher?")
+    page.select_option("#ask-model", CHAT_MODEL)
+    page.click("#ask button[type=submit]")
+    expect(page.locator("#answer .citation").first).to_contain_text("teapot.txt",
+                                                                    timeout=60_000)
+    assert page.locator("#answer .msg").inner_text().strip()
+    tab.screenshot("vector-stores")
+    DOCS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(DOCS / "vector-stores.png"), full_page=False)
+
+    page.fill("#ask-question", "Which football team won the 1966 world cup final?")
+    page.click("#ask button[type=submit]")
+    missing = page.locator("#answer .not-found")
+    expect(missing).to_contain_text("Not in the documents")
+    expect(missing).to_contain_text(NO_ANSWER)
+    assert page.locator("#answer .citation").count() == 0
+    assert dialogs == []
+
+
+def test_a_members_console_cannot_open_another_tenants_store(
+        rag: tuple[Gateway, Running], store: dict[str, Any],
+        console: Callable[..., Console]) -> None:
+    gateway, _ = rag
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers, timeout=60) as admin:
+        tenant = admin.post("/admin/tenants", json={"name": f"peer-{uuid.uuid4().hex[:6]}"})
+        key = admin.post("/admin/keys", json={"tenant_id": tenant.json()["id"]}).json()["key"]
+    tab = console(gateway.url)
+    tab.sign_in(key)
+    page = tab.open(f"vector-stores?store={store['id']}")
+    expect(page.locator("#store-missing")).to_be_visible()
+    expect(page.locator("#stores .empty")).to_be_visible()  # and none of its own
+    assert page.locator("#store").is_hidden()
+    assert "manuals" not in page.inner_text("main")
+    assert page.locator("#files tbody tr").count() == 0

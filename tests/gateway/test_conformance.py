@@ -215,8 +215,8 @@ async def ok(resp: httpx.Response | Any, schema: str) -> dict[str, Any]:
 async def test_models_and_errors(api: Api) -> None:
     client, _ = api
     listed = await ok(client.get("/v1/models"), "ListModelsResponse")
-    assert {m["id"] for m in listed["data"]} == {"chat", "embed"}
-    await ok(client.get("/v1/models/chat"), "Model")
+    assert {m["id"]: m["kind"] for m in listed["data"]} == {"chat": "chat", "embed": "embedding"}
+    assert (await ok(client.get("/v1/models/chat"), "Model"))["kind"] == "chat"
     for resp in (await client.get("/v1/models/nope"), await client.get("/v1/files/file-nope"),
                  await client.post("/v1/vector_stores", json={"name": 3}),
                  await client.get("/v1/files", headers={"authorization": "Bearer sk-wrong"})):

@@ -141,3 +141,41 @@ async def test_a_watch_is_refused_as_its_first_run_would_be(
     assert watch["last_run"]["status"] == "queued"
     run = (await client.get(f"/v1/evals/{ev['id']}/runs/{watch['last_run']['id']}")).json()
     assert run["metadata"] == {"eval_watch_id": watch["id"], "eval_watch": "nightly"}
+
+
+async def test_a_watchs_runs_are_its_trend(api: tuple[httpx.AsyncClient, Settings]) -> None:
+    """`GET .../watches/{id}/runs`: the watch's own runs (not the eval's other runs), oldest
+    first, each with the pass rates the watch object shows; another tenant's is missing."""
+    client, settings = api
+    ev = (await client.post("/v1/evals", json=EVAL)).json()
+    other = (await client.post(f"/v1/evals/{ev['id']}/runs", json=RUN)).json()
+    body = {"name": "trend", "model": "chat", "interval_s": 3600, "data_source": {
+        "type": "completions", "source": RUN["data_source"]["source"], "input_messages": {
+            "type": "template", "template": [{"role": "user", "content": "{{item.q}}"}]}}}
+    watch = (await client.post(f"/v1/evals/{ev['id']}/watches", json=body)).json()
+    first = watch["last_run"]["id"]
+    path = f"/v1/evals/{ev['id']}/watches/{watch['id']}/runs"
+
+    db = Database(settings.database_url)  # the worker grades the watch's run
+    try:
+        evals = Evals(db)
+        assert await evals.claim(first, "w", 60)
+        assert await evals.record(first, "w", ItemOutcome(
+            0, {"q": "France?", "a": "Paris"}, WIRE_SAMPLE,
+            [{"name": "exact", "type": "string_check", "passed": True, "score": 1.0,
+              "sample": None, "error": None, "detail": {}}], "pass", {}))
+    finally:
+        await db.close()
+    trend = (await client.get(path)).json()
+    assert trend["object"] == "list" and not trend["has_more"]
+    assert [r["id"] for r in trend["data"]] == [first] != [other["id"]]
+    [run] = trend["data"]
+    assert run["pass_rate"] == 1.0 and run["per_testing_criteria"] == {"exact": 1.0}
+    shown = (await client.get(f"/v1/evals/{ev['id']}/watches/{watch['id']}")).json()
+    assert shown["last_run"] == run
+
+    assert (await client.get(path, params={"limit": 0})).json()["error"]["param"] == "limit"
+    tenant = (await client.post("/admin/tenants", json={"name": "stranger"})).json()
+    key = (await client.post("/admin/keys", json={"tenant_id": tenant["id"]})).json()["key"]
+    theirs = await client.get(path, headers={"Authorization": f"Bearer {key}"})
+    assert theirs.status_code == 404 and theirs.json()["error"]["param"] == "eval_id"

@@ -14,7 +14,7 @@ from gateway.routing import (
     build_affinity,
     build_scorers,
 )
-from gateway.routing.health import HealthMonitor, parse_vllm_metrics
+from gateway.routing.health import EngineLoad, HealthMonitor, parse_vllm_metrics
 from gateway.routing.policy import (
     RouteRequest,
     WeightedScorer,
@@ -197,8 +197,10 @@ vllm:num_requests_waiting{engine="1",model_name="m"} 2.0
 vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 7.0
 vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
 vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5
+vllm:num_requests_running{engine="0",model_name="m"} 4.0
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
 """
-    assert parse_vllm_metrics(text) == (5.0, 0.5)
+    assert parse_vllm_metrics(text) == EngineLoad(waiting=5.0, kv_cache_usage=0.5, running=5.0)
 
 
 def affine_router(pool: Pool, keep: int = 2, slack: int = 2) -> Router:
