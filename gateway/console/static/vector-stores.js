@@ -144,7 +144,7 @@ function showAnswer(reply) {
 }
 
 async function loadModels() {
-  const models = (await api("/v1/models")).data;
+  const models = (await api("/v1/models")).data.filter((m) => m.kind !== "embedding");
   clear($("ask-model"), models.map((m) => h("option", { value: m.id }, m.id)));
 }
 
