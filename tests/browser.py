@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, sync_playwright
+from playwright.sync_api import ConsoleMessage, Page, sync_playwright
 
 CHROMIUM = os.environ.get("LLMOPS_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("LLMOPS_ARTIFACTS", "artifacts")) / "console"
@@ -22,20 +22,6 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-default-apps", "--disable-extensions"]
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
-
-
-@pytest.fixture(scope="session")
-def playwright() -> Iterator[Playwright]:
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: run `make browser`"
-    with sync_playwright() as p:
-        yield p
-
-
-@pytest.fixture(scope="session")
-def chromium(playwright: Playwright) -> Iterator[Browser]:
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-    yield browser
-    browser.close()
 
 
 class Console:
@@ -77,18 +63,25 @@ class Console:
 
 
 @pytest.fixture
-def console(chromium: Browser) -> Iterator[Callable[..., Console]]:
+def console() -> Iterator[Callable[..., Console]]:
     """Opens console tabs (`console(base_url, viewport=...)`), each in a new cookie-less
-    context; the test fails if any of them saw a JavaScript error."""
+    context; the test fails if any of them saw a JavaScript error.
+
+    Playwright's sync API runs an event loop in this thread while it is open, so it lives only
+    as long as one test: left open, it would break every asyncio test after it."""
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: run `make browser`"
     opened: list[Console] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
 
-    def open_tab(base_url: str, viewport: dict[str, int] | None = None) -> Console:
-        context = chromium.new_context(viewport=viewport or DESKTOP)  # type: ignore[arg-type]
-        opened.append(Console(context.new_page(), base_url))
-        return opened[-1]
+        def open_tab(base_url: str, viewport: dict[str, int] | None = None) -> Console:
+            context = browser.new_context(viewport=viewport or DESKTOP)  # type: ignore[arg-type]
+            opened.append(Console(context.new_page(), base_url))
+            return opened[-1]
 
-    yield open_tab
+        try:
+            yield open_tab
+        finally:
+            browser.close()
     errors = [e for tab in opened for e in tab.errors]
-    for tab in opened:
-        tab.page.context.close()
     assert not errors, f"JavaScript errors in the console: {errors}"
