@@ -51,8 +51,8 @@ class AttemptBill:
     """The usage record of one attempt at a job, grown with `update` as training goes on."""
 
     def __init__(self, db: Database, job: FineTuningJob, price: Price | None,
-                 device_cost_per_hour_usd: float, charge: Charge) -> None:
-        self.db, self.job, self.price = db, job, price
+                 device_cost_per_hour_usd: float, charge: Charge, *, devices: int = 1) -> None:
+        self.db, self.job, self.price, self.devices = db, job, price, devices
         self.cost_per_hour = device_cost_per_hour_usd
         self.charge = charge
         self.started = time.monotonic()
@@ -63,13 +63,14 @@ class AttemptBill:
         """Record what this attempt trained so far (status 0 until its training ended: a
         killed worker's attempt keeps 0, as a request cut off by a dying gateway does)."""
         status = 200 if ended else 0
-        seconds = time.monotonic() - self.started
+        wall = time.monotonic() - self.started
+        seconds = wall * self.devices  # every device of the group is held the whole time
         cost = training_cost(self.price, self.cost_per_hour, trained_tokens, seconds)
         job = self.job
         await record_usage(self.db, UsageEvent(
             request_id=f"{job.id}:{job.attempts}", tenant_id=job.tenant_id, key_id=job.key_id,
             endpoint=ENDPOINT, model=job.model, status=status, trained_tokens=trained_tokens,
-            latency_ms=seconds * 1000, device_seconds=seconds, cost_usd=cost,
+            latency_ms=wall * 1000, device_seconds=seconds, cost_usd=cost,
             created_at=self.created_at))
         if cost > self.billed:
             await self.charge(job.tenant_id, job.key_id, cost - self.billed)

@@ -76,15 +76,14 @@ class _JobHooks:
                                   float(data["train_loss"]), int(data.get("tokens", 0)),
                                   float(data["tokens_per_s"]))
             self.trained_tokens += int(data.get("tokens", 0))
-            if self.tracker is not None:
-                self.tracker.metrics(int(data["step"]), {
-                    k: data[k] for k in ("train_loss", "learning_rate", "tokens_per_s")})
+            if self.tracker is not None:  # DPO's reward metrics too
+                self.tracker.metrics(int(data["step"]), _numbers(data, "step", "total_steps", "tokens"))
         if level == "checkpoint" and data is not None:
             metrics = {k: v for k, v in data.items() if k != "step" and v is not None}
             self._run(self.jobs.checkpoint(self.job_id, int(data["step"]), metrics))
             self._run(self.bill.update(self.trained_tokens))  # a killed attempt pays this far
             if self.tracker is not None and data.get("valid_loss") is not None:
-                self.tracker.metrics(int(data["step"]), {"valid_loss": data["valid_loss"]})
+                self.tracker.metrics(int(data["step"]), _numbers(data, "step", "train_loss"))
         kind = "metrics" if level == "metrics" else "message"
         self._run(self.jobs.event(self.job_id, message, type_=kind, data=data))
 
@@ -94,6 +93,11 @@ class _JobHooks:
             self.stop = not self._run(self.jobs.heartbeat(self.job_id, self.owner,
                                                           self.lease_s))
         return self.stop
+
+
+def _numbers(data: dict[str, Any], *leave: str) -> dict[str, float]:
+    return {k: float(v) for k, v in data.items()
+            if k not in leave and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 async def run_job(job_id: str, settings: Settings) -> str:
@@ -170,7 +174,8 @@ async def _run(job: FineTuningJob, jobs: FineTuning, files: Files, settings: Set
     status: str | None = "FAILED"  # the run's end, unless training gets further
     try:
         bill = AttemptBill(jobs.db, job, await training_price(jobs.db, job.model),
-                           settings.finetune.device_cost_per_hour_usd, limiter.charge)
+                           settings.finetune.device_cost_per_hour_usd, limiter.charge,
+                           devices=_devices(job, settings))
         outcome = await _train(job, jobs, files, settings, owner, config, train_set, val_set,
                                tracker, bill)
         # A lost lease leaves the run open: the worker that took the job over continues it.
@@ -196,6 +201,10 @@ def _train_config(job: FineTuningJob, base: ModelConfig, settings: Settings) -> 
         gradient_checkpointing=bool(lora.get("gradient_checkpointing", False)),
         checkpoint_every=int(lora.get("checkpoint_every", 10)),
         max_length=base.context_length, seed=job.seed)
+
+
+def _devices(job: FineTuningJob, settings: Settings) -> int:
+    return int(job.lora.get("devices") or settings.finetune.devices)
 
 
 async def _tracking(job: FineTuningJob, jobs: FineTuning, owner: str, files: Files,
@@ -266,7 +275,7 @@ async def _train(job: FineTuningJob, jobs: FineTuning, files: Files, settings: S
         examples = [list(e.messages) for e in train_set]
         val_examples = [list(e.messages) for e in val_set]
         chats = [e for e in val_set if isinstance(e, Example)]
-    devices = int(lora.get("devices") or settings.finetune.devices)
+    devices = _devices(job, settings)
     fit = partial(train, objective=objective) if devices == 1 else partial(
         train_distributed, devices=devices, restarts=settings.finetune.restarts,
         timeout_s=settings.finetune.group_timeout_s, objective=objective)

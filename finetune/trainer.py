@@ -169,14 +169,17 @@ def _load_model(config: TrainConfig) -> tuple[Any, Any, Any]:
             config.base_model, quantization_config=quant,
             device_map={"": torch.cuda.current_device()} if device == "cuda" else "cpu")
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
-            model, use_gradient_checkpointing=config.gradient_checkpointing)
+            model, use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         # fp32 on the CPU (bf16 matmuls are slow without AMX), bf16 on GPUs.
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=dtype)
         model = model.to(device)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # Non-reentrant (here and above): reentrant checkpointing breaks DDP's hooks.
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                       lora_dropout=config.lora_dropout,

@@ -46,8 +46,10 @@ def cmd_create(args: argparse.Namespace) -> int:
     if args.beta is not None:
         hyperparameters["beta"] = args.beta
     method = {"type": args.method, args.method: {"hyperparameters": hyperparameters}}
-    extra: dict[str, Any] = {"lora": {"r": args.lora_r, "quantization": args.quantization,
-                                      "devices": args.devices}}
+    lora: dict[str, Any] = {"r": args.lora_r, "quantization": args.quantization}
+    if args.devices is not None:  # unset: as many as the worker trains on
+        lora["devices"] = args.devices
+    extra: dict[str, Any] = {"lora": lora}
     if args.eval or args.promote:
         extra["evaluation"] = {"eval_id": args.eval, "promote": args.promote or "always"}
     job = client.fine_tuning.jobs.create(
@@ -157,7 +159,8 @@ def add_finetune_commands(sub: Any) -> None:
     create.add_argument("--batch-size", type=int)
     create.add_argument("--lr-multiplier", type=float)
     create.add_argument("--lora-r", type=int, default=16)
-    create.add_argument("--devices", type=int, default=1, help="processes (GPUs) to train on")
+    create.add_argument("--devices", type=int,
+                        help="processes (GPUs) to train on (default: the worker's setting)")
     create.add_argument("--quantization", choices=("none", "nf4"), default="none",
                         help="nf4: QLoRA")
     create.add_argument("--eval", help="evaluate base and adapter on this eval after training")

@@ -70,6 +70,15 @@ async def test_each_attempt_is_billed_once_for_what_it_trained(tmp_path: Path, r
         row = await session.get(UsageRecord, f"{job.id}:3")
     assert row is not None and row.device_seconds > 0
     assert float(row.cost_usd) == pytest.approx(row.device_seconds, abs=1e-6)
+
+    # A job on four devices holds all four for the attempt's whole time.
+    job.attempts = 4
+    await AttemptBill(db, job, None, 3600.0, limiter.charge, devices=4).update(10, ended=True)
+    async with db.session() as session:
+        row = await session.get(UsageRecord, f"{job.id}:4")
+    assert row is not None
+    assert row.device_seconds == pytest.approx(4 * row.latency_ms / 1000)
+    assert float(row.cost_usd) == pytest.approx(row.device_seconds, abs=1e-6)
     await db.close()
 
 

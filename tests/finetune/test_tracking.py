@@ -68,17 +68,28 @@ async def store(tmp_path: Path) -> AsyncIterator[Database]:
     await db.close()
 
 
-async def _job(db: Database, settings: Settings, experiment: str, **fields: Any) -> str:
+def _pairs(n: int) -> bytes:
+    return b"".join(json.dumps({
+        "input": {"messages": [{"role": "user", "content": f"What is gadget {i}?"}]},
+        "preferred_output": [{"role": "assistant", "content": f"Ahoy! Gadget {i} is blue."}],
+        "non_preferred_output": [{"role": "assistant", "content": f"Gadget {i} is blue."}],
+    }).encode() + b"\n" for i in range(n))
+
+
+async def _job(db: Database, settings: Settings, experiment: str, method: str = "supervised",
+               **fields: Any) -> str:
     files = Files(db, settings.files.root, settings.files.max_bytes)
+    data = _pairs if method == "dpo" else _examples
 
     async def chunks(data: bytes) -> AsyncIterator[bytes]:
         yield data
 
-    train = await files.create(TENANT, "train.jsonl", "fine-tune", chunks(_examples(4)))
-    valid = await files.create(TENANT, "valid.jsonl", "fine-tune", chunks(_examples(2)))
+    train = await files.create(TENANT, "train.jsonl", "fine-tune", chunks(data(4)))
+    valid = await files.create(TENANT, "valid.jsonl", "fine-tune", chunks(data(2)))
     job = await FineTuning(db).create(
         tenant_id=TENANT, key_id=KEY, model="chat", training_file=train.id,
         validation_file=valid.id, hyperparameters={"n_epochs": 1, "batch_size": 2},
+        method=method,
         lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"],
               "checkpoint_every": 1},
         integrations=[{"type": "mlflow", "mlflow": {
@@ -142,6 +153,25 @@ async def test_a_job_logs_params_step_metrics_and_its_adapter(
     assert records[0].device_seconds > 0
     assert float(records[0].cost_usd) == pytest.approx(records[0].device_seconds * 0.01,
                                                        abs=1e-6)
+
+
+async def test_a_dpo_job_logs_its_reward_metrics(tmp_path: Path, weights: Path,
+                                                 store: Database, mlflow_url: str) -> None:
+    settings = _settings(tmp_path, weights, mlflow_url)
+    job_id = await _job(store, settings, "dpo-" + uuid.uuid4().hex[:8], method="dpo")
+    assert await run_job(job_id, settings) == "succeeded"
+
+    job = await FineTuning(store).get(job_id)
+    assert job.tracking is not None
+    run_id = job.tracking["run_id"]
+    assert {p["key"]: p["value"] for p in run(mlflow_url, run_id)["data"]["params"]}[
+        "method"] == "dpo"
+    steps = [e.data for e in await _events(store, job_id) if e.type == "metrics" and e.data]
+    for name in ("train_loss", "reward_margin", "reward_accuracy"):
+        assert history(mlflow_url, run_id, name) == [
+            (d["step"], pytest.approx(d[name])) for d in steps], name
+    for name in ("valid_loss", "valid_reward_margin", "valid_reward_accuracy"):
+        assert [s for s, _ in history(mlflow_url, run_id, name)] == [1, 2], name
 
 
 async def test_a_resumed_job_reopens_its_run(tmp_path: Path, weights: Path, store: Database,
