@@ -1,7 +1,7 @@
-"""Experiment tracking on a real MLflow server: a real job (SmolLM2 on the CPU, a tiny
+"""Experiment tracking on a real MLflow server: a real DPO job (SmolLM2 on the CPU, a tiny
 dataset, two steps) run in process by `run_job` logs its parameters, a metric per step,
-validation loss and the adapter, and is billed in the ledger; a resumed job continues its
-run; a server that is down costs the job nothing but a warning; bad `integrations` are
+validation loss, reward metrics and the adapter, and is billed in the ledger; a resumed job
+continues its run; a server that is down costs the job nothing but a warning; bad `integrations` are
 refused in OpenAI's shape."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _settings(tmp_path: Path, weights: Path, tracking_uri: str | None) -> Settin
         admin_key=ADMIN, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", redis_url=REDIS_URL,
         redis_prefix=f"llmops-test-{uuid.uuid4().hex[:12]}", files={"root": tmp_path / "files"},
         finetune={"adapters_root": tmp_path / "adapters", "min_examples": 2,
-                  "mlflow_tracking_uri": tracking_uri, "mlflow_timeout_s": 2.0,
+                  "mlflow_tracking_uri": tracking_uri, "mlflow_timeout_s": 10.0,
                   "device_cost_per_hour_usd": 36.0,
                   "ready_timeout_s": 0.5},  # no gateway here: the job succeeds with a warning
         models=[{"name": "chat", "kind": "chat", "weights": str(weights),
@@ -104,8 +104,9 @@ async def _events(db: Database, job_id: str) -> list[FineTuningEvent]:
 
 async def test_a_job_logs_params_step_metrics_and_its_adapter(
         tmp_path: Path, weights: Path, store: Database, mlflow_url: str) -> None:
+    """A DPO job, so that its reward metrics are checked too."""
     settings = _settings(tmp_path, weights, mlflow_url)
-    job_id = await _job(store, settings, "tracking-" + uuid.uuid4().hex[:8])
+    job_id = await _job(store, settings, "tracking-" + uuid.uuid4().hex[:8], method="dpo")
     assert await run_job(job_id, settings) == "succeeded"
 
     job = await FineTuning(store).get(job_id)
@@ -121,7 +122,7 @@ async def test_a_job_logs_params_step_metrics_and_its_adapter(
     assert found["info"]["status"] == "FINISHED"
     params = {p["key"]: p["value"] for p in found["data"]["params"]}
     training = await Files(store, settings.files.root, 0).get(TENANT, job.training_file)
-    assert params["base_model"] == "chat" and params["method"] == "supervised"
+    assert params["base_model"] == "chat" and params["method"] == "dpo"
     assert params["lora_r"] == "4" and params["target_modules"] == "q_proj,v_proj"
     assert params["n_epochs"] == "1" and params["batch_size"] == "2"
     assert params["training_file_sha256"] == training.sha256
@@ -133,11 +134,13 @@ async def test_a_job_logs_params_step_metrics_and_its_adapter(
     # One value per training step, as the job's own metric events have them.
     steps = [e.data for e in await _events(store, job_id) if e.type == "metrics" and e.data]
     assert [s for s, _ in history(mlflow_url, run_id, "train_loss")] == [1, 2]
-    assert history(mlflow_url, run_id, "train_loss") == [
-        (d["step"], pytest.approx(d["train_loss"])) for d in steps]
+    for name in ("train_loss", "reward_margin", "reward_accuracy"):
+        assert history(mlflow_url, run_id, name) == [
+            (d["step"], pytest.approx(d[name])) for d in steps], name
     assert [s for s, _ in history(mlflow_url, run_id, "learning_rate")] == [1, 2]
     assert all(v > 0 for _, v in history(mlflow_url, run_id, "tokens_per_s"))
-    assert [s for s, _ in history(mlflow_url, run_id, "valid_loss")] == [1, 2]
+    for name in ("valid_loss", "valid_reward_margin", "valid_reward_accuracy"):
+        assert [s for s, _ in history(mlflow_url, run_id, name)] == [1, 2], name
 
     files = artifacts(mlflow_url, run_id, "adapter")
     local = Path(job.result["adapter_path"]) / "adapter_model.safetensors"
@@ -153,25 +156,6 @@ async def test_a_job_logs_params_step_metrics_and_its_adapter(
     assert records[0].device_seconds > 0
     assert float(records[0].cost_usd) == pytest.approx(records[0].device_seconds * 0.01,
                                                        abs=1e-6)
-
-
-async def test_a_dpo_job_logs_its_reward_metrics(tmp_path: Path, weights: Path,
-                                                 store: Database, mlflow_url: str) -> None:
-    settings = _settings(tmp_path, weights, mlflow_url)
-    job_id = await _job(store, settings, "dpo-" + uuid.uuid4().hex[:8], method="dpo")
-    assert await run_job(job_id, settings) == "succeeded"
-
-    job = await FineTuning(store).get(job_id)
-    assert job.tracking is not None
-    run_id = job.tracking["run_id"]
-    assert {p["key"]: p["value"] for p in run(mlflow_url, run_id)["data"]["params"]}[
-        "method"] == "dpo"
-    steps = [e.data for e in await _events(store, job_id) if e.type == "metrics" and e.data]
-    for name in ("train_loss", "reward_margin", "reward_accuracy"):
-        assert history(mlflow_url, run_id, name) == [
-            (d["step"], pytest.approx(d[name])) for d in steps], name
-    for name in ("valid_loss", "valid_reward_margin", "valid_reward_accuracy"):
-        assert [s for s, _ in history(mlflow_url, run_id, name)] == [1, 2], name
 
 
 async def test_a_resumed_job_reopens_its_run(tmp_path: Path, weights: Path, store: Database,
