@@ -77,7 +77,8 @@ class _JobHooks:
                                   float(data["tokens_per_s"]))
             self.trained_tokens += int(data.get("tokens", 0))
             if self.tracker is not None:  # DPO's reward metrics too
-                self.tracker.metrics(int(data["step"]), _numbers(data, "step", "total_steps", "tokens"))
+                self.tracker.metrics(int(data["step"]),
+                                     _numbers(data, "step", "total_steps", "tokens"))
         if level == "checkpoint" and data is not None:
             metrics = {k: v for k, v in data.items() if k != "step" and v is not None}
             self._run(self.jobs.checkpoint(self.job_id, int(data["step"]), metrics))

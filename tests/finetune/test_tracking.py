@@ -1,8 +1,8 @@
 """Experiment tracking on a real MLflow server: a real DPO job (SmolLM2 on the CPU, a tiny
 dataset, two steps) run in process by `run_job` logs its parameters, a metric per step,
 validation loss, reward metrics and the adapter, and is billed in the ledger; a resumed job
-continues its run; a server that is down costs the job nothing but a warning; bad `integrations` are
-refused in OpenAI's shape."""
+continues its run; a server that is down costs the job nothing but a warning; bad
+`integrations` are refused in OpenAI's shape."""
 
 from __future__ import annotations
 
