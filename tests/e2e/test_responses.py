@@ -248,6 +248,17 @@ def test_a_conversation_collects_the_turns_of_its_responses(client: OpenAI) -> N
     one = client.conversations.items.retrieve(added.data[0].id, conversation_id=conv.id)
     assert one.id == added.data[0].id
     client.conversations.items.delete(one.id, conversation_id=conv.id)
+    # An item the conversation already holds is refused, not silently left out of it.
+    first = items.data[0].id
+    assert first is not None
+    held: Any = [{"id": first, "type": "message", "role": "user", "content": "My name is Ada."}]
+    with pytest.raises(BadRequestError) as err:
+        client.responses.create(model=CHAT_MODEL, conversation=conv.id, input=held,
+                                max_output_tokens=4)
+    assert err.value.param == "input" and first in err.value.message
+    with pytest.raises(BadRequestError) as err:
+        client.conversations.items.create(conv.id, items=held)
+    assert err.value.param == "items"
     assert len(client.conversations.items.list(conv.id).data) == 3
     assert client.conversations.update(conv.id, metadata={"topic": "x"}).metadata == {
         "topic": "x"}
