@@ -38,8 +38,13 @@ class QueryEmbedder:
         entry = self.entry
         # As the embeddings endpoint bounds a request: a token is at least one byte.
         prompt = min(sum(len(t.encode()) for t in texts), entry.base.context_length * len(texts))
-        admission = await self.accountant.admit(caller.who, entry, prompt, 0)
         started, created_at = time.perf_counter(), time.time()
+        try:
+            admission = await self.accountant.admit(caller.who, entry, prompt, 0)
+        except APIError as exc:  # refused by a limit or budget: recorded as any refusal
+            self.accountant.settle(None, self._event(caller, exc.status, None, started,
+                                                     created_at))
+            raise
         status, used = 500, None
         # The start record, as every admitted call's: a gateway that dies meanwhile still
         # leaves one.
