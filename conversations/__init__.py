@@ -5,13 +5,14 @@ messages an engine is sent."""
 
 from conversations.items import (
     InvalidItemError,
+    duplicate_id,
     item_id,
     messages_from_items,
     normalize_input,
     output_as_input,
 )
-from conversations.store import Conversations, Responses
+from conversations.store import Conversations, DuplicateItemError, Responses
 
-__all__ = ["Conversations", "InvalidItemError", "Responses", "item_id", "messages_from_items",
-           "normalize_input",
+__all__ = ["Conversations", "DuplicateItemError", "InvalidItemError", "Responses",
+           "duplicate_id", "item_id", "messages_from_items", "normalize_input",
            "output_as_input"]

@@ -4,10 +4,11 @@ a conversation holds) and their translation into the chat messages an engine is 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["InvalidItemError", "item_id", "messages_from_items", "normalize_input",
-           "output_as_input"]
+__all__ = ["InvalidItemError", "duplicate_id", "duplicate_message", "item_id",
+           "messages_from_items", "normalize_input", "output_as_input"]
 
 _PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
 _ROLES = {"user", "assistant", "system", "developer"}
@@ -22,6 +23,23 @@ class InvalidItemError(ValueError):
 
 def item_id(kind: str) -> str:
     return f"{_PREFIX.get(kind, 'item')}_{secrets.token_hex(24)}"
+
+
+def duplicate_id(items: list[dict[str, Any]], held: Iterable[str] = ()) -> str | None:
+    """The first id of `items` that a conversation already holds (`held`) or an earlier item
+    repeats: as OpenAI's, a conversation's item ids are unique, and a duplicate is refused
+    rather than appended twice."""
+    seen = set(held)
+    for item in items:
+        if item["id"] in seen:
+            return str(item["id"])
+        seen.add(item["id"])
+    return None
+
+
+def duplicate_message(item: str) -> str:
+    return (f"Duplicate item found with id {item}. Remove duplicate items from your input "
+            "and try again.")
 
 
 def normalize_input(value: str | list[Any], param: str = "input") -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from conversations.items import duplicate_id, duplicate_message, item_id
 from llmops.store import (
     Conversation,
     ConversationItem,
@@ -27,7 +28,7 @@ from llmops.store import (
 )
 from tenancy.tenants import ConflictError, NotFoundError
 
-__all__ = ["TERMINAL", "Conversations", "Responses"]
+__all__ = ["TERMINAL", "Conversations", "DuplicateItemError", "Responses"]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,14 @@ class Responses:
         return row.expires_at is not None and aware(row.expires_at) < utcnow()
 
 
+class DuplicateItemError(ConflictError):
+    """An item whose id its conversation already holds (or that the same request repeats)."""
+
+    def __init__(self, item: str) -> None:
+        super().__init__(duplicate_message(item))
+        self.item = item
+
+
 class Conversations:
     def __init__(self, db: Database, max_items: int) -> None:
         self.db = db
@@ -194,7 +203,7 @@ class Conversations:
         async with self.db.session() as session:
             session.add(row)
             await session.flush()
-            self._add(session, row.id, 0, items)
+            await self._add(session, row.id, 0, items)
             await session.commit()
         return row
 
@@ -230,7 +239,8 @@ class Conversations:
 
     async def append(self, tenant_id: str, conversation_id: str,
                      items: list[dict[str, Any]]) -> list[ConversationItem]:
-        """Append items (each with its `id`) at the end, all or none."""
+        """Append items (each with its `id`) at the end, all or none; DuplicateItemError
+        when the conversation already holds one of their ids."""
         await self.get(tenant_id, conversation_id, settled=False)  # called by a pending one
         async with self.db.session() as session:
             last = await session.scalar(select(func.max(ConversationItem.position)).where(
@@ -238,12 +248,25 @@ class Conversations:
             start = -1 if last is None else last
             if start + 1 + len(items) > self.max_items:
                 raise ConflictError(f"A conversation holds at most {self.max_items} items.")
-            rows = self._add(session, conversation_id, start + 1, items)
+            rows = await self._add(session, conversation_id, start + 1, items)
             await session.commit()
         return rows
 
-    def _add(self, session: Any, conversation_id: str, start: int,
-             items: list[dict[str, Any]]) -> list[ConversationItem]:
+    async def _add(self, session: Any, conversation_id: str, start: int,
+                   items: list[dict[str, Any]]) -> list[ConversationItem]:
+        """Rows for `items`. Item ids are unique across the store: an id that another
+        conversation (perhaps another tenant's) holds is not the caller's to learn or block,
+        so that item is stored under a fresh id."""
+        ids = {item["id"] for item in items}
+        found = await session.execute(
+            select(ConversationItem.id, ConversationItem.conversation_id).where(
+                ConversationItem.id.in_(ids)))
+        taken: dict[str, str] = {row[0]: row[1] for row in found}
+        held = [i for i, owner in taken.items() if owner == conversation_id]
+        if (duplicate := duplicate_id(items, held)) is not None:
+            raise DuplicateItemError(duplicate)
+        items = [{**item, "id": item_id(item["type"])} if item["id"] in taken else item
+                 for item in items]
         rows = [ConversationItem(id=item["id"], conversation_id=conversation_id,
                                  position=start + i, item=item)
                 for i, item in enumerate(items)]

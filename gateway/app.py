@@ -59,6 +59,7 @@ from gateway.inference.hooks import (
     UsageHook,
 )
 from gateway.inference.pipeline import Pipeline, parse_request
+from gateway.inference.searching import QueryEmbedder
 from gateway.inference.spans import TracingMiddleware
 from gateway.inference.upstream import Upstream
 from gateway.responses.protocol import ResponsesRequest
@@ -176,9 +177,14 @@ def build(settings: Settings) -> Services:
     stores = VectorStores(db)
     embedding = settings.embedding_model()
     embedder = catalog.resolve(embedding.name) if embedding is not None else None
+    # The platform's own embeddings (drift probes); a search's are its caller's (QueryEmbedder).
     embed = functools.partial(upstream.embed, embedder) if embedder is not None else None
-    retriever = (Retriever(stores, embed, settings.retrieval.score_threshold)
-                 if embed is not None else None)
+    prices = PriceBook()
+    publisher = LedgerPublisher(redis, settings.redis_prefix, settings.ledger.spool_path)
+    accountant = Accountant(limiter, publisher, prices)
+    retriever = (Retriever(stores, QueryEmbedder(upstream, accountant, embedder),
+                           settings.retrieval.score_threshold)
+                 if embedder is not None else None)
     drift = None
     if settings.drift.enabled:
         drift = DriftDetector(settings.drift, DriftWindows(redis, settings.redis_prefix,
@@ -198,9 +204,6 @@ def build(settings: Settings) -> Services:
     batches = BatchService(Batches(db), files, catalog, settings.batches, rules,
                            lambda batch_id: enqueue(celery, BATCH_TASK, [batch_id]),
                            settings.max_body_bytes)
-    prices = PriceBook()
-    publisher = LedgerPublisher(redis, settings.redis_prefix, settings.ledger.spool_path)
-    accountant = Accountant(limiter, publisher, prices)
     # The request pipeline's concerns, in the order they see a request.
     hooks: list[Hook] = [AdmissionHook(accountant, metrics),
                          GuardrailHook(Guardrails(settings.guardrails)),

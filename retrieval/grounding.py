@@ -1,7 +1,8 @@
 """Search over a tenant's vector stores, and answers grounded in them.
 
-`Retriever.search` embeds the query with the platform's embedding model, encodes it as BM25
-terms, and asks the index (always filtered to the caller's tenant and stores). `Grounding`
+`Retriever.search` embeds the query with the platform's embedding model (a model call of the
+caller's, made through the `Embed` the gateway gives it), encodes it as BM25 terms, and asks
+the index (always filtered to the caller's tenant and stores). `Grounding`
 turns the hits of a chat request's `retrieval` option into a system message of numbered
 sources and the citations returned with the answer; when nothing relevant is found the
 gateway answers `NO_ANSWER` itself instead of letting the model guess.
@@ -20,7 +21,7 @@ from observability import tracing
 from retrieval import InvalidFilterError, SparseEncoder, VectorIndex, parse_filters
 from retrieval.stores import VectorStores
 
-__all__ = ["NO_ANSWER", "Grounding", "Retriever", "Source"]
+__all__ = ["NO_ANSWER", "Caller", "Embed", "Grounding", "Retriever", "Source"]
 
 NO_ANSWER = ("I could not find anything about this in the selected documents, so I cannot "
              "answer from them.")
@@ -28,7 +29,19 @@ _INSTRUCTIONS = (
     "Answer the user's question using only the numbered sources below, and cite the sources "
     "you use like [1]. If the sources do not contain the answer, say that you do not know.")
 
-Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whom a search is for: its query embedding is their model call (their limits, budget
+    and ledger), recorded under an id derived from their request's."""
+
+    who: tenancy.Principal
+    request_id: str
+
+
+# The query texts' vectors, embedded on the caller's behalf.
+Embed = Callable[[Caller, list[str]], Awaitable[list[list[float]]]]
 
 
 @dataclass(frozen=True)
@@ -63,8 +76,8 @@ class Retriever:
         self.encoder = SparseEncoder()
         self.default_threshold = default_threshold
 
-    async def search(self, tenant_id: str, store_ids: Sequence[str], queries: Sequence[str], *,
-                     limit: int, filters: dict[str, Any] | None, threshold: float,
+    async def search(self, caller: Caller, store_ids: Sequence[str], queries: Sequence[str],
+                     *, limit: int, filters: dict[str, Any] | None, threshold: float,
                      mode: str = "hybrid", ranker: str = "auto") -> list[Source]:
         """The best chunks for any of `queries`, best first; unknown or foreign stores are
         reported as missing. Ranker `none` is plain fusion in hybrid mode; any other is the
@@ -74,16 +87,17 @@ class Retriever:
                 "llmops.retrieval.mode": mode, "llmops.retrieval.ranker": ranker,
                 "llmops.retrieval.limit": limit,
                 "llmops.retrieval.filtered": filters is not None}) as span:
-            sources = await self._search(tenant_id, store_ids, queries, limit=limit,
+            sources = await self._search(caller, store_ids, queries, limit=limit,
                                          filters=filters, threshold=threshold, mode=mode,
                                          feedback=ranker != "none")
             if span is not None:
                 span.set_attribute("llmops.retrieval.results", len(sources))
             return sources
 
-    async def _search(self, tenant_id: str, store_ids: Sequence[str], queries: Sequence[str], *,
-                      limit: int, filters: dict[str, Any] | None, threshold: float,
+    async def _search(self, caller: Caller, store_ids: Sequence[str], queries: Sequence[str],
+                      *, limit: int, filters: dict[str, Any] | None, threshold: float,
                       mode: str, feedback: bool) -> list[Source]:
+        tenant_id = caller.who.tenant_id
         for store_id in store_ids:
             try:
                 await self.stores.get(tenant_id, store_id)
@@ -98,7 +112,7 @@ class Retriever:
             except InvalidFilterError as exc:
                 raise BadRequestError(str(exc), param=exc.param) from None
         dense: list[list[float]] | list[None] = (
-            [None] * len(texts) if mode == "sparse" else await self.embed(texts))
+            [None] * len(texts) if mode == "sparse" else await self.embed(caller, texts))
         best: dict[str, tuple[int, Any]] = {}  # point id -> (best rank in any query, hit)
         for text, vector in zip(texts, dense, strict=True):
             sparse = None if mode == "dense" else self.encoder.encode_query(text)
@@ -115,7 +129,7 @@ class Retriever:
                        end=h.payload["end"], text=h.payload["text"], score=h.score,
                        attributes=h.payload.get("attributes", {})) for h in ranked]
 
-    async def ground(self, tenant_id: str, query: str, store_ids: Sequence[str], *,
+    async def ground(self, caller: Caller, query: str, store_ids: Sequence[str], *,
                      limit: int, filters: dict[str, Any] | None, threshold: float | None,
                      mode: str) -> Grounding:
         """The sources for an answer to `query` (the last user message of a chat)."""
@@ -123,7 +137,7 @@ class Retriever:
             raise BadRequestError("Retrieval needs a user message to search for.",
                                   param="messages")
         sources = await self.search(
-            tenant_id, store_ids, [query], limit=limit, filters=filters, mode=mode,
+            caller, store_ids, [query], limit=limit, filters=filters, mode=mode,
             threshold=threshold if threshold is not None else self.default_threshold)
         return Grounding(sources, query=query)
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
 import tenancy
-from conversations import Conversations, InvalidItemError, normalize_input
+from conversations import Conversations, DuplicateItemError, InvalidItemError, normalize_input
 from gateway.http.auth import Authenticated
 from gateway.http.paging import bounded, page
 from gateway.http.timestamps import epoch
@@ -59,8 +59,11 @@ def conversations_router(conversations: Conversations, principal: Authenticated)
 
     @router.post("")
     async def create(request: Request, body: ConversationIn) -> dict[str, Any]:
-        row = await conversations.create(request.state.principal.tenant_id,
-                                         body.metadata or {}, items_of(body.items or []))
+        try:
+            row = await conversations.create(request.state.principal.tenant_id,
+                                             body.metadata or {}, items_of(body.items or []))
+        except DuplicateItemError as exc:
+            raise BadRequestError(str(exc), param="items") from None
         return conversation_out(row)
 
     @router.get("/{conversation_id}")

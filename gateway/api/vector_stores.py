@@ -49,7 +49,7 @@ from retrieval import (
     Point,
     SparseVector,
 )
-from retrieval.grounding import Retriever
+from retrieval.grounding import Caller, Retriever
 from retrieval.stores import FILE_STATUSES, VectorStores
 from workers.app import INGEST_TASK
 
@@ -284,7 +284,7 @@ def vector_stores_router(stores: VectorStores, ingestion: Ingestion, retriever: 
         if not queries or len(queries) > 8:
             raise BadRequestError("'query' must hold 1 to 8 queries.", param="query")
         sources = await retriever.search(
-            request.state.principal.tenant_id, [store_id], queries,
+            Caller(request.state.principal, request.state.request_id), [store_id], queries,
             limit=body.max_num_results, filters=body.filters, mode=body.search_mode,
             threshold=body.ranking_options.score_threshold, ranker=body.ranking_options.ranker)
         data = [{"file_id": s.file_id, "filename": s.filename, "score": s.score,

@@ -31,7 +31,7 @@ from guardrails import OFF, GuardrailBlockedError, Guardrails, log_events
 from llmops.errors import BadRequestError, ServiceUnavailableError
 from llmops.settings import PoolConfig
 from observability.drift import DriftDetector, Probe
-from retrieval.grounding import NO_ANSWER, Retriever
+from retrieval.grounding import NO_ANSWER, Caller, Retriever
 from tenancy.accounting import Accountant
 from tenancy.ledger import UsageEvent
 from tenancy.limits import LimitExceededError
@@ -226,7 +226,7 @@ class GroundingHook(Hook):
                                   "configured.", param="retrieval")
         options = parsed.retrieval
         grounding = await self.retriever.ground(
-            ctx.who.tenant_id, prompt_text(parsed) or "", options.vector_store_ids,
+            Caller(ctx.who, ctx.request_id), prompt_text(parsed) or "", options.vector_store_ids,
             limit=options.max_num_results, filters=options.filters,
             threshold=options.score_threshold, mode=options.search_mode)
         if ctx.policy.retrieval_injection != "off" or ctx.output is not None:

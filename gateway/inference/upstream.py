@@ -4,6 +4,7 @@ fails before answering, and read whole answers, all on one pooled HTTP client.""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -22,17 +23,27 @@ from llmops.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
-from llmops.settings import RoutingConfig
+from llmops.settings import PoolConfig, RoutingConfig
 from observability import tracing
 from tenancy.priority import Priority
 
-__all__ = ["Upstream"]
+__all__ = ["Embeddings", "Upstream"]
 
 log = logging.getLogger(__name__)
 
 # Replica failures that happen before vLLM produced any response: safe to try elsewhere.
 _RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
               aiohttp.ClientOSError)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """An embedding call's vectors (in the order of its texts) and what it used."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+    pool: PoolConfig | None
+    device: str
 
 
 class Upstream:
@@ -136,8 +147,12 @@ class Upstream:
         return data
 
     async def embed(self, entry: CatalogEntry, texts: list[str]) -> list[list[float]]:
-        """Embeddings for the gateway's own use (search queries), through the same routing
-        and failover as clients' requests."""
+        """Embeddings for the gateway's own use (drift probes), through the same routing and
+        failover as clients' requests."""
+        return (await self.embeddings(entry, texts)).vectors
+
+    async def embeddings(self, entry: CatalogEntry, texts: list[str]) -> Embeddings:
+        """`texts` embedded by `entry`'s model, with what the call used (for the ledger)."""
         if entry.base.kind != "embedding":
             raise ModelNotFoundError(entry.name)
         body = orjson.dumps({"model": entry.upstream_name, "input": texts})
@@ -150,8 +165,11 @@ class Upstream:
         if resp.status != 200:
             raise UpstreamError(f"The embedding backend answered {resp.status}: "
                                 f"{data[:300].decode(errors='replace')}")
-        rows = sorted(orjson.loads(data)["data"], key=lambda d: d["index"])
-        return [r["embedding"] for r in rows]
+        answer = orjson.loads(data)
+        rows = sorted(answer["data"], key=lambda d: d["index"])
+        usage = answer.get("usage") or {}
+        return Embeddings([r["embedding"] for r in rows], int(usage.get("prompt_tokens") or 0),
+                          replica.config, replica.device)
 
     async def count_tokens(self, entry: CatalogEntry, messages: list[dict[str, Any]]
                            ) -> tuple[int, int]:

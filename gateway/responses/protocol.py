@@ -5,11 +5,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from llmops.wire import Metadata
 
-__all__ = ["FileSearchTool", "FunctionTool", "ResponsesRequest", "TextFormat"]
+__all__ = ["INCLUDABLE", "FileSearchTool", "FunctionTool", "ResponsesRequest", "TextFormat"]
+
+# OpenAI's `include` values (its schema's IncludeEnum). Only `file_search_call.results`
+# changes our answers: the others name tools or data our engines never produce.
+INCLUDABLE = ("file_search_call.results", "web_search_call.results",
+              "web_search_call.action.sources", "message.input_image.image_url",
+              "computer_call_output.output.image_url", "code_interpreter_call.outputs",
+              "reasoning.encrypted_content", "message.output_text.logprobs")
 
 
 class _Open(BaseModel):
@@ -84,6 +92,16 @@ class ResponsesRequest(_Open):
     user: str | None = Field(None, max_length=256)
     safety_identifier: str | None = Field(None, max_length=256)
     prompt_cache_key: str | None = Field(None, max_length=256)
+
+    @field_validator("include")
+    @classmethod
+    def _includable(cls, include: list[str]) -> list[str]:
+        # One error naming `include` (not the item), as for any unknown value of it.
+        if unknown := [v for v in include if v not in INCLUDABLE]:
+            raise PydanticCustomError(
+                "include", "{unknown} is not one of the supported values: {supported}",
+                {"unknown": repr(unknown[0]), "supported": ", ".join(INCLUDABLE)})
+        return include
 
     @property
     def conversation_id(self) -> str | None:

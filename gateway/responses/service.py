@@ -19,10 +19,12 @@ from conversations import (
     Conversations,
     InvalidItemError,
     Responses,
+    duplicate_id,
     normalize_input,
     output_as_input,
 )
 from conversations.background import RESPONSE_ID_HEADER
+from conversations.items import duplicate_message
 from gateway.http.body import read_body
 from gateway.inference.pipeline import Endpoint, Pipeline, parse_request
 from gateway.inference.protocol import ChatCompletionRequest
@@ -75,6 +77,9 @@ class ResponsesService:
         except InvalidItemError as exc:
             raise BadRequestError(str(exc), param=exc.param) from None
         context = await self.context(who, req)
+        if req.conversation_id is not None and (
+                duplicate := duplicate_id(new_items, (i["id"] for i in context))) is not None:
+            raise BadRequestError(duplicate_message(duplicate), param="input")
         response_id = request.headers.get(RESPONSE_ID_HEADER)
         if response_id is not None:  # a worker computes a queued background response
             if not (who.delegated or who.is_admin):  # our workers act for its creator

@@ -1,6 +1,6 @@
 """Stored responses and conversations on SQLite and PostgreSQL: tenants never see each
 other's, written-later responses are read back at once, a cancelled response stays
-cancelled, and appends keep their order."""
+cancelled, appends keep their order, and an item id is held by one conversation only."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from conversations import Conversations, Responses, normalize_input
+from conversations import Conversations, DuplicateItemError, Responses, normalize_input
 from llmops.store import Database
 from tenancy.tenants import ConflictError, NotFoundError
 
@@ -57,3 +57,46 @@ async def test_conversation_items_keep_their_order_and_bound(db: Database) -> No
     await conversations.delete("t1", conv.id)
     with pytest.raises(NotFoundError):
         await conversations.get("t1", conv.id)
+
+
+async def test_an_item_id_the_conversation_holds_is_refused_whole(db: Database) -> None:
+    conversations = Conversations(db, max_items=10)
+    conv = await conversations.create("t1", {}, normalize_input("one"))
+    [first] = (await conversations.items("t1", conv.id))[0]
+    again = normalize_input([{"role": "user", "content": "two"},
+                             {"id": first.id, "role": "user", "content": "one, again"}])
+    with pytest.raises(DuplicateItemError) as err:
+        await conversations.append("t1", conv.id, again)
+    assert err.value.item == first.id and f"Duplicate item found with id {first.id}" in str(
+        err.value)
+    twice = normalize_input([{"id": "msg_twice", "role": "user", "content": "a"},
+                             {"id": "msg_twice", "role": "user", "content": "b"}])
+    with pytest.raises(DuplicateItemError):
+        await conversations.append("t1", conv.id, twice)
+    # Nothing of a refused append was kept, and the next turn is appended.
+    await conversations.append("t1", conv.id, normalize_input("three"))
+    rows, _ = await conversations.items("t1", conv.id)
+    assert [r.item["content"][0]["text"] for r in rows] == ["one", "three"]
+
+
+async def test_an_item_id_another_conversation_holds_gets_a_fresh_one(db: Database) -> None:
+    conversations = Conversations(db, max_items=10)
+    theirs = await conversations.create(
+        "t2", {}, normalize_input([{"id": "msg_shared", "role": "user", "content": "theirs"}]))
+    mine = await conversations.create("t1", {}, [])
+    sent = normalize_input([{"id": "msg_shared", "role": "user", "content": "mine"},
+                            {"id": "msg_mine", "role": "user", "content": "mine too"}])
+    added = await conversations.append("t1", mine.id, sent)
+    assert added[0].id != "msg_shared" and added[0].id.startswith("msg_")
+    assert added[0].item["id"] == added[0].id and added[1].id == "msg_mine"
+    rows, _ = await conversations.items("t1", mine.id)
+    assert [(r.id, r.item["content"][0]["text"]) for r in rows] == [
+        (added[0].id, "mine"), ("msg_mine", "mine too")]
+    kept = await conversations.item("t2", theirs.id, "msg_shared")
+    assert kept.item["content"][0]["text"] == "theirs"
+    with pytest.raises(NotFoundError):
+        await conversations.item("t1", mine.id, "msg_shared")
+    # The same id twice across conversations still refuses a repeat within one.
+    with pytest.raises(DuplicateItemError):
+        await conversations.append("t1", mine.id, normalize_input(
+            [{"id": added[0].id, "role": "user", "content": "again"}]))

@@ -248,6 +248,17 @@ def test_a_conversation_collects_the_turns_of_its_responses(client: OpenAI) -> N
     one = client.conversations.items.retrieve(added.data[0].id, conversation_id=conv.id)
     assert one.id == added.data[0].id
     client.conversations.items.delete(one.id, conversation_id=conv.id)
+    # An item the conversation already holds is refused, not silently left out of it.
+    first = items.data[0].id
+    assert first is not None
+    held: Any = [{"id": first, "type": "message", "role": "user", "content": "My name is Ada."}]
+    with pytest.raises(BadRequestError) as err:
+        client.responses.create(model=CHAT_MODEL, conversation=conv.id, input=held,
+                                max_output_tokens=4)
+    assert err.value.param == "input" and first in err.value.message
+    with pytest.raises(BadRequestError) as err:
+        client.conversations.items.create(conv.id, items=held)
+    assert err.value.param == "items"
     assert len(client.conversations.items.list(conv.id).data) == 3
     assert client.conversations.update(conv.id, metadata={"topic": "x"}).metadata == {
         "topic": "x"}
@@ -369,6 +380,47 @@ def test_guardrails_and_the_ledger_apply_to_responses(stack: Gateway) -> None:
     assert {r.endpoint for r in seen} == {"/v1/responses"}
     assert resp.usage is not None
     assert [r.prompt_tokens for r in seen if r.status == 200] == [resp.usage.input_tokens]
+
+
+def test_file_search_bills_its_query_embedding_to_the_caller(stack: Gateway) -> None:
+    """A file_search's query embedding is the caller's model call: a ledger row of its own
+    next to the response's, under the same tenant and key, as `/v1/embeddings` counts it."""
+    with httpx.Client(base_url=stack.url, headers=stack.headers, timeout=30) as admin:
+        tenant = admin.post("/admin/tenants", json={"name": f"fs-{uuid.uuid4().hex[:8]}"})
+        key = admin.post("/admin/keys", json={"tenant_id": tenant.json()["id"]}).json()
+    question = "How long is the warranty of the Zorblax 9000 kettle?"
+    with OpenAI(base_url=stack.base_url, api_key=key["key"], max_retries=0,
+                timeout=120) as client:
+        vs = client.vector_stores.create(name="kettles")
+        uploaded = client.files.create(file=("kettle.txt", KETTLE.encode()),
+                                       purpose="assistants")
+        attached = client.vector_stores.files.create_and_poll(
+            vector_store_id=vs.id, file_id=uploaded.id, poll_interval_ms=300)
+        assert attached.status == "completed", attached.last_error
+        raw = client.responses.with_raw_response.create(
+            model=CHAT_MODEL, input=question, max_output_tokens=8, tool_choice="required",
+            tools=[{"type": "file_search", "vector_store_ids": [vs.id]}])
+        assert raw.parse().output[0].type == "file_search_call"
+        usage = client.embeddings.create(model=EMBEDDING_MODEL, input=question).usage
+    request_id = raw.headers["x-request-id"]
+    engine = sqlalchemy.create_engine(stack.settings["database_url"])
+
+    def final_rows() -> list[Any]:  # the ledger is written behind: wait for the end records
+        with engine.connect() as conn:
+            rows = list(conn.execute(sqlalchemy.text(
+                "SELECT tenant_id, key_id, endpoint, model, status, prompt_tokens "
+                "FROM usage_records WHERE request_id IN (:r, :s)"),
+                {"r": request_id, "s": f"{request_id}.search"}))
+        return rows if len(rows) == 2 and all(r.status for r in rows) else []
+    try:
+        rows = wait_until(final_rows, 30, "the response's and its search's final ledger rows")
+    finally:
+        engine.dispose()
+    who = (tenant.json()["id"], key["id"])
+    by_endpoint = {r.endpoint: tuple(r) for r in rows}
+    assert by_endpoint["/v1/embeddings"] == (*who, "/v1/embeddings", EMBEDDING_MODEL, 200,
+                                             usage.prompt_tokens)
+    assert by_endpoint["/v1/responses"][:5] == (*who, "/v1/responses", CHAT_MODEL, 200)
 
 
 def test_every_object_conforms_to_openais_schema(stack: Gateway) -> None:

@@ -432,6 +432,49 @@ def test_ingestion_is_billed_to_the_tenant_that_attached_the_file(
     assert admin_rows == [(0,)]
 
 
+def test_a_searchs_query_embedding_is_billed_to_the_key_that_searched(
+        rag: tuple[Gateway, Running]) -> None:
+    """The vector stores API's search and a grounded answer each embed their query as the
+    caller's own `/v1/embeddings` call: one ledger row under the searching key, as many tokens
+    as the embeddings endpoint counts for the same text, visible in usage reports."""
+    gateway, _ = rag
+    owner, tenant_id, _ = member(gateway)
+    vs = owner.vector_stores.create(name="searched")
+    uploaded = owner.files.create(file=("kettle.txt", KETTLE.encode()), purpose="assistants")
+    done = owner.vector_stores.files.create_and_poll(vector_store_id=vs.id,
+                                                     file_id=uploaded.id, poll_interval_ms=300)
+    assert done.status == "completed", done.last_error
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers, timeout=60) as admin:
+        key = admin.post("/admin/keys", json={"tenant_id": tenant_id}).json()
+    client = OpenAI(base_url=gateway.base_url, api_key=key["key"], max_retries=0, timeout=120)
+    question = "How long is the warranty of the Zorblax kettle?"
+    searched = client.vector_stores.with_raw_response.search(vs.id, query=question)
+    assert searched.parse().data
+    answered = client.chat.completions.with_raw_response.create(
+        model=CHAT_MODEL, max_tokens=8, messages=[{"role": "user", "content": question}],
+        extra_body={"retrieval": {"vector_store_ids": [vs.id]}})
+    embedded = client.embeddings.create(model=EMBEDDING_MODEL, input=question)
+    tokens = embedded.usage.prompt_tokens
+    search_id, chat_id = (r.headers["x-request-id"] for r in (searched, answered))
+
+    def final_rows() -> list[Any]:  # the ledger is written behind: wait for the end records
+        rows = query(gateway, "SELECT request_id, tenant_id, endpoint, model, status, "
+                     "prompt_tokens FROM usage_records WHERE key_id = :k", k=key["id"])
+        return rows if len(rows) == 4 and all(r[4] for r in rows) else []
+    rows = {r[0]: r[1:] for r in wait_until(final_rows, 30, "four final ledger rows")}
+    search_row = (tenant_id, "/v1/embeddings", EMBEDDING_MODEL, 200, tokens)
+    assert rows.pop(f"{search_id}.search") == search_row
+    assert rows.pop(f"{chat_id}.search") == search_row
+    assert rows.pop(chat_id)[1:4] == ("/v1/chat/completions", CHAT_MODEL, 200)
+    assert list(rows.values()) == [search_row]  # the client's own embeddings call
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers, timeout=60) as admin:
+        usage = admin.get("/admin/usage", params={"group_by": "endpoint,model",
+                                                  "key_id": key["id"]}).json()["data"]
+    assert [(u["endpoint"], u["model"], u["requests"]) for u in usage] == [
+        ("/v1/chat/completions", CHAT_MODEL, 1), ("/v1/embeddings", EMBEDDING_MODEL, 3)]
+    assert usage[1]["prompt_tokens"] == 3 * tokens
+
+
 def test_a_refusal_by_the_owners_limits_fails_the_file_with_the_reason(
         rag: tuple[Gateway, Running]) -> None:
     gateway, _ = rag

@@ -9,15 +9,16 @@ import orjson
 import pytest
 
 from gateway.inference.context import RequestContext
+from gateway.inference.pipeline import parse_request
 from gateway.responses.answer import ResponseBuilder
-from gateway.responses.protocol import ResponsesRequest
+from gateway.responses.protocol import INCLUDABLE, ResponsesRequest
 from gateway.responses.replay import replay
 from gateway.responses.translate import chat_request
 from llmops.errors import BadRequestError
 from retrieval.grounding import Grounding, Source
 from tenancy import Principal
 from tenancy.tenants import Limits
-from tests.conformance import assert_conforms
+from tests.conformance import DOCUMENT, assert_conforms
 
 
 def request(**fields: Any) -> ResponsesRequest:
@@ -67,6 +68,28 @@ def test_a_tool_choice_naming_an_unknown_function_is_refused() -> None:
         chat_request(request(tools=[{"type": "function", "name": "f"}],
                              tool_choice={"type": "function", "name": "g"}), [])
     assert err.value.param == "tool_choice"
+
+
+def test_include_takes_openais_values_and_refuses_others() -> None:
+    openais = orjson.loads(DOCUMENT.read_bytes())["components"]["schemas"]["IncludeEnum"]
+    assert sorted(INCLUDABLE) == sorted(openais["enum"])
+    body = {"model": "m", "input": "Hi"}
+    every = parse_request(ResponsesRequest, orjson.dumps({**body, "include": openais["enum"]}))
+    assert every.include == openais["enum"]
+    with pytest.raises(BadRequestError) as err:  # a typo is refused, not silently ignored
+        parse_request(ResponsesRequest, orjson.dumps(
+            {**body, "include": ["file_search_call.results", "file_search_call.result"]}))
+    assert (err.value.status, err.value.param) == (400, "include")
+    assert "'file_search_call.result' is not one of the supported values" in err.value.message
+
+
+def test_file_search_results_are_shown_only_when_included() -> None:
+    sources = [Source("file-a", "a.txt", 0, 0, 10, "alpha", 0.9, {})]
+    answer = {"choices": [{"finish_reason": "stop", "message": {"content": "A [1]."}}]}
+    shown = [ResponseBuilder(req, "resp_1", lambda _: None).whole(
+        context(Grounding(sources, query="q")), answer)["output"][0]["results"]
+        for req in (request(), request(include=["file_search_call.results"]))]
+    assert shown[0] is None and [r["file_id"] for r in shown[1]] == ["file-a"]
 
 
 def test_a_whole_answer_becomes_a_response_with_usage() -> None:

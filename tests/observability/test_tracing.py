@@ -33,8 +33,8 @@ from gateway.inference.spans import TracingMiddleware
 from llmops.settings import Settings
 from observability import tracing
 from retrieval import Hit
-from retrieval.grounding import Retriever
-from tenancy.tenants import ADMIN_TENANT
+from retrieval.grounding import Caller, Retriever
+from tenancy.tenants import ADMIN_TENANT, Limits, Principal
 from tests.observability.otlp import OtlpReceiver
 from tests.standin import serve_engine
 
@@ -315,6 +315,9 @@ def test_a_celery_task_span_links_to_the_request_that_enqueued_it(
     assert (task.attributes or {})["llmops.job.id"] == "ftjob-1"
 
 
+WHO = Principal("key_a", "ten_a", "member", None, Limits(), Limits())
+
+
 class _Stores:
     async def get(self, tenant_id: str, store_id: str) -> object:
         return object()
@@ -327,14 +330,14 @@ class _Index:
 
 
 async def test_a_search_is_a_span_of_the_request(exporter: InMemorySpanExporter) -> None:
-    async def embed(texts: list[str]) -> list[list[float]]:
+    async def embed(caller: Caller, texts: list[str]) -> list[list[float]]:
         return [[0.0, 1.0] for _ in texts]
 
     retriever = Retriever(_Stores(), embed, 0.0)  # type: ignore[arg-type]
     retriever.index = _Index()  # type: ignore[assignment]
     with tracing.span("chat m", kind=SpanKind.SERVER):
-        sources = await retriever.search("t", ["vs_1", "vs_2"], [PROMPT], limit=3, filters=None,
-                                         threshold=0.1, mode="dense")
+        sources = await retriever.search(Caller(WHO, "req-1"), ["vs_1", "vs_2"], [PROMPT],
+                                         limit=3, filters=None, threshold=0.1, mode="dense")
     assert [s.text for s in sources] == ["Paris"]
     search, request = exporter.get_finished_spans()
     assert search.parent is not None and search.parent.span_id == request.context.span_id

@@ -55,10 +55,11 @@ OPERATIONS = [
     ("post", "/batches/{batch_id}/cancel"),
 ]
 # Components kept even where no kept operation names them (an object's own name, a stream
-# event's variants are reached through ResponseStreamEvent).
+# event's variants are reached through ResponseStreamEvent, the values a response request's
+# `include` may hold).
 COMPONENTS = ["Error", "ErrorResponse", "FineTuningJobEvent", "FineTuningJobCheckpoint",
               "VectorStoreSearchResultItem", "DeletedConversation", "ConversationItem",
-              "ResponseStreamEvent"]
+              "ResponseStreamEvent", "IncludeEnum"]
 
 # Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
 _SCHEMA = {"items", "not", "additionalProperties", "if", "then", "else", "contains",
