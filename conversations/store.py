@@ -144,6 +144,19 @@ class Responses:
                 await session.commit()
         return await self.get(tenant_id, response_id)
 
+    async def stop_tenant(self, tenant_id: str) -> int:
+        """Cancel a tenant's unfinished background responses (before it is deleted): their
+        workers close the stream within a second, which stops the engine. Returns how many."""
+        unfinished = frozenset({"queued", "in_progress"})
+        query = select(StoredResponse.id).where(StoredResponse.tenant_id == tenant_id,
+                                                StoredResponse.status.in_(unfinished),
+                                                StoredResponse.request.is_not(None))
+        async with self.db.session() as session:
+            ids = list(await session.scalars(query))
+        for response_id in ids:
+            await self.set_status(tenant_id, response_id, "cancelled", unfinished)
+        return len(ids)
+
     async def forget_tenant(self, tenant_id: str) -> int:
         """Remove every response of a deleted tenant, once this process's pending writes are
         done (so none lands after); returns how many. A background response still computing

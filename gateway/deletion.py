@@ -4,10 +4,11 @@ calls each domain store's `forget_tenant`, in an order that a retry can finish.
 The tenant must be disabled first, so that none of its keys starts new work. Work still
 running is stopped: what no worker holds is cancelled at once; while a worker holds any
 (a fine-tuning job, an eval run, a batch) the deletion is refused with the ids, since that
-worker could still write files or adapters after the purge. Background responses and
-ingestion need no wait: their workers act as the tenant's keys, which a disabled tenant no
-longer has, and find their rows gone. The tenant's row goes last, with its keys, so that a
-purge interrupted anywhere is finished by deleting again. The usage ledger stays.
+worker could still write files or adapters after the purge. Background responses are
+cancelled and ingestion is left to fail, without waiting: their workers act as the tenant's
+keys, which a disabled tenant no longer has, and find their rows gone. The tenant's row goes
+last, with its keys, so that a purge interrupted anywhere is finished by deleting again. The
+usage ledger stays.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class TenantDeletion:
         running = {"fine-tuning jobs": await self.jobs.stop_tenant(tenant_id),
                    "eval runs": await self.evals.stop_tenant(tenant_id),
                    "batches": await self.batches.stop_tenant(tenant_id)}
+        await self.responses.stop_tenant(tenant_id)
         busy = [f"{kind} {', '.join(ids)}" for kind, ids in running.items() if ids]
         if busy:
             raise ConflictError(

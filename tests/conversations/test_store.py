@@ -64,7 +64,9 @@ async def test_conversation_items_keep_their_order_and_bound(db: Database) -> No
 async def test_a_deleted_tenants_responses_and_conversations_go(db: Database) -> None:
     responses, conversations = Responses(db, ttl_days=None), Conversations(db, max_items=10)
     responses.save_later("t1", "k1", body("resp_pending"), [])  # not written yet
-    await responses.save("t1", "k1", body("resp_bg", "in_progress"), [])
+    await responses.save("t1", "k1", body("resp_bg", "in_progress"), [], {"model": "m"})
+    assert await responses.stop_tenant("t1") == 1  # a background one: cancelled
+    assert (await responses.get("t1", "resp_bg")).status == "cancelled"
     await responses.save("t2", "k2", body("resp_kept"), [])
     conv = await conversations.create("t1", {}, normalize_input("one"))
     conversations.append_later("t1", conv.id, normalize_input("two"))
