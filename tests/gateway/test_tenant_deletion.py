@@ -2,10 +2,12 @@
 index, real Redis broker, no engine or worker: what needs a model is written through the
 stores): only a disabled tenant goes, never the bootstrap admin's, not while a worker holds
 its work; afterwards its key is refused, every object of it is missing, its ledger stays,
-and another tenant's data is untouched. A second delete answers 404."""
+and another tenant's data is untouched. A second delete answers 404, a purge that failed part
+way is finished by deleting again, and `llmops tenants delete` does it through the gateway."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -16,10 +18,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import select, update
 
 from gateway.app import create_app, services_of
+from llmops.cli import main as cli
+from llmops.cli.stack import free_port
 from llmops.settings import Settings
 from llmops.store import StoredResponse, UsageRecord, utcnow
 from retrieval.chunking import Chunk
@@ -205,3 +210,32 @@ async def test_a_purge_that_failed_midway_is_finished_by_deleting_again(
     refused(await client.get(f"/admin/tenants/{t['tenant']}"), 404, "not_found")
     assert await s.conversations.forget_tenant(t["tenant"]) == 0  # the retry took them
     assert not (s.settings.files.root / t["tenant"]).exists()
+
+
+async def test_the_cli_deletes_a_tenant_by_name_through_the_gateway(
+        api: tuple[httpx.AsyncClient, FastAPI], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    client, app = api
+    t = await tenant_with_data(client, app)
+    name = ok(await client.get(f"/admin/tenants/{t['tenant']}"))["name"]
+    port = free_port()
+    # The app is started already (the fixture ran its lifespan): uvicorn only serves it.
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
+                                           log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        gateway = ["--base-url", f"http://127.0.0.1:{port}/v1", "--api-key", ADMIN]
+        state = ["--state-dir", str(tmp_path / "state")]
+        assert await asyncio.to_thread(cli, [*state, "tenants", "delete", name, *gateway]) == 1
+        assert "disable it first" in capsys.readouterr().err
+        assert await asyncio.to_thread(
+            cli, [*state, "tenants", "delete", name, "--disable", *gateway]) == 0
+        assert capsys.readouterr().out.strip() == f"deleted {t['tenant']}  {name}"
+        assert await asyncio.to_thread(cli, [*state, "tenants", "delete", name, *gateway]) == 1
+        assert f"no tenant {name!r}" in capsys.readouterr().err
+    finally:
+        server.should_exit = True
+        await serving
+    refused(await client.get(f"/admin/tenants/{t['tenant']}"), 404, "not_found")
