@@ -126,7 +126,9 @@ async def test_a_deleted_tenant_leaves_nothing_but_its_ledger(
     for url in object_urls(gone):
         ok(await client.get(url, headers=gone["headers"]))  # all there before
 
-    # Only once disabled, and never the bootstrap admin's tenant.
+    # Admins only; only once disabled, and never the bootstrap admin's tenant.
+    refused(await client.delete(f"/admin/tenants/{gone['tenant']}", headers=kept["headers"]),
+            403, "permission_denied")
     message = refused(await client.delete(f"/admin/tenants/{gone['tenant']}"), 409,
                       "tenant_not_disabled")
     assert "disable" in message
