@@ -118,6 +118,25 @@ class Batches:
             await session.commit()
         return int(gone.rowcount)  # type: ignore[attr-defined]
 
+    async def stop_tenant(self, tenant_id: str) -> list[str]:
+        """Stop a tenant's unfinished batches (before it is deleted): those no worker holds
+        are cancelled at once, so none can take them; those a worker holds are asked to stop.
+        Returns the ids of those a worker still holds."""
+        now = utcnow()
+        mine = (Batch.tenant_id == tenant_id, Batch.status.in_(ACTIVE))
+        unheld = Batch.lease_owner.is_(None) | (Batch.lease_expires_at < now)
+        async with self.db.session() as session:
+            await session.execute(update(Batch).where(*mine, unheld).values(
+                status="cancelled", cancelled_at=now, cancel_requested=True,
+                lease_owner=None, lease_expires_at=None))
+            await session.execute(
+                update(Batch).where(*mine, Batch.status.in_(("validating", "in_progress")))
+                .values(status="cancelling", cancelling_at=now, cancel_requested=True))
+            await session.execute(update(Batch).where(*mine).values(cancel_requested=True))
+            held = list(await session.scalars(select(Batch.id).where(*mine)))
+            await session.commit()
+        return held
+
     async def active(self, tenant_id: str) -> int:
         """Batches of the tenant that are not finished: bounded per tenant."""
         query = select(func.count()).select_from(Batch).where(

@@ -145,6 +145,30 @@ class Responses:
                 await session.commit()
         return await self.get(tenant_id, response_id)
 
+    async def stop_tenant(self, tenant_id: str) -> int:
+        """Cancel a tenant's unfinished background responses (before it is deleted): their
+        workers close the stream within a second, which stops the engine. Returns how many."""
+        unfinished = frozenset({"queued", "in_progress"})
+        query = select(StoredResponse.id).where(StoredResponse.tenant_id == tenant_id,
+                                                StoredResponse.status.in_(unfinished),
+                                                StoredResponse.request.is_not(None))
+        async with self.db.session() as session:
+            ids = list(await session.scalars(query))
+        for response_id in ids:
+            await self.set_status(tenant_id, response_id, "cancelled", unfinished)
+        return len(ids)
+
+    async def forget_tenant(self, tenant_id: str) -> int:
+        """Remove every response of a deleted tenant, once this process's pending writes are
+        done (so none lands after); returns how many. A background response still computing
+        finds its row gone and stops."""
+        await self.drain()
+        async with self.db.session() as session:
+            gone = await session.execute(delete(StoredResponse)
+                                         .where(StoredResponse.tenant_id == tenant_id))
+            await session.commit()
+        return int(getattr(gone, "rowcount", 0) or 0)
+
     async def purge_expired(self) -> int:
         async with self.db.session() as session:
             result = await session.execute(
@@ -236,6 +260,19 @@ class Conversations:
             await session.execute(delete(Conversation).where(
                 Conversation.id == conversation_id))
             await session.commit()
+
+    async def forget_tenant(self, tenant_id: str) -> int:
+        """Remove every conversation of a deleted tenant with its items, once this process's
+        pending appends are done; returns how many."""
+        await self.drain()
+        mine = select(Conversation.id).where(Conversation.tenant_id == tenant_id)
+        async with self.db.session() as session:
+            await session.execute(delete(ConversationItem).where(
+                ConversationItem.conversation_id.in_(mine.scalar_subquery())))
+            gone = await session.execute(delete(Conversation)
+                                         .where(Conversation.tenant_id == tenant_id))
+            await session.commit()
+        return int(getattr(gone, "rowcount", 0) or 0)
 
     async def append(self, tenant_id: str, conversation_id: str,
                      items: list[dict[str, Any]]) -> list[ConversationItem]:

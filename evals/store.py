@@ -253,6 +253,35 @@ class Evals:
             await session.commit()
         return await self.get_run(tenant_id, eval_id, run_id)
 
+    async def stop_tenant(self, tenant_id: str) -> list[str]:
+        """Stop a tenant's unfinished runs (before it is deleted): those no worker holds are
+        canceled at once, so none can take them; those a worker holds are asked to stop.
+        Returns the ids of those a worker still holds."""
+        now = utcnow()
+        mine = (EvalRun.tenant_id == tenant_id, EvalRun.status.in_(ACTIVE))
+        async with self.db.session() as session:
+            await session.execute(
+                update(EvalRun)
+                .where(*mine, EvalRun.lease_owner.is_(None) | (EvalRun.lease_expires_at < now))
+                .values(status="canceled", finished_at=now, cancel_requested=True,
+                        lease_owner=None, lease_expires_at=None))
+            await session.execute(update(EvalRun).where(*mine).values(cancel_requested=True))
+            held = list(await session.scalars(select(EvalRun.id).where(*mine)))
+            await session.commit()
+        return held
+
+    async def forget_tenant(self, tenant_id: str) -> int:
+        """Remove every eval of a deleted tenant with its runs and output items (children
+        first; its watches go first of all: `EvalWatches.forget_tenant`); returns how many
+        evals."""
+        async with self.db.session() as session:
+            await session.execute(delete(EvalOutputItem)
+                                  .where(EvalOutputItem.tenant_id == tenant_id))
+            await session.execute(delete(EvalRun).where(EvalRun.tenant_id == tenant_id))
+            gone = await session.execute(delete(Eval).where(Eval.tenant_id == tenant_id))
+            await session.commit()
+        return int(gone.rowcount)  # type: ignore[attr-defined]
+
     async def delete_run(self, tenant_id: str, eval_id: str, run_id: str) -> None:
         await self.get_run(tenant_id, eval_id, run_id)
         async with self.db.session() as session:

@@ -175,6 +175,15 @@ class EvalWatches:
             await session.commit()
         return await self.get(tenant_id, eval_id, watch_id)
 
+    async def forget_tenant(self, tenant_id: str) -> int:
+        """Remove every watch of a deleted tenant (before its evals and runs, which they
+        name); returns how many."""
+        async with self.db.session() as session:
+            gone = await session.execute(delete(EvalWatch)
+                                         .where(EvalWatch.tenant_id == tenant_id))
+            await session.commit()
+        return int(gone.rowcount)  # type: ignore[attr-defined]
+
     async def delete(self, tenant_id: str, eval_id: str, watch_id: str) -> None:
         await self.get(tenant_id, eval_id, watch_id)
         async with self.db.session() as session:

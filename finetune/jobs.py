@@ -9,8 +9,11 @@ flag the training loop reads at its heartbeats, so it stops within a few steps.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import shutil
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -96,6 +99,45 @@ class FineTuning:
         if unheld.rowcount:  # type: ignore[attr-defined]
             await self.event(job_id, "The job was cancelled.")
         return await self.get(job_id)
+
+    async def stop_tenant(self, tenant_id: str) -> list[str]:
+        """Stop a tenant's unfinished jobs (before it is deleted): those no worker holds are
+        cancelled at once, so none can take them; those a worker holds are asked to stop.
+        Returns the ids of those a worker still holds."""
+        now = utcnow()
+        mine = (FineTuningJob.tenant_id == tenant_id, FineTuningJob.status.in_(ACTIVE))
+        async with self.db.session() as session:
+            await session.execute(
+                update(FineTuningJob)
+                .where(*mine, FineTuningJob.lease_owner.is_(None)
+                       | (FineTuningJob.lease_expires_at < now))
+                .values(status="cancelled", finished_at=now, cancel_requested=True,
+                        lease_owner=None, lease_expires_at=None))
+            await session.execute(update(FineTuningJob).where(*mine)
+                                  .values(cancel_requested=True))
+            held = list(await session.scalars(select(FineTuningJob.id).where(*mine)))
+            await session.commit()
+        return held
+
+    async def forget_tenant(self, tenant_id: str, adapters_root: Path) -> int:
+        """Remove every job of a deleted tenant with its events and checkpoints, and its
+        folder under `adapters_root` (training state and the published adapter; gateways
+        unload an adapter whose job is gone when they next reconcile). Folders go before
+        rows, so that a purge interrupted in between finds them again. Returns how many."""
+        query = select(FineTuningJob.id).where(FineTuningJob.tenant_id == tenant_id)
+        async with self.db.session() as session:
+            ids = list(await session.scalars(query))
+        for job_id in ids:
+            await asyncio.to_thread(shutil.rmtree, adapters_root / job_id, ignore_errors=True)
+        async with self.db.session() as session:
+            await session.execute(delete(FineTuningEvent).where(
+                FineTuningEvent.job_id.in_(query.scalar_subquery())))
+            await session.execute(delete(FineTuningCheckpoint).where(
+                FineTuningCheckpoint.job_id.in_(query.scalar_subquery())))
+            await session.execute(delete(FineTuningJob).where(
+                FineTuningJob.tenant_id == tenant_id))
+            await session.commit()
+        return len(ids)
 
     async def event(self, job_id: str, message: str, *, level: str = "info",
                     type_: str = "message", data: dict[str, Any] | None = None) -> None:

@@ -45,6 +45,7 @@ from gateway.api.vector_store_file_batches import file_batches_router
 from gateway.api.vector_stores import Ingestion, internal_router, vector_stores_router
 from gateway.chores import Chores, load_prices, requeue_orphans
 from gateway.console import CONSOLE_PATH, console_app
+from gateway.deletion import TenantDeletion
 from gateway.http.auth import authenticated
 from gateway.http.errors import install_error_handlers
 from gateway.http.middleware import BodyLimitMiddleware, InferenceRoutes, RequestIdMiddleware
@@ -146,6 +147,7 @@ class Services:
     responses: Responses
     conversations: Conversations
     responder: ResponsesService  # POST /v1/responses
+    deletion: TenantDeletion  # DELETE /admin/tenants/{id}
 
 
 def build(settings: Settings) -> Services:
@@ -220,17 +222,21 @@ def build(settings: Settings) -> Services:
         pipeline, upstream, catalog, responses, conversations, settings.responses.max_chain,
         settings.max_body_bytes,
         lambda response_id: enqueue(celery, RESPONSE_TASK, [response_id]))
+    auth = Authenticator(tenants, settings.admin_key_hash(), settings.key_cache_ttl_s)
+    deletion = TenantDeletion(
+        tenants, auth, jobs=jobs, adapters_root=settings.finetune.adapters_root, evals=evals,
+        watches=watches, batches=batches.batches, stores=stores, retriever=retriever,
+        files=files, responses=responses, conversations=conversations)
     return Services(
         settings=settings, db=db, redis=redis, celery=celery, catalog=catalog, routers=routers,
-        upstream=upstream, tenants=tenants,
-        auth=Authenticator(tenants, settings.admin_key_hash(), settings.key_cache_ttl_s),
+        upstream=upstream, tenants=tenants, auth=auth,
         sessions=Sessions(redis, settings.redis_prefix, settings.console.session_ttl_s),
         prices=prices, publisher=publisher, limiter=limiter, accountant=accountant,
         files=files, jobs=jobs, adapters=adapters, evals=evals, watches=watches, runs=runs,
         scheduler=WatchScheduler(watches, runs, tenants, settings.eval_watches.start_timeout_s),
         batches=batches, stores=stores, retriever=retriever, metrics=metrics, drift=drift,
         pipeline=pipeline, responses=responses, conversations=conversations,
-        responder=responder)
+        responder=responder, deletion=deletion)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -272,7 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                         principal, cfg.max_body_bytes))
     app.include_router(conversations_router(s.conversations, principal))
     app.include_router(admin_router(s.db, s.tenants, s.auth, principal, s.prices, s.catalog,
-                                    s.drift))
+                                    s.drift, s.deletion))
     app.include_router(engines_router(s.routers, s.upstream.flows, principal))
     app.include_router(usage_router(s.db, principal))
     if s.retriever is not None:

@@ -11,10 +11,11 @@ import asyncio
 import hashlib
 import os
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from llmops.store import Database, StoredFile
 from tenancy.tenants import NotFoundError
@@ -105,6 +106,16 @@ class Files:
             rows = await session.scalars(select(StoredFile).where(
                 StoredFile.tenant_id == tenant_id, StoredFile.id.in_(file_ids)))
             return {row.id: row for row in rows}
+
+    async def forget_tenant(self, tenant_id: str) -> int:
+        """Remove every file of a deleted tenant, rows and bytes (its whole folder); returns
+        how many rows."""
+        async with self.db.session() as session:
+            gone = await session.execute(delete(StoredFile)
+                                         .where(StoredFile.tenant_id == tenant_id))
+            await session.commit()
+        await asyncio.to_thread(shutil.rmtree, self.root / tenant_id, ignore_errors=True)
+        return int(gone.rowcount)  # type: ignore[attr-defined]
 
     async def delete(self, tenant_id: str, file_id: str) -> None:
         row = await self.get(tenant_id, file_id)

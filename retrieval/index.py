@@ -122,6 +122,10 @@ class VectorIndex(Protocol):
         """Remove every chunk of `store`."""
         ...
 
+    def delete_tenant(self, tenant: str) -> None:
+        """Remove every chunk of `tenant` (its deletion)."""
+        ...
+
     def count(self, store: str) -> int:
         """The number of chunks in `store`."""
         ...
@@ -220,6 +224,10 @@ class QdrantIndex(ABC):
     def delete_store(self, store: str) -> None:
         with self._lock.write():
             self._delete(Match("store", store))
+
+    def delete_tenant(self, tenant: str) -> None:
+        with self._lock.write():
+            self._delete(Match("tenant", tenant))
 
     def count(self, store: str) -> int:
         return self._count(Match("store", store))

@@ -108,6 +108,20 @@ class VectorStores:
             await session.execute(delete(VectorStore).where(VectorStore.id == store_id))
             await session.commit()
 
+    async def forget_tenant(self, tenant_id: str) -> int:
+        """Remove every store of a deleted tenant with its files and file batches (their
+        chunks leave the index by `VectorIndex.delete_tenant`); returns how many. A file
+        being ingested meanwhile is no longer expected: its points are refused."""
+        async with self.db.session() as session:
+            await session.execute(delete(VectorStoreFile)
+                                  .where(VectorStoreFile.tenant_id == tenant_id))
+            await session.execute(delete(VectorStoreFileBatch)
+                                  .where(VectorStoreFileBatch.tenant_id == tenant_id))
+            gone = await session.execute(delete(VectorStore)
+                                         .where(VectorStore.tenant_id == tenant_id))
+            await session.commit()
+        return int(gone.rowcount)  # type: ignore[attr-defined]
+
     async def file_counts(self, store_id: str, batch_id: str | None = None
                           ) -> tuple[dict[str, int], int]:
         """Files (of one batch, with `batch_id`) by status, with the total, and the bytes

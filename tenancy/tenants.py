@@ -16,7 +16,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from guardrails.schema import GuardrailsPolicy
@@ -133,6 +133,14 @@ class Tenancy:
     async def disable_tenant(self, tenant_id: str) -> Tenant:
         """Every key of a disabled tenant stops working; its ledger stays."""
         return await self.update_tenant(tenant_id, disabled_at=utcnow())
+
+    async def delete_tenant(self, tenant_id: str) -> None:
+        """Remove the tenant's keys, then its row: the last step of its deletion (the
+        gateway's `TenantDeletion` removes what it owns first). Its ledger stays."""
+        async with self.db.session() as session:
+            await session.execute(delete(ApiKey).where(ApiKey.tenant_id == tenant_id))
+            await session.execute(delete(Tenant).where(Tenant.id == tenant_id))
+            await session.commit()
 
     # Keys
 

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 import tenancy
 from gateway.api.usage import Period, UsageQuery, usage_query
+from gateway.deletion import TenantDeletion
 from gateway.http.auth import Authenticated, require_admin
 from gateway.http.timestamps import epoch
 from guardrails.schema import GuardrailsPolicy
@@ -180,7 +181,8 @@ def _stored(policy: GuardrailsPolicy | None) -> dict[str, Any] | None:
 
 def admin_router(db: Database, tenants: Tenancy, auth: Authenticator,
                  principal: Authenticated, prices: PriceBook,
-                 catalog: Catalog, drift: DriftDetector | None) -> APIRouter:
+                 catalog: Catalog, drift: DriftDetector | None,
+                 deletion: TenantDeletion) -> APIRouter:
     router = APIRouter(prefix="/admin", tags=["admin"],
                        dependencies=[Depends(principal), Depends(require_admin)])
 
@@ -217,6 +219,12 @@ def admin_router(db: Database, tenants: Tenancy, auth: Authenticator,
         tenant = await call(tenants.disable_tenant(tenant_id))
         auth.forget()
         return _tenant_out(tenant)
+
+    @router.delete("/tenants/{tenant_id}")
+    async def delete_tenant(tenant_id: str) -> dict[str, Any]:
+        """Delete a disabled tenant with everything it owns; its usage ledger stays."""
+        await call(deletion.delete(tenant_id))
+        return {"id": tenant_id, "object": "tenant.deleted", "deleted": True}
 
     @router.post("/keys", status_code=201)
     async def create_key(body: KeyIn) -> dict[str, Any]:

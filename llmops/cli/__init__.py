@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from llmops.cli.batches import add_batches_commands
 from llmops.cli.evals import add_evals_commands
-from llmops.cli.finetune import add_finetune_commands
+from llmops.cli.finetune import add_finetune_commands, openai_client
 from llmops.cli.models import prepare_models
 from llmops.cli.stack import (
     CHAT_MODEL,
@@ -216,6 +216,30 @@ async def cmd_tenants_list(args: argparse.Namespace, db: Database) -> int:
     return 0
 
 
+def cmd_tenants_delete(args: argparse.Namespace) -> int:
+    """Through the gateway's admin API: the gateway owns the vector index and the folders
+    the purge empties."""
+    import openai
+
+    client = openai_client(args)
+    admin = str(client.base_url).rstrip("/").removesuffix("/v1") + "/admin/tenants"
+    try:
+        listed = client.get(admin, cast_to=dict)["data"]
+        found = [t for t in listed if args.tenant in (t["id"], t["name"])]
+        if not found:
+            print(f"error: no tenant {args.tenant!r}", file=sys.stderr)
+            return 1
+        tenant = found[0]
+        if args.disable and tenant["disabled_at"] is None:
+            client.post(f"{admin}/{tenant['id']}/disable", cast_to=dict)
+        client.delete(f"{admin}/{tenant['id']}", cast_to=dict)
+    except openai.APIStatusError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"deleted {tenant['id']}  {tenant['name']}")
+    return 0
+
+
 async def cmd_keys_create(args: argparse.Namespace, db: Database) -> int:
     tenants = Tenancy(db)
     expires = (datetime.now(UTC) + timedelta(days=args.expires_in_days)
@@ -371,6 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     t_weight.set_defaults(func=_store(cmd_tenants_weight))
     tenants.add_parser("list", help="list tenants").set_defaults(
         func=_store(cmd_tenants_list))
+    t_delete = tenants.add_parser(
+        "delete", help="delete a disabled tenant and everything it owns (its usage stays)")
+    t_delete.add_argument("tenant", help="tenant id or name")
+    t_delete.add_argument("--disable", action="store_true",
+                          help="disable the tenant first if it is not disabled yet")
+    t_delete.add_argument("--base-url", help="default: OPENAI_BASE_URL or the local stack")
+    t_delete.add_argument("--api-key", help="default: OPENAI_API_KEY or the local admin key")
+    t_delete.set_defaults(func=cmd_tenants_delete)
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys", required=True)
     k_create = keys.add_parser("create", help="create a key (printed once)")

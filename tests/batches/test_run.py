@@ -222,3 +222,19 @@ async def test_orphans_and_a_deleted_tenants_batches(db: Database, files: Files)
     async with db.session() as session:
         assert list(await session.scalars(select(BatchRequest))) == []
     assert await batches.orphaned(timedelta(0)) == []
+
+
+async def test_stopping_a_deleted_tenants_batches(db: Database, files: Files) -> None:
+    batches = Batches(db)
+    waiting = await new_batch(db, files, [request("a", "x")])
+    held = await new_batch(db, files, [request("a", "x")])
+    assert await batches.claim(held.id, "w", 60) is not None
+    # What no worker holds is cancelled at once (no worker can take it); the rest is asked
+    # to stop and named.
+    assert await batches.stop_tenant("ten_a") == [held.id]
+    assert (await batches.get("ten_a", waiting.id)).status == "cancelled"
+    assert await batches.claim(waiting.id, "late", 60) is None
+    assert not await batches.heartbeat(held.id, "w", 60)
+    assert (await batches.get("ten_a", held.id)).status == "cancelling"
+    assert await batches.enter(held.id, "w", "cancelled")
+    assert await batches.stop_tenant("ten_a") == []

@@ -4,12 +4,14 @@ cancelled, appends keep their order, and an item id is held by one conversation 
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import select, update
 
 from conversations import Conversations, DuplicateItemError, Responses, normalize_input
-from llmops.store import Database
+from llmops.store import Conversation, ConversationItem, Database, StoredResponse, utcnow
 from tenancy.tenants import ConflictError, NotFoundError
 
 
@@ -100,3 +102,55 @@ async def test_an_item_id_another_conversation_holds_gets_a_fresh_one(db: Databa
     with pytest.raises(DuplicateItemError):
         await conversations.append("t1", mine.id, normalize_input(
             [{"id": added[0].id, "role": "user", "content": "again"}]))
+
+
+async def test_a_deleted_tenants_responses_and_conversations_go(db: Database) -> None:
+    responses, conversations = Responses(db, ttl_days=None), Conversations(db, max_items=10)
+    responses.save_later("t1", "k1", body("resp_pending"), [])  # not written yet
+    await responses.save("t1", "k1", body("resp_bg", "in_progress"), [], {"model": "m"})
+    assert await responses.stop_tenant("t1") == 1  # a background one: cancelled
+    assert (await responses.get("t1", "resp_bg")).status == "cancelled"
+    await responses.save("t2", "k2", body("resp_kept"), [])
+    conv = await conversations.create("t1", {}, normalize_input("one"))
+    conversations.append_later("t1", conv.id, normalize_input("two"))
+    kept = await conversations.create("t2", {}, normalize_input("mine"))
+    assert await responses.forget_tenant("t1") == 2  # the pending write is done, then gone
+    assert await conversations.forget_tenant("t1") == 1
+    for response_id in ("resp_pending", "resp_bg"):
+        with pytest.raises(NotFoundError):
+            await responses.get("t1", response_id)
+    with pytest.raises(NotFoundError):
+        await conversations.get("t1", conv.id)
+    async with db.session() as session:
+        left = set(await session.scalars(select(ConversationItem.conversation_id)))
+    assert left == {kept.id}
+    assert (await responses.get("t2", "resp_kept")).id == "resp_kept"
+    assert await responses.forget_tenant("t1") == 0 and await conversations.forget_tenant(
+        "t1") == 0
+
+
+async def test_retention_expires_responses_but_not_conversations(db: Database) -> None:
+    """A response older than `responses.ttl_days` is missing at once and purged by the
+    gateway's chore; a conversation has no retention: it lives until it (or its tenant) is
+    deleted."""
+    responses, conversations = Responses(db, ttl_days=30), Conversations(db, max_items=10)
+    await responses.save("t1", "k1", body("resp_old"), [])
+    await responses.save("t1", "k1", body("resp_new"), [])
+    conv = await conversations.create("t1", {}, normalize_input("one"))
+    long_ago = utcnow() - timedelta(days=31)
+    async with db.session() as session:  # made 31 days ago, with the expiry saving set then
+        await session.execute(update(StoredResponse).where(StoredResponse.id == "resp_old")
+                              .values(created_at=long_ago,
+                                      expires_at=long_ago + timedelta(days=30)))
+        await session.execute(update(Conversation).where(Conversation.id == conv.id)
+                              .values(created_at=long_ago))
+        await session.commit()
+    with pytest.raises(NotFoundError):
+        await responses.get("t1", "resp_old")  # expired: missing before any purge
+    assert await responses.purge_expired() == 1
+    assert await responses.find("resp_old") is None
+    assert (await responses.get("t1", "resp_new")).id == "resp_new"
+    assert await responses.purge_expired() == 0
+    assert (await conversations.get("t1", conv.id)).id == conv.id
+    assert [r.item["content"][0]["text"] for r in (await conversations.items("t1", conv.id))[0]
+            ] == ["one"]

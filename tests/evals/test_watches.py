@@ -348,3 +348,35 @@ async def test_the_scheduler_starts_skips_and_records_refusals(db: Database, tmp
     revoked = await watches.get(tenant.id, ev.id, watch.id)
     assert revoked.last_error is not None and revoked.last_error["code"] == "invalid_api_key"
     assert revoked.last_run_id == run_id and len(queued) == 1
+
+
+async def test_a_deleted_tenants_runs_stop_then_evals_runs_items_and_watches_go(
+        db: Database) -> None:
+    evals, watches = Evals(db), EvalWatches(db)
+    ev, kept = await new_eval(evals), await new_eval(evals, "ten_b")
+    queued = await evals.create_run(ev, key_id="key_a", name="q", model="chat",
+                                    data_source={"type": "jsonl"}, metadata={}, items_total=1)
+    running = await evals.create_run(ev, key_id="key_a", name="r", model="chat",
+                                     data_source={"type": "jsonl"}, metadata={}, items_total=1)
+    assert await evals.claim(running.id, "w", 60) is not None
+    assert await evals.record(running.id, "w", outcome(0))
+    watch = await watch_of(watches, ev)
+    await watches.started(watch.id, running.id)  # the watch names the run
+    other = await watch_of(watches, kept)
+    # Stopping cancels what no worker holds and names what one still holds.
+    assert await evals.stop_tenant("ten_a") == [running.id]
+    assert (gone := await evals.run(queued.id)) is not None and gone.status == "canceled"
+    assert not await evals.heartbeat(running.id, "w", 60)  # asked to stop
+    assert await evals.update_run(running.id, "w", status="canceled")
+    assert await evals.stop_tenant("ten_a") == []
+    # Watches first: they name the evals and runs.
+    assert await watches.forget_tenant("ten_a") == 1
+    assert await evals.forget_tenant("ten_a") == 1
+    with pytest.raises(NotFoundError):
+        await evals.get("ten_a", ev.id)
+    assert await evals.run(running.id) is None and await evals.done_items(running.id) == set()
+    with pytest.raises(NotFoundError):
+        await watches.get("ten_a", ev.id, watch.id)
+    assert (await watches.get("ten_b", kept.id, other.id)).id == other.id
+    assert (await evals.get("ten_b", kept.id)).id == kept.id
+    assert await watches.forget_tenant("ten_a") == 0 and await evals.forget_tenant("ten_a") == 0

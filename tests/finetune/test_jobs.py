@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from finetune.jobs import FineTuning
-from llmops.store import Database, FineTuningJob
+from llmops.store import Database, FineTuningCheckpoint, FineTuningEvent, FineTuningJob
+from tenancy.tenants import NotFoundError
 
 JOB = dict(tenant_id="ten_a", key_id="key_a", model="chat", training_file="file-1")
 
@@ -84,3 +87,33 @@ async def test_a_job_no_worker_claimed_is_orphaned_after_a_grace(db: Database) -
     assert await jobs.orphaned(unclaimed_for=timedelta(0)) == [job.id]
     assert await jobs.claim(job.id, "worker", 60) is not None
     assert await jobs.orphaned(unclaimed_for=timedelta(0)) == []
+
+
+async def test_a_deleted_tenants_jobs_stop_then_go_with_their_adapters(
+        db: Database, tmp_path: Path) -> None:
+    jobs = FineTuning(db)
+    queued = await jobs.create(**JOB)
+    running = await jobs.create(**JOB)
+    other = await jobs.create(**{**JOB, "tenant_id": "ten_b"})
+    assert await jobs.claim(running.id, "worker", 60) is not None
+    # Stopping cancels what no worker holds and names what one still holds.
+    assert await jobs.stop_tenant("ten_a") == [running.id]
+    assert (await jobs.get(queued.id)).status == "cancelled"
+    assert await jobs.claim(queued.id, "late-worker", 60) is None
+    assert not await jobs.heartbeat(running.id, "worker", 60)  # asked to stop
+    assert await jobs.update(running.id, "worker", status="cancelled")
+    assert await jobs.stop_tenant("ten_a") == []
+    await jobs.event(running.id, "step 1")
+    await jobs.checkpoint(running.id, 1, {"loss": 1.0})
+    for job in (running, other):
+        (tmp_path / job.id / "adapter").mkdir(parents=True)
+    assert await jobs.forget_tenant("ten_a", tmp_path) == 2
+    assert not (tmp_path / running.id).exists() and (tmp_path / other.id).exists()
+    for job_id in (queued.id, running.id):
+        with pytest.raises(NotFoundError):
+            await jobs.get(job_id)
+    async with db.session() as session:
+        assert set(await session.scalars(select(FineTuningEvent.job_id))) <= {other.id}
+        assert list(await session.scalars(select(FineTuningCheckpoint))) == []
+    assert (await jobs.get(other.id, "ten_b")).status == "validating_files"
+    assert await jobs.forget_tenant("ten_a", tmp_path) == 0  # again: nothing left, no error

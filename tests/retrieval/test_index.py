@@ -115,6 +115,15 @@ def test_delete_file_and_store(index: QdrantIndex) -> None:
     assert search(index, stores=("vs_a", "vs_b"))[0].payload["file"] == "f3"
 
 
+def test_delete_tenant_takes_only_its_chunks(index: QdrantIndex) -> None:
+    for tenant, store in (("t1", "vs_a"), ("t1", "vs_b"), ("t2", "vs_c")):
+        index.replace_file(tenant, store, "f", [point("x", E0, tenant=tenant, store=store,
+                                                      file="f")])
+    index.delete_tenant("t1")
+    assert [index.count(s) for s in ("vs_a", "vs_b", "vs_c")] == [0, 0, 1]
+    index.delete_tenant("t1")  # again: nothing left, no error
+
+
 @pytest.mark.parametrize("mode", ["dense", "sparse", "hybrid", "feedback"])
 def test_a_tenant_never_sees_another_tenants_chunks(index: QdrantIndex, mode: str) -> None:
     index.replace_file("t1", "vs_a", "f1", [point("secret launch plan", E0, file="f1")])

@@ -196,3 +196,21 @@ def test_the_migration_matches_the_models(database_url: str) -> None:
         engine.dispose()
     ours = {"vector_stores", "vector_store_files", "vector_store_file_batches"}
     assert [d for d in diff if _tables(d) & ours] == []
+
+
+async def test_a_deleted_tenants_stores_go_with_their_files_and_batches(db: Database) -> None:
+    stores = VectorStores(db)
+    store = await stores.create("ten_a", "docs", {})
+    await stores.attach(store, await _file(db, "file-a", "s1"), {}, CHUNKING, "key_a")
+    await stores.create_batch(store, [Attach(await _file(db, "file-b", "s2"), {}, CHUNKING)],
+                              "key_a")
+    kept = await stores.create("ten_b", "docs", {})
+    assert await stores.forget_tenant("ten_a") == 1
+    with pytest.raises(NotFoundError):
+        await stores.get("ten_a", store.id)
+    assert await stores.pending(store.id, "file-a") is None  # its ingestion is refused now
+    async with db.session() as session:
+        for table in (VectorStoreFile, VectorStoreFileBatch):
+            assert list(await session.scalars(sqlalchemy.select(table))) == []
+    assert (await stores.get("ten_b", kept.id)).id == kept.id
+    assert await stores.forget_tenant("ten_a") == 0

@@ -109,3 +109,19 @@ async def test_errors_name_the_problem(db: Database) -> None:
         await tenants.create_key("ten_missing")
     with pytest.raises(NotFoundError):
         await tenants.revoke_key("key_missing")
+
+
+async def test_a_deleted_tenant_goes_with_its_keys(db: Database) -> None:
+    tenants = Tenancy(db)
+    gone, kept = await tenants.create_tenant("team-gone"), await tenants.create_tenant("team-kept")
+    key, plain = await tenants.create_key(gone.id)
+    _, other = await tenants.create_key(kept.id)
+    await tenants.delete_tenant(gone.id)
+    with pytest.raises(NotFoundError):
+        await tenants.get_tenant(gone.id)
+    with pytest.raises(NotFoundError):
+        await tenants.get_key(key.id)
+    assert await tenants.principal(plain) is None
+    assert await tenants.principal(other) is not None
+    # Its name is free again.
+    assert (await tenants.create_tenant("team-gone")).id != gone.id
