@@ -221,7 +221,7 @@ def test_background_responses_are_polled_and_cancelled(client: OpenAI) -> None:
         client.responses.cancel(done.id)
 
 
-COUNT = "Count from 1 to 2000, separated by commas."  # long: stopped well before its end
+COUNT = "Write a very long story about a dragon."  # long: stopped well before its end
 GENERATED = "vllm:generation_tokens_total{"
 
 
@@ -308,8 +308,8 @@ def test_a_stream_whose_client_leaves_is_stopped_and_kept_cancelled(
                 "model": CHAT_MODEL, "input": COUNT, "stream": True,
                 "max_output_tokens": 1500, "temperature": 0}) as resp:
             seen = until_deltas(sse_events(resp.iter_lines()), 3)
-            assert vllm_metric(engines.chat.url, "vllm:num_requests_running{") == 1
-        # The client is gone: vLLM must abort the generation, not finish it.
+        # The client is gone: vLLM must abort the generation, not finish it (a finished one
+        # would be stored completed).
         wait_engine_idle(engines.chat.url)
         assert vllm_metric(engines.chat.url, GENERATED) - before < 500
         text = "".join(e["delta"] for e in seen if e["type"] == "response.output_text.delta")
