@@ -11,6 +11,7 @@ replayed from the stored object."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -69,7 +70,7 @@ class LiveStreams:
     async def follow(self, response_id: str, starting_after: int | None,
                      stored: Callable[[], Awaitable[StoredResponse | None]],
                      left: Callable[[], Awaitable[bool]]) -> AsyncIterator[bytes]:
-        last = -1 if starting_after is None else starting_after
+        first = last = -1 if starting_after is None else starting_after
         heard = time.monotonic()  # when the last event came
         while True:
             try:
@@ -77,6 +78,7 @@ class LiveStreams:
             except (RedisError, OSError) as exc:  # the stored response still ends it
                 log.warning("background response %s: events unreadable: %s", response_id, exc)
                 batch = []
+                await asyncio.sleep(self.events.block_s)  # as long as a read would wait
             for event in batch:
                 last = event["sequence_number"]
                 yield frame(event)
@@ -99,8 +101,9 @@ class LiveStreams:
             except (RedisError, OSError):
                 kept = None
             if kept is None:  # expired or never kept: rebuilt from the stored response
-                for chunk in replay(row.body, starting_after):
-                    yield chunk
+                if last == first:  # (not after live events: their numbers differ)
+                    for chunk in replay(row.body, starting_after):
+                        yield chunk
                 return
             if kept["sequence_number"] > last:
                 continue  # written since the read
