@@ -83,13 +83,14 @@ class Responses:
                 "expires_at": created + self.ttl if self.ttl is not None else None}
 
     async def _write(self, rows: list[dict[str, Any]]) -> None:
-        """Upsert `rows` in one statement; a cancelled response keeps its state."""
+        """Upsert `rows` in one statement; a cancelled response keeps its state (what its
+        stopped answer had produced may still be written, as cancelled)."""
         insert = pg_insert if self.db.engine.dialect.name == "postgresql" else sqlite_insert
         stmt = insert(StoredResponse)
         stmt = stmt.on_conflict_do_update(
             index_elements=[StoredResponse.id],
             set_={"status": stmt.excluded.status, "body": stmt.excluded.body},
-            where=StoredResponse.status != "cancelled")
+            where=(StoredResponse.status != "cancelled") | (stmt.excluded.status == "cancelled"))
         async with self.db.session() as session:
             await session.execute(stmt, rows)
             await session.commit()

@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from batches import Batches, BatchService, EndpointRule
 from conversations import Conversations, Responses
+from conversations.events import ResponseEvents
 from evals.runs import RunStarter
 from evals.scheduler import WatchScheduler
 from evals.store import Evals
@@ -63,6 +64,7 @@ from gateway.inference.pipeline import Pipeline, parse_request
 from gateway.inference.searching import QueryEmbedder
 from gateway.inference.spans import TracingMiddleware
 from gateway.inference.upstream import Upstream
+from gateway.responses.live import LiveStreams
 from gateway.responses.protocol import ResponsesRequest
 from gateway.responses.service import RESPONSES, ResponsesService
 from gateway.routing import Pool, Router, build_affinity, build_prefixes, build_scorers
@@ -148,6 +150,7 @@ class Services:
     conversations: Conversations
     responder: ResponsesService  # POST /v1/responses
     deletion: TenantDeletion  # DELETE /admin/tenants/{id}
+    live: LiveStreams  # background responses' streams, followed
 
 
 def build(settings: Settings) -> Services:
@@ -218,10 +221,18 @@ def build(settings: Settings) -> Services:
     pipeline = Pipeline(catalog, upstream, hooks, settings.max_body_bytes, adapters.ensure)
     responses = Responses(db, settings.responses.ttl_days)
     conversations = Conversations(db, settings.responses.max_conversation_items)
+    # Followers of background responses wait on their events: reads that block need longer.
+    events = ResponseEvents(
+        Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s + 1.0,
+                       socket_connect_timeout=settings.redis_timeout_s),
+        settings.redis_prefix, settings.responses.stream_max_events,
+        settings.responses.stream_ttl_s, block_s=1.0)
+    # A follower waits as long as the worker waits on the engine, then may reconnect.
+    live = LiveStreams(events, responses, settings.routing.read_timeout_s)
     responder = ResponsesService(
         pipeline, upstream, catalog, responses, conversations, settings.responses.max_chain,
         settings.max_body_bytes,
-        lambda response_id: enqueue(celery, RESPONSE_TASK, [response_id]))
+        lambda response_id: enqueue(celery, RESPONSE_TASK, [response_id]), live)
     auth = Authenticator(tenants, settings.admin_key_hash(), settings.key_cache_ttl_s)
     deletion = TenantDeletion(
         tenants, auth, jobs=jobs, adapters_root=settings.finetune.adapters_root, evals=evals,
@@ -236,7 +247,7 @@ def build(settings: Settings) -> Services:
         scheduler=WatchScheduler(watches, runs, tenants, settings.eval_watches.start_timeout_s),
         batches=batches, stores=stores, retriever=retriever, metrics=metrics, drift=drift,
         pipeline=pipeline, responses=responses, conversations=conversations,
-        responder=responder, deletion=deletion)
+        responder=responder, deletion=deletion, live=live)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -274,8 +285,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(evals_router(s.evals, s.catalog, s.runs, principal))
     app.include_router(eval_watches_router(cfg, s.evals, s.watches, s.runs, principal))
     app.include_router(batches_router(s.batches, principal))
-    app.include_router(responses_router(s.responder, s.responses, s.upstream, s.catalog,
-                                        principal, cfg.max_body_bytes))
+    app.include_router(responses_router(s.responder, s.responses, s.live, s.upstream,
+                                        s.catalog, principal, cfg.max_body_bytes))
     app.include_router(conversations_router(s.conversations, principal))
     app.include_router(admin_router(s.db, s.tenants, s.auth, principal, s.prices, s.catalog,
                                     s.drift, s.deletion))
@@ -387,6 +398,7 @@ async def lifespan(s: Services, app: FastAPI) -> AsyncIterator[None]:
         await chores.stop()
         await writer_redis.aclose()
         await notices.aclose()
+        await s.live.events.redis.aclose()
         await s.redis.aclose()
         await s.db.close()
         await s.upstream.close()

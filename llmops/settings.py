@@ -430,6 +430,14 @@ class ResponsesConfig(_Strict):
         description="The most stored responses a `previous_response_id` chain may replay.")
     max_conversation_items: int = Field(
         1000, ge=1, description="The most items a conversation may hold.")
+    stream_max_events: int = Field(
+        20_000, ge=100,
+        description="The most stream events kept per background response for live and "
+        "resumed streams (about one per output token); older ones are dropped.")
+    stream_ttl_s: int = Field(
+        3600, ge=60,
+        description="How long a background response's stream events are kept after the last "
+        "one; later, a stream is rebuilt from the stored response.")
 
 
 class ConsoleConfig(_Strict):

@@ -4,13 +4,11 @@ inference pipeline), `GET/DELETE /v1/responses/{id}`, `POST /v1/responses/{id}/c
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 import tenancy
 from conversations import InvalidItemError, Responses, normalize_input
@@ -19,10 +17,9 @@ from gateway.http.auth import Authenticated
 from gateway.http.body import read_body
 from gateway.http.paging import bounded, page
 from gateway.inference.pipeline import parse_request
-from gateway.inference.sse import SSE_HEADERS
 from gateway.inference.upstream import Upstream
+from gateway.responses.live import LiveStreams
 from gateway.responses.protocol import ResponsesRequest
-from gateway.responses.replay import replay
 from gateway.responses.service import RESPONSES, ResponsesService
 from gateway.responses.translate import chat_request
 from llmops.catalog import Catalog
@@ -32,11 +29,9 @@ from tenancy.visibility import may_see
 
 __all__ = ["responses_router"]
 
-_WAIT_S = 0.5  # how often a replayed stream looks for a background response's end
-
-
-def responses_router(service: ResponsesService, responses: Responses, upstream: Upstream,
-                     catalog: Catalog, principal: Authenticated, max_body_bytes: int) -> APIRouter:
+def responses_router(service: ResponsesService, responses: Responses, live: LiveStreams,
+                     upstream: Upstream, catalog: Catalog, principal: Authenticated,
+                     max_body_bytes: int) -> APIRouter:
     router = APIRouter(prefix="/v1/responses", tags=["responses"],
                        dependencies=[Depends(principal)])
 
@@ -77,17 +72,7 @@ def responses_router(service: ResponsesService, responses: Responses, upstream: 
         if not row.body.get("background"):
             raise BadRequestError("Only background responses can be streamed again.",
                                   param="stream")
-
-        async def events() -> AsyncIterator[bytes]:
-            current = row
-            while current.status not in TERMINAL:  # replayed once it has ended
-                await asyncio.sleep(_WAIT_S)
-                current = await owned(request, response_id)
-            for event in replay(current.body, starting_after):
-                yield event
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return live.stream(request, row.tenant_id, row.id, starting_after)
 
     @router.delete("/{response_id}")
     async def delete(request: Request, response_id: str) -> dict[str, Any]:

@@ -39,6 +39,8 @@ class AnswerTranslator(Protocol):
 
     def failed(self, ctx: RequestContext, message: str, code: str) -> bytes: ...
 
+    def left(self, ctx: RequestContext) -> None: ...
+
 
 class SseRelay:
     """Cuts a byte stream into events and passes each `data: {...}` event through the hooks:
@@ -105,6 +107,11 @@ class SseRelay:
             return self.translator.failed(self.ctx, message, code)
         return b"data: " + error_body(message, type_, code=code) + b"\n\n" + _DONE + b"\n\n"
 
+    def left(self) -> None:
+        """The client left before the answer ended."""
+        if self.translator is not None:
+            self.translator.left(self.ctx)
+
     def _flush(self, out: list[bytes]) -> None:
         if not self._flushed:
             self._flushed = True
@@ -166,6 +173,8 @@ class RelayResponse(StreamingResponse):
             else:
                 self.resp.close()
             self.replica.release(ok=not self.failed)
+            if self.client_left and not (self.finished or self.delivered):
+                self.relay.left()
             status = 200 if self.finished or self.delivered else 502 if self.failed else 499
             self.relay.ctx.close(status)
 

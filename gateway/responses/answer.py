@@ -11,9 +11,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from conversations import item_id
+from conversations.events import frame
 from gateway.responses.protocol import FileSearchTool, ResponsesRequest
 
 if TYPE_CHECKING:
@@ -113,6 +112,7 @@ class ResponseBuilder:
         self._text: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}  # tool call index -> function_call item
         self._finish: str | None = None
+        self._ended = False  # the final Response object was made
 
     # -- whole answers
 
@@ -182,11 +182,30 @@ class ResponseBuilder:
     def failed(self, ctx: RequestContext, message: str, code: str) -> bytes:
         """The stream's last event when the engine failed mid-answer (OpenAI's codes name no
         engine failure but `server_error`)."""
-        final = response_object(self.req, self.id, self.created_at, status="failed",
-                                output=self._output, usage=_usage(ctx),
-                                error={"code": "server_error", "message": message})
-        self.finished(final)
+        final = self._end(response_object(
+            self.req, self.id, self.created_at, status="failed", output=self._output,
+            usage=_usage(ctx), error={"code": "server_error", "message": message}))
         return self._event("response.failed", response=final)
+
+    def left(self, ctx: RequestContext) -> None:
+        """The client left mid-answer and the engine was stopped: the response ends
+        `cancelled` (it was stopped, not cut by a limit), with what was produced so far."""
+        if self._ended:
+            return
+        if self._message is not None:
+            text = "".join(self._text)
+            self._message["content"] = [{"type": "output_text", "text": text,
+                                         "annotations": [], "logprobs": []}]
+        for item in self._output:
+            if item.get("status") == "in_progress":
+                item["status"] = "incomplete"
+        self._end(response_object(self.req, self.id, self.created_at, status="cancelled",
+                                  output=self._output, usage=_usage(ctx)))
+
+    def _end(self, final: dict[str, Any]) -> dict[str, Any]:
+        self._ended = True
+        self.finished(final)
+        return final
 
     def _start(self, ctx: RequestContext) -> list[bytes]:
         self._started = True
@@ -275,12 +294,10 @@ class ResponseBuilder:
         for item in self._output:
             if item["type"] == "message":
                 item["status"] = self._item_status()
-        final = response_object(self.req, self.id, self.created_at,
-                                status="incomplete" if incomplete else "completed",
-                                output=self._output, usage=_usage(ctx),
-                                incomplete=incomplete, completed_at=int(time.time()))
-        self.finished(final)
-        return final
+        return self._end(response_object(
+            self.req, self.id, self.created_at, status="incomplete" if incomplete else "completed",
+            output=self._output, usage=_usage(ctx), incomplete=incomplete,
+            completed_at=int(time.time())))
 
     def _index(self, item: dict[str, Any]) -> int:
         return next(i for i, o in enumerate(self._output) if o["id"] == item["id"])
@@ -288,4 +305,4 @@ class ResponseBuilder:
     def _event(self, kind: str, **fields: Any) -> bytes:
         event = {"type": kind, "sequence_number": self._seq, **fields}
         self._seq += 1
-        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+        return frame(event)

@@ -1,25 +1,22 @@
 """A stored response's stream, replayed: the events a client would have seen, rebuilt from
-the finished Response object (`GET /v1/responses/{id}?stream=true` of a background
-response), each with its `sequence_number`, from `starting_after` on."""
+the finished Response object (`GET /v1/responses/{id}?stream=true` of a background response
+whose live events have expired), each with its `sequence_number`, from `starting_after` on.
+A cancelled response's replay ends without a terminal event, as its live stream does."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
+from conversations.events import ENDINGS, frame
 
 __all__ = ["replay"]
-
-_END = {"completed": "response.completed", "incomplete": "response.incomplete",
-        "failed": "response.failed", "cancelled": "response.cancelled"}
 
 
 def replay(final: dict[str, Any], starting_after: int | None = None) -> Iterator[bytes]:
     for seq, (kind, fields) in enumerate(_events(final)):
         if starting_after is None or seq > starting_after:
-            event = {"type": kind, "sequence_number": seq, **fields}
-            yield b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+            yield frame({"type": kind, "sequence_number": seq, **fields})
 
 
 def _events(final: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -43,4 +40,5 @@ def _events(final: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
                 "item_id": item["id"], "output_index": index, "name": item["name"],
                 "arguments": item["arguments"]}
         yield "response.output_item.done", {"output_index": index, "item": item}
-    yield _END.get(final.get("status", ""), "response.completed"), {"response": final}
+    if (end := ENDINGS.get(final.get("status", ""))) is not None:
+        yield end, {"response": final}

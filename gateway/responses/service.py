@@ -30,6 +30,7 @@ from gateway.inference.pipeline import Endpoint, Pipeline, parse_request
 from gateway.inference.protocol import ChatCompletionRequest
 from gateway.inference.upstream import Upstream
 from gateway.responses.answer import ResponseBuilder, new_response_id, response_object
+from gateway.responses.live import LiveStreams
 from gateway.responses.protocol import ResponsesRequest
 from gateway.responses.translate import chat_request
 from llmops.catalog import Catalog
@@ -49,7 +50,7 @@ Enqueue = Callable[[str], Awaitable[None]]
 class ResponsesService:
     def __init__(self, pipeline: Pipeline, upstream: Upstream, catalog: Catalog,
                  responses: Responses, conversations: Conversations, max_chain: int,
-                 max_body_bytes: int, enqueue: Enqueue) -> None:
+                 max_body_bytes: int, enqueue: Enqueue, live: LiveStreams) -> None:
         self.pipeline = pipeline
         self.upstream = upstream
         self.catalog = catalog
@@ -58,6 +59,7 @@ class ResponsesService:
         self.max_chain = max_chain
         self.max_body_bytes = max_body_bytes
         self.enqueue = enqueue
+        self.live = live
 
     async def create(self, request: Request) -> Response:
         who: Principal = request.state.principal
@@ -69,9 +71,6 @@ class ResponsesService:
         if req.background and not req.store:
             raise BadRequestError("A background response must be stored: 'store' cannot be "
                                   "false.", param="store")
-        if req.background and req.stream:
-            raise BadRequestError("Background responses are polled: 'stream' cannot be true "
-                                  "with 'background'.", param="stream")
         try:
             new_items = normalize_input(req.input)
         except InvalidItemError as exc:
@@ -93,7 +92,7 @@ class ResponsesService:
                                             frozenset({"queued"}))
             req = req.model_copy(update={"background": True})  # as its creator asked
         elif req.background:
-            return await self._queue(who, req, raw, new_items)
+            return await self._queue(request, who, req, raw, new_items)
         body = chat_request(req, context + new_items)
         body["messages"] = await self._fit(req, body["messages"])
         builder = ResponseBuilder(req, response_id or new_response_id(),
@@ -149,18 +148,22 @@ class ResponsesService:
                 drop += 1
             messages = messages[:head] + messages[drop:]
 
-    async def _queue(self, who: Principal, req: ResponsesRequest, raw: bytes,
+    async def _queue(self, request: Request, who: Principal, req: ResponsesRequest, raw: bytes,
                      new_items: list[dict[str, Any]]) -> Response:
-        """A background response: stored as queued, computed by a worker as its creator."""
+        """A background response: stored as queued, computed by a worker as its creator;
+        with `stream`, its events are followed as the worker produces them."""
         response_id = new_response_id()
         queued = response_object(req, response_id, int(time.time()), status="queued")
         await self.responses.save(who.tenant_id, who.key_id, queued, new_items,
                                   request=orjson.loads(raw))
+        await self.live.announce(queued)
         try:
             await self.enqueue(response_id)
         except Exception:
             await self.responses.delete(who.tenant_id, response_id)  # nothing left queued
             raise
+        if req.stream:
+            return self.live.stream(request, who.tenant_id, response_id, None)
         return Response(orjson.dumps(queued), media_type="application/json")
 
     def _finished(self, who: Principal, req: ResponsesRequest, final: dict[str, Any],

@@ -42,6 +42,9 @@ async def test_a_cancelled_response_stays_cancelled(db: Database) -> None:
     assert cancelled.status == "cancelled"
     await responses.save("t1", "k1", body("resp_c", "completed"), [])  # the worker finished
     assert (await responses.get("t1", "resp_c")).status == "cancelled"
+    stopped = {**body("resp_c", "cancelled"), "output": [{"type": "message"}]}
+    await responses.save("t1", "k1", stopped, [])  # the stopped answer, as far as it went
+    assert (await responses.get("t1", "resp_c")).body["output"] == [{"type": "message"}]
 
 
 async def test_conversation_items_keep_their_order_and_bound(db: Database) -> None:

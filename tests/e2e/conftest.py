@@ -79,6 +79,23 @@ def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
     return value
 
 
+def vllm_metric(engine_url: str, name: str) -> float:
+    """The sum of an engine's metric lines that start with `name` (e.g.
+    "vllm:num_requests_running{")."""
+    text = httpx.get(f"{engine_url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_engine_idle(engine_url: str) -> None:
+    """Until the engine generates for nobody (a stopped request was aborted there)."""
+    wait_until(lambda: vllm_metric(engine_url, "vllm:num_requests_running{") == 0, 15,
+               "upstream generation kept running")
+
+
 def start(service: Service, logs: Path) -> Running:
     log = logs / f"{service.name}-{service.port}.log"
     return Running(service, service.spawn(log), log)

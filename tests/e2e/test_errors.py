@@ -4,14 +4,13 @@ the gateway keeps serving."""
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from llmops.cli.stack import CHAT_MODEL, EMBEDDING_MODEL
-from tests.e2e.conftest import Engines, Gateway
+from tests.e2e.conftest import Engines, Gateway, vllm_metric, wait_engine_idle
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "hi"}]
@@ -124,45 +123,29 @@ def test_request_id_is_kept_or_made(http: httpx.Client) -> None:
     assert http.get("/v1/nope").headers["x-request-id"]
 
 
-def _vllm_metric(engine_url: str, name: str) -> float:
-    text = httpx.get(f"{engine_url}/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def _wait_idle(engine_url: str) -> None:
-    deadline = time.monotonic() + 15
-    while _vllm_metric(engine_url, "vllm:num_requests_running{") != 0:
-        assert time.monotonic() < deadline, "upstream generation kept running"
-        time.sleep(0.25)
-
-
 def test_client_disconnect_cancels_a_stream_upstream(http: httpx.Client,
                                                         engines: Engines) -> None:
     generated = "vllm:generation_tokens_total{"
-    tokens_before = _vllm_metric(engines.chat.url, generated)
+    tokens_before = vllm_metric(engines.chat.url, generated)
     body = {"model": CHAT_MODEL, "messages": HELLO, "stream": True, "max_tokens": 1500,
             "ignore_eos": True}  # a vLLM extension, passed through: ~80 s of generation
     with http.stream("POST", CHAT, json=body) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
         assert next(lines).startswith("data: ")
-        assert _vllm_metric(engines.chat.url, "vllm:num_requests_running{") == 1
+        assert vllm_metric(engines.chat.url, "vllm:num_requests_running{") == 1
     # The client is gone: vLLM must abort the generation, not finish it.
-    _wait_idle(engines.chat.url)
+    wait_engine_idle(engines.chat.url)
     # Stopped early: far fewer than the 1500 tokens a finished generation would have made.
-    assert _vllm_metric(engines.chat.url, generated) - tokens_before < 500
+    assert vllm_metric(engines.chat.url, generated) - tokens_before < 500
 
 
 def test_client_disconnect_cancels_a_plain_request_upstream(gateway: Gateway,
                                                             engines: Engines) -> None:
     generated = "vllm:generation_tokens_total{"
-    tokens_before = _vllm_metric(engines.chat.url, generated)
+    tokens_before = vllm_metric(engines.chat.url, generated)
     body = {"model": CHAT_MODEL, "messages": HELLO, "max_tokens": 1500, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up after 3 s and hangs up
         httpx.post(f"{gateway.url}{CHAT}", json=body, headers=gateway.headers, timeout=3)
-    _wait_idle(engines.chat.url)
-    assert _vllm_metric(engines.chat.url, generated) - tokens_before < 500
+    wait_engine_idle(engines.chat.url)
+    assert vllm_metric(engines.chat.url, generated) - tokens_before < 500

@@ -28,6 +28,8 @@ from tests.e2e.conftest import (
     model,
     pool,
     start,
+    vllm_metric,
+    wait_engine_idle,
     wait_healthy,
     wait_until,
 )
@@ -217,6 +219,101 @@ def test_background_responses_are_polled_and_cancelled(client: OpenAI) -> None:
     assert client.responses.retrieve(long.id).status == "cancelled"
     with pytest.raises(BadRequestError):
         client.responses.cancel(done.id)
+
+
+COUNT = "Write a very long story about a dragon."  # long: stopped well before its end
+GENERATED = "vllm:generation_tokens_total{"
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if line.startswith("data: "):
+            event = json.loads(line[6:])
+            assert_conforms(event, "ResponseStreamEvent")
+            yield event
+
+
+def until_deltas(events: Iterator[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The events up to the `n`th text delta."""
+    seen: list[dict[str, Any]] = []
+    for event in events:
+        seen.append(event)
+        if sum(e["type"] == "response.output_text.delta" for e in seen) == n:
+            return seen
+    raise AssertionError(f"the stream ended after {[e['type'] for e in seen]}")
+
+
+def stored_text(api: httpx.Client, response_id: str, status: str) -> str:
+    """The stored response's text once it is stored with `status`."""
+    def stored() -> dict[str, Any] | None:
+        resp = api.get(f"/responses/{response_id}")
+        body = resp.json() if resp.status_code == 200 else None
+        return body if body and body["status"] == status and body["output"] else None
+
+    body = wait_until(stored, 30, f"response stored {status}")
+    return "".join(part["text"] for item in body["output"] if item["type"] == "message"
+                   for part in item["content"])
+
+
+def test_a_background_stream_is_followed_live_and_resumed(client: OpenAI) -> None:
+    stream = client.responses.create(model=CHAT_MODEL, input=FRANCE, background=True,
+                                     stream=True, max_output_tokens=16, temperature=0)
+    events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.queued", "response.in_progress"]
+    created = events[0]
+    assert created.type == "response.created"
+    assert created.response.status == "queued" and created.response.background
+    assert kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    response_id = created.response.id
+    resumed = list(client.responses.retrieve(response_id, stream=True, starting_after=2))
+    assert [e.model_dump() for e in resumed] == [e.model_dump() for e in events[3:]]
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas and client.responses.retrieve(response_id).output_text == deltas
+
+
+def test_a_background_stream_outlives_its_client_and_a_cancel_stops_it(
+        stack: Gateway, engines: Engines) -> None:
+    before = vllm_metric(engines.chat.url, GENERATED)
+    with httpx.Client(base_url=stack.base_url, headers=stack.headers, timeout=60) as api:
+        with api.stream("POST", "/responses", json={
+                "model": CHAT_MODEL, "input": COUNT, "background": True, "stream": True,
+                "max_output_tokens": 1500, "temperature": 0}) as resp:
+            assert resp.status_code == 200
+            first = until_deltas(sse_events(resp.iter_lines()), 3)
+        # Its client is gone: the work goes on, and is followed from where it left.
+        response_id, last = first[0]["response"]["id"], first[-1]["sequence_number"]
+        with api.stream("GET", f"/responses/{response_id}",
+                        params={"stream": "true", "starting_after": last}) as resp:
+            events = sse_events(resp.iter_lines())
+            more = until_deltas(events, 3)
+            assert more[0]["sequence_number"] == last + 1
+            assert api.post(f"/responses/{response_id}/cancel").json()["status"] == "cancelled"
+            rest = list(events)  # the stream ends, with no terminal event for a cancellation
+        assert not [e for e in rest if e["type"].startswith("response.")
+                    and "response" in e and e["type"] != "response.output_item.done"]
+        wait_engine_idle(engines.chat.url)
+        assert vllm_metric(engines.chat.url, GENERATED) - before < 500  # stopped early
+        seen = "".join(e["delta"] for e in first + more + rest
+                       if e["type"] == "response.output_text.delta")
+        assert stored_text(api, response_id, "cancelled").startswith(seen)
+
+
+def test_a_stream_whose_client_leaves_is_stopped_and_kept_cancelled(
+        stack: Gateway, engines: Engines) -> None:
+    before = vllm_metric(engines.chat.url, GENERATED)
+    with httpx.Client(base_url=stack.base_url, headers=stack.headers, timeout=60) as api:
+        with api.stream("POST", "/responses", json={
+                "model": CHAT_MODEL, "input": COUNT, "stream": True,
+                "max_output_tokens": 1500, "temperature": 0}) as resp:
+            seen = until_deltas(sse_events(resp.iter_lines()), 3)
+        # The client is gone: vLLM must abort the generation, not finish it (a finished one
+        # would be stored completed).
+        wait_engine_idle(engines.chat.url)
+        assert vllm_metric(engines.chat.url, GENERATED) - before < 500
+        text = "".join(e["delta"] for e in seen if e["type"] == "response.output_text.delta")
+        assert stored_text(api, seen[0]["response"]["id"], "cancelled").startswith(text)
 
 
 def test_input_items_page_and_a_deleted_response_is_gone(client: OpenAI) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.inference.context import RequestContext
 from gateway.inference.pipeline import parse_request
-from gateway.responses.answer import ResponseBuilder
+from gateway.responses.answer import ResponseBuilder, response_object
 from gateway.responses.protocol import INCLUDABLE, ResponsesRequest
 from gateway.responses.replay import replay
 from gateway.responses.translate import chat_request
@@ -162,6 +162,36 @@ def test_a_replay_resumes_after_a_sequence_number() -> None:
     assert every[-1]["type"] == "response.completed" and every[-1]["response"] == final
     rest = events(b"".join(replay(final, starting_after=3)))
     assert rest == every[4:]
+
+
+def test_a_cancelled_replay_ends_without_a_terminal_event() -> None:
+    final = {**response_object(request(background=True), "resp_1", 1, status="cancelled"),
+             "output": [{"id": "msg_1", "type": "message", "role": "assistant",
+                         "status": "incomplete", "content": [
+                             {"type": "output_text", "text": "Once", "annotations": [],
+                              "logprobs": []}]}]}
+    kinds = [e["type"] for e in events(b"".join(replay(final)))]
+    assert kinds[-1] == "response.output_item.done"  # OpenAI has no response.cancelled event
+    assert not any(kind.startswith("response.cancel") for kind in kinds)
+
+
+def test_a_stream_whose_client_left_is_kept_cancelled_with_its_partial_answer() -> None:
+    stored: list[dict[str, Any]] = []
+    builder = ResponseBuilder(request(stream=True), "resp_1", stored.append)
+    ctx = context()
+    builder.chunk(ctx, {"choices": [{"delta": {"content": "Once upon"}}]})
+    builder.left(ctx)
+    builder.left(ctx)  # once only
+    [final] = stored
+    assert final["status"] == "cancelled"
+    assert final["output"][0]["status"] == "incomplete"
+    assert final["output"][0]["content"][0]["text"] == "Once upon"
+    assert_conforms(final, "Response")
+    done = ResponseBuilder(request(stream=True), "resp_2", stored.append)
+    done.chunk(ctx, {"choices": [{"delta": {"content": "Hi"}, "finish_reason": "stop"}]})
+    done.done(ctx)
+    done.left(ctx)  # left after the end: the completed response stands
+    assert stored[-1]["status"] == "completed" and len(stored) == 2
 
 
 def test_responses_and_their_events_conform_to_openais_schema() -> None:
