@@ -130,9 +130,13 @@ def main() -> None:
             "redis_prefix": f"bench-batch-{port}", "files": {"root": str(root / "files")},
             "ledger": {"spool_path": str(root / "spool")}, "drift": {"enabled": False},
             "batches": {"concurrency": args.concurrency},
+            # The engine schedules by priority (`vllm_service` starts chat engines with
+            # --scheduling-policy priority); the pool says so, so that the gateway sends the
+            # batch's lines at their lower priority, as a deployment does.
             "models": [{"name": CHAT_MODEL, "kind": "chat", "context_length": 2048,
                         "pools": [{"device": "cpu", "urls": [
-                            f"http://127.0.0.1:{chat_port}"]}]}]}))
+                            f"http://127.0.0.1:{chat_port}"],
+                                   "priority_scheduling": True}]}]}))
         worker = batch_worker_service(config)
         worker.env["LLMOPS_PORT"] = str(port)
         services = [vllm_service("vllm-chat", chat_dir, CHAT_MODEL, chat_port),
@@ -181,9 +185,12 @@ def main() -> None:
         "time to first token:\n\n"
         + table(["engine", "requests", "TTFT p50 (ms)", "TTFT p90 (ms)", "p50 ratio"],
                 latency) + "\n\n"
-        "A batch's lines reach the engine with the same priority as interactive requests: "
-        "what protects interactive latency is the batch's bound on lines in flight "
-        "(`batches.concurrency`), which is also what its throughput scales with.\n")
+        "A batch's lines reach the engine at the batch priority (vLLM's priority "
+        "scheduling): an interactive request waiting for the engine is scheduled before "
+        "them, and batch lines are preempted first when the KV cache runs short. Once "
+        "running, an interactive request still shares each engine step with the batch's "
+        "lines in flight, so the batch's bound on those (`batches.concurrency`) remains the "
+        "lever between its throughput and interactive latency.\n")
     command = (f".venv/bin/python -m bench.batch_throughput --lines {args.lines} "
                f"--max-tokens {args.max_tokens} --concurrency {args.concurrency}")
     print(command)

@@ -21,13 +21,16 @@ _TIMES = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "comple
 
 
 def batch_out(batch: Batch) -> dict[str, Any]:
+    # OpenAI's schema has `errors`, the output and error files and each status's time as
+    # optional, never null: a batch without them leaves them out.
+    optional = {"errors": {"object": "list", "data": batch.errors} if batch.errors else None,
+                "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
+                **{name: epoch(getattr(batch, name)) for name in _TIMES}}
     return {
         "id": batch.id, "object": "batch", "endpoint": batch.endpoint,
-        "errors": {"object": "list", "data": batch.errors} if batch.errors else None,
         "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
-        "status": batch.status, "output_file_id": batch.output_file_id,
-        "error_file_id": batch.error_file_id,
-        **{name: epoch(getattr(batch, name)) for name in _TIMES},
+        "status": batch.status,
+        **{name: value for name, value in optional.items() if value is not None},
         "request_counts": {"total": batch.total, "completed": batch.completed,
                            "failed": batch.failed},
         "metadata": batch.metadata_,

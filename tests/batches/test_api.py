@@ -1,7 +1,8 @@
 """The Batch API in process, on a real SQLite store and the real Redis broker: a batch is
 validated line by line when it is created (a bad line fails it, naming the line, and nothing
-is queued), every object validates as the official openai client's `Batch`, every refused
-parameter answers in OpenAI's error shape naming it, and another tenant's batch is missing."""
+is queued), every object validates as the official openai client's `Batch` and strictly as OpenAI's
+schema has it, every refused parameter answers in OpenAI's error shape naming it (an input
+file over `batches.max_file_bytes` too), and another tenant's batch is missing."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from openai.types import Batch
 from redis.asyncio import Redis
 
 from llmops.settings import Settings
+from tests.conformance import assert_conforms
 from tests.databases import REDIS_URL, in_process_gateway
 from workers.app import BATCH_QUEUE
 
@@ -36,7 +38,7 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Settings
     settings = Settings(admin_key=ADMIN, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
                         redis_prefix=f"llmops-test-{uuid.uuid4().hex[:12]}",
                         files={"root": tmp_path / "files"},
-                        batches={"max_lines": 5, "max_active": 2},
+                        batches={"max_lines": 5, "max_active": 2, "max_file_bytes": 1024},
                         models=[{"name": "chat", "kind": "chat", "pools": [
                             {"device": "cpu", "urls": ["http://127.0.0.1:9"]}]}])
     async with in_process_gateway(settings, ADMIN) as client:
@@ -82,6 +84,7 @@ async def test_a_good_file_makes_a_queued_batch_in_openais_shape(
         "input_file_id": file_id, "endpoint": URL, "completion_window": "24h",
         "metadata": {"job": "nightly"}})
     assert resp.status_code == 200, resp.text
+    assert_conforms(resp.json(), "Batch")  # what has no value yet is left out, never null
     batch = Batch.model_validate(resp.json())
     assert batch.status == "validating" and batch.errors is None
     assert batch.request_counts is not None and batch.request_counts.total == 2
@@ -89,6 +92,7 @@ async def test_a_good_file_makes_a_queued_batch_in_openais_shape(
     assert batch.metadata == {"job": "nightly"}
     assert await queued(settings) == [batch.id]
     got = (await client.get(f"/v1/batches/{batch.id}", headers=me)).json()
+    assert_conforms(got, "Batch")
     assert Batch.model_validate(got).id == batch.id
 
 
@@ -102,6 +106,7 @@ async def test_bad_lines_fail_the_batch_with_their_line_numbers_and_nothing_runs
     ]))
     resp = await client.post("/v1/batches", headers=me, json={
         "input_file_id": file_id, "endpoint": URL, "completion_window": "24h"})
+    assert_conforms(resp.json(), "Batch")
     batch = Batch.model_validate(resp.json())
     assert batch.status == "failed" and batch.failed_at is not None
     assert batch.errors is not None and batch.errors.object == "list"
@@ -121,7 +126,7 @@ async def test_every_bad_parameter_names_itself(
     too_many = await upload(client, me, [line(str(i)) for i in range(6)])
     empty = await upload(client, me, b"\n\n")
     body = {"input_file_id": good, "endpoint": URL, "completion_window": "24h"}
-    for change, status, param in [
+    cases: list[tuple[dict[str, Any], int, str]] = [
             ({"endpoint": "/v1/images"}, 400, "endpoint"),
             ({"completion_window": "1h"}, 400, "completion_window"),
             ({"input_file_id": "file-missing"}, 404, "input_file_id"),
@@ -129,7 +134,8 @@ async def test_every_bad_parameter_names_itself(
             ({"input_file_id": too_many}, 400, "input_file_id"),
             ({"input_file_id": empty}, 400, "input_file_id"),
             ({"metadata": {"k": "v" * 600}}, 400, "metadata.k"),
-            ({"color": "blue"}, 400, "color")]:
+            ({"color": "blue"}, 400, "color")]
+    for change, status, param in cases:
         refused(await client.post("/v1/batches", headers=me, json={**body, **change}),
                 status, param)
     refused(await client.post("/v1/batches", headers=me, json={"endpoint": URL,
@@ -142,6 +148,34 @@ async def test_every_bad_parameter_names_itself(
     # Output files are written by workers only.
     refused(await client.post("/v1/files", headers=me, data={"purpose": "batch_output"},
                               files={"file": ("x.jsonl", b"{}")}), 400, "purpose")
+
+
+async def test_an_input_file_over_the_size_limit_is_refused_naming_it(
+        api: tuple[httpx.AsyncClient, Settings]) -> None:
+    client, settings = api
+    me = await member(client)
+
+    def sized(size: int) -> bytes:
+        """One good line of exactly `size` bytes, its newline included."""
+        empty = len(orjson.dumps(line("a", model="chat", messages=[
+            {"role": "user", "content": ""}]))) + 1
+        return orjson.dumps(line("a", model="chat", messages=[
+            {"role": "user", "content": "x" * (size - empty)}])) + b"\n"
+
+    limit = settings.batches.max_file_bytes
+    at, over = await upload(client, me, sized(limit)), await upload(client, me, sized(limit + 1))
+    body = {"endpoint": URL, "completion_window": "24h"}
+    error = refused(await client.post("/v1/batches", headers=me,
+                                      json={**body, "input_file_id": over}),
+                    400, "input_file_id")
+    assert error["type"] == "invalid_request_error"
+    assert over in error["message"] and str(limit) in error["message"]
+    assert (await client.get("/v1/batches", headers=me)).json()["data"] == []
+    assert await queued(settings) == []
+    # A file of exactly the limit is taken.
+    taken = await client.post("/v1/batches", headers=me, json={**body, "input_file_id": at})
+    assert taken.status_code == 200, taken.text
+    assert await queued(settings) == [taken.json()["id"]]
 
 
 async def test_listing_pages_and_tenants_are_apart(
@@ -159,12 +193,15 @@ async def test_listing_pages_and_tenants_are_apart(
         "input_file_id": file_id, "endpoint": URL, "completion_window": "24h"}), 429, None)
     assert error["code"] == "too_many_batches"
     first = (await client.get("/v1/batches?limit=1", headers=me)).json()
+    assert_conforms(first, "ListBatchesResponse")
     assert [b["id"] for b in first["data"]] == [ids[1]] and first["has_more"]
     rest = (await client.get(f"/v1/batches?limit=1&after={first['last_id']}",
                              headers=me)).json()
     assert [b["id"] for b in rest["data"]] == [ids[0]] and not rest["has_more"]
     # Another tenant sees none of it: not the batch, not its input file.
-    assert (await client.get("/v1/batches", headers=other)).json()["data"] == []
+    empty = (await client.get("/v1/batches", headers=other)).json()
+    assert_conforms(empty, "ListBatchesResponse")
+    assert empty["data"] == []
     for path in (f"/v1/batches/{ids[0]}", f"/v1/files/{file_id}"):
         assert (await client.get(path, headers=other)).status_code == 404
     refused(await client.post(f"/v1/batches/{ids[0]}/cancel", headers=other), 404, "batch_id")
@@ -172,4 +209,5 @@ async def test_listing_pages_and_tenants_are_apart(
         "input_file_id": file_id, "endpoint": URL, "completion_window": "24h"}),
         404, "input_file_id")
     cancelled = (await client.post(f"/v1/batches/{ids[0]}/cancel", headers=me)).json()
+    assert_conforms(cancelled, "Batch")
     assert Batch.model_validate(cancelled).status == "cancelling"

@@ -1,6 +1,7 @@
 """Vector store file batches in process (real SQLite store, embedded vector index, real Redis
 broker, no worker: the test moves files along as a worker would, through the store): every
-object validates as the official openai client's own type, a refused request leaves nothing
+object validates as the official openai client's own type and strictly as OpenAI's schema
+has it, a refused request leaves nothing
 behind, files are attached for the calling key, and the status follows the files through
 completion, failure and cancelling."""
 
@@ -23,6 +24,7 @@ from llmops.store import Database
 from llmops.store import VectorStoreFile as VectorStoreFileRow
 from llmops.store import VectorStoreFileBatch as VectorStoreFileBatchRow
 from retrieval.stores import VectorStores
+from tests.conformance import assert_conforms
 from tests.databases import REDIS_URL, in_process_gateway
 from tests.gateway.test_queueing import sent
 from workers.app import INGEST_QUEUE
@@ -73,8 +75,12 @@ async def as_worker(settings: Settings, store_id: str, outcomes: dict[str, str])
         await db.close()
 
 
+FILES = "GET /vector_stores/{vector_store_id}/file_batches/{batch_id}/files"
+
+
 def batch_shape(payload: dict[str, Any]) -> dict[str, int]:
     VectorStoreFileBatch.model_validate(payload, strict=True)
+    assert_conforms(payload, "VectorStoreFileBatchObject")
     counts: dict[str, int] = payload["file_counts"]
     return counts
 
@@ -102,6 +108,7 @@ async def test_a_batch_follows_its_files(api: tuple[httpx.AsyncClient, Settings,
     finally:
         await redis.aclose()
     files = (await client.get(f"{url}/{batch['id']}/files", headers=headers)).json()
+    assert_conforms(files, FILES)
     for f in files["data"]:
         VectorStoreFile.model_validate(f, strict=True)
         assert f["attributes"] == {"team": "support"}
@@ -123,12 +130,15 @@ async def test_a_batch_follows_its_files(api: tuple[httpx.AsyncClient, Settings,
     assert done["status"] == "completed"
     assert batch_shape(done) == {"in_progress": 0, "completed": 2, "failed": 1,
                                  "cancelled": 0, "total": 3}
-    failed = (await client.get(f"{url}/{batch['id']}/files", headers=headers,
-                               params={"filter": "failed"})).json()["data"]
+    failed_page = (await client.get(f"{url}/{batch['id']}/files", headers=headers,
+                                    params={"filter": "failed"})).json()
+    assert_conforms(failed_page, FILES)  # a failed file's `last_error` included
+    failed = failed_page["data"]
     assert [f["id"] for f in failed] == [ids[2]]
     assert failed[0]["last_error"] == {"code": "invalid_file", "message": "unreadable"}
     # Cancelling a finished batch changes nothing.
     again = (await client.post(f"{url}/{batch['id']}/cancel", headers=headers)).json()
+    assert_conforms(again, "VectorStoreFileBatchObject")
     assert again["status"] == "completed" and again["file_counts"] == done["file_counts"]
 
 
@@ -149,6 +159,10 @@ async def test_cancelling_stops_the_files_not_ingested(
                                              "cancelled": 2, "total": 3}
     listed = (await client.get(f"{url}/{batch['id']}/files",
                                params={"filter": "cancelled", "order": "asc"})).json()
+    assert_conforms(listed, FILES)
+    empty = (await client.get(f"{url}/{batch['id']}/files", params={"filter": "failed"})).json()
+    assert_conforms(empty, FILES)
+    assert empty["data"] == []
     assert sorted(f["id"] for f in listed["data"]) == sorted(ids[1:])
     assert (await client.get(f"/v1/vector_stores/{store['id']}")).json()["file_counts"][
         "cancelled"] == 2
