@@ -20,10 +20,10 @@ __all__ = ["ENDPOINT", "QueryEmbedder", "request_id"]
 ENDPOINT = "/v1/embeddings"  # the ledger's: a search's embedding counts as any embedding
 
 
-def request_id(caller: Caller) -> str:
-    """The ledger's id of the query embedding of `caller`'s request: derived from the
-    request's, so a record published twice is one row."""
-    return f"{caller.request_id}.search"
+def request_id(of_request: str) -> str:
+    """The ledger's id of the query embedding of a request: derived from the request's, so a
+    record published twice is one row."""
+    return f"{of_request}.search"
 
 
 class QueryEmbedder:
@@ -70,7 +70,7 @@ class QueryEmbedder:
         pool = used.pool if used is not None else None
         cost, seconds = self.accountant.cost(self.entry, pool, tokens, 0)
         return UsageEvent(
-            request_id=request_id(caller), tenant_id=caller.who.tenant_id,
+            request_id=request_id(caller.request_id), tenant_id=caller.who.tenant_id,
             key_id=caller.who.key_id, endpoint=ENDPOINT, model=self.entry.name,
             status=status, prompt_tokens=tokens,
             latency_ms=(time.perf_counter() - started) * 1000,

@@ -100,22 +100,27 @@ NARROW = "chat-narrow"  # the chat engine again, one request at a time: flow con
 
 def queue_and_shed(gw: Gateway) -> None:
     """One request in flight on the narrow model, one queued behind it, one shed (429)."""
+    def queued_now() -> bool:
+        return any(line.startswith("llmops_flow_queue_depth{") and f'model="{NARROW}"' in line
+                   and float(line.rsplit(" ", 1)[1]) >= 1
+                   for line in httpx.get(f"{gw.url}/metrics").text.splitlines())
+
     with OpenAI(base_url=gw.base_url, api_key=API_KEY, max_retries=0, timeout=120) as client:
-        stream = client.chat.completions.create(model=NARROW, messages=COUNT, max_tokens=64,
-                                                stream=True)
-        with stream, ThreadPoolExecutor(1) as pool:
-            next(iter(stream))  # in flight: the replica is full
-            queued = pool.submit(client.chat.completions.create, model=NARROW,
-                                 messages=COUNT, max_tokens=2)
-            deadline = time.monotonic() + 30
-            while "llmops_flow_queue_depth{" not in (text := httpx.get(
-                    f"{gw.url}/metrics").text) or f'model="{NARROW}"' not in text:
-                assert time.monotonic() < deadline, "nothing queued"
-                time.sleep(0.1)
-            with pytest.raises(openai.RateLimitError):
-                client.chat.completions.create(model=NARROW, messages=COUNT, max_tokens=2)
-            for _ in stream:
-                pass
+        # Held in flight until closed: it cannot end on its own first.
+        stream = client.chat.completions.create(model=NARROW, messages=COUNT, max_tokens=1024,
+                                                stream=True, extra_body={"ignore_eos": True})
+        with ThreadPoolExecutor(1) as pool:
+            with stream:
+                next(iter(stream))  # in flight: the replica is full
+                queued = pool.submit(client.chat.completions.create, model=NARROW,
+                                     messages=COUNT, max_tokens=2)
+                deadline = time.monotonic() + 30
+                while not queued_now():
+                    assert time.monotonic() < deadline, "nothing queued"
+                    time.sleep(0.1)
+                with pytest.raises(openai.RateLimitError):
+                    client.chat.completions.create(model=NARROW, messages=COUNT, max_tokens=2)
+            # Closing the stream stops its generation and frees the replica for the queued one.
             assert queued.result().choices
 
 

@@ -30,6 +30,7 @@ import httpx
 import psutil
 import sqlalchemy
 
+from gateway.inference.searching import request_id as search_request_id
 from tests.e2e.conftest import Running
 from tests.reliability.fake_vllm import COMPLETION_TOKENS, PROMPT_TOKENS
 from tests.reliability.stack import (
@@ -138,7 +139,10 @@ def _rss(pid: int) -> int:
 def _reconcile(database_url: str, key_id: str, sent: dict[str, tuple[str, int]],
                result: SoakResult) -> None:
     """The soak key's records, but for the ingestion of the store's file (billed to the key
-    that attached it, with request ids of their own)."""
+    that attached it, with request ids of their own): one per request, and one more for the
+    query embedding of each grounded request's search."""
+    expected = set(sent) | {search_request_id(rid) for rid, (kind, _) in sent.items()
+                            if kind == "rag"}
     engine = sqlalchemy.create_engine(database_url)
     deadline = time.monotonic() + 120
     try:
@@ -149,14 +153,14 @@ def _reconcile(database_url: str, key_id: str, sent: dict[str, tuple[str, int]],
                     "FROM usage_records WHERE key_id = :key AND request_id NOT LIKE 'ingest.%'"),
                     {"key": key_id})}
             final = {rid for rid, r in rows.items() if r.status != 0}
-            if set(sent) <= final or time.monotonic() > deadline:
+            if expected <= final or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
     finally:
         engine.dispose()
     result.ledger_records = len(rows)
-    result.missing_records = len(set(sent) - set(rows))
-    result.unexpected_records = len(set(rows) - set(sent))
+    result.missing_records = len(expected - set(rows))
+    result.unexpected_records = len(set(rows) - expected)
     for rid, (kind, status) in sent.items():
         row = rows.get(rid)
         if row is None:
@@ -214,8 +218,10 @@ def run_soak(duration_s: float, folder: Path, upstream: Running | None = None,
         for name in ("missing_records", "unexpected_records", "mismatched_records"):
             if getattr(result, name):
                 result.problems.append(f"{name}: {getattr(result, name)}")
-        if result.ledger_records != result.sent:
-            result.problems.append(f"{result.ledger_records} records for {result.sent} requests")
+        searches = result.by_kind.get("rag", 0)
+        if result.ledger_records != result.sent + searches:
+            result.problems.append(f"{result.ledger_records} records for {result.sent} requests "
+                                   f"and {searches} searches")
         if result.rss_growth > max_growth:
             result.problems.append(f"gateway memory grew {result.rss_growth:.1%} "
                                    f"({result.rss_mib_first_third} -> "
