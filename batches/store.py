@@ -21,6 +21,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from llmops.store import Batch, BatchRequest, Database, aware, utcnow
+from llmops.store.leases import stop_unfinished
 from tenancy.tenants import NotFoundError
 
 __all__ = ["ACTIVE", "TERMINAL", "Answer", "Batches", "expired", "new_batch_id"]
@@ -123,17 +124,14 @@ class Batches:
         are cancelled at once, so none can take them; those a worker holds are asked to stop.
         Returns the ids of those a worker still holds."""
         now = utcnow()
-        mine = (Batch.tenant_id == tenant_id, Batch.status.in_(ACTIVE))
-        unheld = Batch.lease_owner.is_(None) | (Batch.lease_expires_at < now)
+        mine = (Batch.tenant_id == tenant_id) & Batch.status.in_(ACTIVE)
         async with self.db.session() as session:
-            await session.execute(update(Batch).where(*mine, unheld).values(
-                status="cancelled", cancelled_at=now, cancel_requested=True,
-                lease_owner=None, lease_expires_at=None))
+            held = await stop_unfinished(session, Batch, mine, status="cancelled",
+                                         cancelled_at=now)
+            # Those still held show that they are stopping, as a cancel request does.
             await session.execute(
-                update(Batch).where(*mine, Batch.status.in_(("validating", "in_progress")))
-                .values(status="cancelling", cancelling_at=now, cancel_requested=True))
-            await session.execute(update(Batch).where(*mine).values(cancel_requested=True))
-            held = list(await session.scalars(select(Batch.id).where(*mine)))
+                update(Batch).where(mine, Batch.status.in_(("validating", "in_progress")))
+                .values(status="cancelling", cancelling_at=now))
             await session.commit()
         return held
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from sqlalchemy import Select, delete, func, select, text, update
 
 from llmops.store import Database, Eval, EvalOutputItem, EvalRun, utcnow
+from llmops.store.leases import stop_unfinished
 from tenancy.tenants import NotFoundError
 
 __all__ = [
@@ -257,16 +258,10 @@ class Evals:
         """Stop a tenant's unfinished runs (before it is deleted): those no worker holds are
         canceled at once, so none can take them; those a worker holds are asked to stop.
         Returns the ids of those a worker still holds."""
-        now = utcnow()
-        mine = (EvalRun.tenant_id == tenant_id, EvalRun.status.in_(ACTIVE))
+        mine = (EvalRun.tenant_id == tenant_id) & EvalRun.status.in_(ACTIVE)
         async with self.db.session() as session:
-            await session.execute(
-                update(EvalRun)
-                .where(*mine, EvalRun.lease_owner.is_(None) | (EvalRun.lease_expires_at < now))
-                .values(status="canceled", finished_at=now, cancel_requested=True,
-                        lease_owner=None, lease_expires_at=None))
-            await session.execute(update(EvalRun).where(*mine).values(cancel_requested=True))
-            held = list(await session.scalars(select(EvalRun.id).where(*mine)))
+            held = await stop_unfinished(session, EvalRun, mine, status="canceled",
+                                         finished_at=utcnow())
             await session.commit()
         return held
 

@@ -26,6 +26,7 @@ from llmops.store import (
     FineTuningJob,
     utcnow,
 )
+from llmops.store.leases import stop_unfinished
 from tenancy.tenants import NotFoundError
 
 __all__ = ["ACTIVE", "TERMINAL", "FineTuning", "adapter_name"]
@@ -104,18 +105,10 @@ class FineTuning:
         """Stop a tenant's unfinished jobs (before it is deleted): those no worker holds are
         cancelled at once, so none can take them; those a worker holds are asked to stop.
         Returns the ids of those a worker still holds."""
-        now = utcnow()
-        mine = (FineTuningJob.tenant_id == tenant_id, FineTuningJob.status.in_(ACTIVE))
+        mine = (FineTuningJob.tenant_id == tenant_id) & FineTuningJob.status.in_(ACTIVE)
         async with self.db.session() as session:
-            await session.execute(
-                update(FineTuningJob)
-                .where(*mine, FineTuningJob.lease_owner.is_(None)
-                       | (FineTuningJob.lease_expires_at < now))
-                .values(status="cancelled", finished_at=now, cancel_requested=True,
-                        lease_owner=None, lease_expires_at=None))
-            await session.execute(update(FineTuningJob).where(*mine)
-                                  .values(cancel_requested=True))
-            held = list(await session.scalars(select(FineTuningJob.id).where(*mine)))
+            held = await stop_unfinished(session, FineTuningJob, mine, status="cancelled",
+                                         finished_at=utcnow())
             await session.commit()
         return held
 
