@@ -13,11 +13,12 @@ async def _ok(_: web.Request) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def serve_engine(chat: web.Handler) -> AsyncIterator[str]:
-    """Serve `chat` at /v1/chat/completions (and a passing /health) on a free local port;
-    yields the base URL."""
+async def serve_engine(handler: web.Handler, path: str = "/v1/chat/completions"
+                       ) -> AsyncIterator[str]:
+    """Serve `handler` at `path` (and a passing /health) on a free local port; yields the
+    base URL."""
     app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post(path, handler)
     app.router.add_get("/health", _ok)
     runner = web.AppRunner(app)
     await runner.setup()

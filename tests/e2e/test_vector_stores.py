@@ -389,6 +389,16 @@ def member(gateway: Gateway, **limits: Any) -> tuple[OpenAI, str, str]:
                    timeout=120), tenant.json()["id"], key.json()["id"])
 
 
+def kettle_store(client: OpenAI, name: str) -> tuple[Any, Any]:
+    """A new store of `client`'s with the kettle file ingested: (store, file)."""
+    vs = client.vector_stores.create(name=name)
+    uploaded = client.files.create(file=("kettle.txt", KETTLE.encode()), purpose="assistants")
+    done = client.vector_stores.files.create_and_poll(vector_store_id=vs.id,
+                                                      file_id=uploaded.id, poll_interval_ms=300)
+    assert done.status == "completed", done.last_error
+    return vs, uploaded
+
+
 def query(gateway: Gateway, sql: str, **params: Any) -> list[Any]:
     database = gateway.settings["database_url"].removeprefix("sqlite:///")
     with sqlite3.connect(database) as conn:
@@ -418,11 +428,7 @@ def test_ingestion_is_billed_to_the_tenant_that_attached_the_file(
         rag: tuple[Gateway, Running]) -> None:
     gateway, _ = rag
     client, tenant_id, key_id = member(gateway)
-    vs = client.vector_stores.create(name="billed")
-    uploaded = client.files.create(file=("kettle.txt", KETTLE.encode()), purpose="assistants")
-    done = client.vector_stores.files.create_and_poll(vector_store_id=vs.id,
-                                                      file_id=uploaded.id, poll_interval_ms=300)
-    assert done.status == "completed", done.last_error
+    vs, uploaded = kettle_store(client, "billed")
     rows = ingestion_ledger(gateway, vs.id, [uploaded.id])
     assert rows, "no embedding call of the ingestion reached the ledger"
     assert {(r[1], r[2], r[4]) for r in rows} == {(tenant_id, key_id, 200)}
@@ -439,11 +445,7 @@ def test_a_searchs_query_embedding_is_billed_to_the_key_that_searched(
     as the embeddings endpoint counts for the same text, visible in usage reports."""
     gateway, _ = rag
     owner, tenant_id, _ = member(gateway)
-    vs = owner.vector_stores.create(name="searched")
-    uploaded = owner.files.create(file=("kettle.txt", KETTLE.encode()), purpose="assistants")
-    done = owner.vector_stores.files.create_and_poll(vector_store_id=vs.id,
-                                                     file_id=uploaded.id, poll_interval_ms=300)
-    assert done.status == "completed", done.last_error
+    vs, _ = kettle_store(owner, "searched")
     with httpx.Client(base_url=gateway.url, headers=gateway.headers, timeout=60) as admin:
         key = admin.post("/admin/keys", json={"tenant_id": tenant_id}).json()
     client = OpenAI(base_url=gateway.base_url, api_key=key["key"], max_retries=0, timeout=120)

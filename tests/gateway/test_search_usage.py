@@ -21,6 +21,7 @@ from gateway.chores import load_prices
 from llmops.settings import Settings
 from llmops.store import Database, UsageRecord
 from tests.databases import REDIS_URL, in_process_gateway
+from tests.standin import serve_engine
 
 ADMIN = "sk-unit-search-usage"
 DIMENSIONS = 384  # the index's default dense size
@@ -34,21 +35,10 @@ async def _embeddings(request: web.Request) -> web.Response:
                  for i in range(len(texts))]})
 
 
-async def _ok(_: web.Request) -> web.Response:
-    return web.Response(text="ok")
-
-
 @pytest.fixture
 async def engine() -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/v1/embeddings", _embeddings)
-    app.router.add_get("/health", _ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    await runner.cleanup()
+    async with serve_engine(_embeddings, "/v1/embeddings") as url:
+        yield url
 
 
 async def _rows(db: Database, key_id: str, count: int) -> list[UsageRecord]:
